@@ -1,0 +1,239 @@
+"""Library entry points behind the CLI: `zeroshot`, `finetune`, `evaluate_run`, `environment_info`."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from cliptune.config import RunConfig, load_config, save_config
+from cliptune.data import ImageDataset, ImageFolderData, eval_transform, labels_tensor, load_imagefolder, train_transform
+from cliptune.engine import Inputs, Trainer, load_method_state
+from cliptune.errors import CliptuneError
+from cliptune.features import image_features
+from cliptune.methods import build_method
+from cliptune.metrics import classification_metrics
+from cliptune.models import LoadedModel, load_model
+from cliptune.runfolder import RunFolder, atomic_write_json, read_json
+from cliptune.templates import load_templates
+from cliptune.zeroshot import zeroshot_weights
+
+log = logging.getLogger("cliptune")
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """An Accelerator for this process; resets accelerate's singleton state between library calls."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # several runs in one Python process (tests, notebooks)
+    mps = getattr(torch.backends, "mps", None)
+    has_accelerator = torch.cuda.is_available() or bool(mps and mps.is_available())
+    try:
+        # cpu=True on CPU-only machines is what makes accelerate use gloo under torchrun
+        return Accelerator(mixed_precision=mixed_precision, cpu=not has_accelerator)
+    except ValueError as exc:
+        raise CliptuneError(f"mixed precision '{mixed_precision}' is not available here: {exc}") from None
+
+
+@dataclass
+class Session:
+    """Model, data and templates of one command, on the accelerator's device."""
+
+    config: RunConfig
+    model: LoadedModel
+    data: ImageFolderData
+    templates: list
+    accelerator: object
+    cache_dir: Optional[Path]
+
+    @classmethod
+    def open(cls, config: RunConfig, accelerator, cache_dir: Optional[Path] = None, data_dir: Optional[str] = None) -> "Session":
+        data_dir = data_dir or config.data
+        if not data_dir:
+            raise CliptuneError("no data given: pass --data DIR (an ImageFolder root)")
+        data = load_imagefolder(
+            data_dir, config.val_fraction, config.test_fraction, config.seed, config.shots, config.classnames, config.strict
+        )
+        templates = load_templates(config.templates)
+        model = load_model(config.model, config.pretrained, config.model_config, device=accelerator.device, seed=config.seed)
+        return cls(config, model, data, templates, accelerator, cache_dir)
+
+    @property
+    def eval_transform(self):
+        m = self.model
+        return eval_transform(m.image_size, m.mean, m.std, m.interpolation)
+
+    @property
+    def train_transform(self):
+        c, m = self.config, self.model
+        return train_transform(m.image_size, m.mean, m.std, c.aug_crop_scale, c.aug_hflip, c.aug_color_jitter, m.interpolation)
+
+    def features(self, split: str, augmented: bool = False) -> torch.Tensor:
+        c = self.config
+        views = c.aug_views if augmented else 0
+        transform = self.train_transform if views > 0 else self.eval_transform
+        return image_features(
+            self.model, self.data.split(split), transform, views=views, seed=c.seed, cache_dir=self.cache_dir,
+            batch_size=c.eval_batch_size, num_workers=c.num_workers, accelerator=self.accelerator, desc=f"{split} features",
+        )
+
+    def inputs(self, split: str, use_features: bool, train: bool = False) -> Inputs:
+        labels = labels_tensor(self.data.split(split))
+        if use_features:
+            return Inputs(labels=labels, features=self.features(split, augmented=train))
+        transform = self.train_transform if train else self.eval_transform
+        return Inputs(labels=labels, images=ImageDataset(self.data.split(split), transform))
+
+    def zeroshot_metrics(self, split: str) -> Dict:
+        weights = zeroshot_weights(self.model.text, self.data.classnames, self.templates)
+        features = F.normalize(self.features(split).to(weights.device), dim=-1)
+        logits = self.model.logit_scale * features @ weights.T
+        return classification_metrics(logits, labels_tensor(self.data.split(split)), self.data.classes)
+
+
+def _model_fields(config: RunConfig) -> Dict:
+    return {"model": config.model or Path(config.model_config or "").stem, "pretrained": config.pretrained}
+
+
+def _line(name: str, metrics: Dict) -> str:
+    return f"{name}: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  (n={metrics['n']})"
+
+
+def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite: bool = False) -> Dict:
+    """Zero-shot classifier from averaged templates; writes RUN/config.yaml, log.txt and metrics.json."""
+    run = RunFolder(out)
+    run.prepare(overwrite=overwrite)
+    handler = run.attach_log()
+    try:
+        save_config(config, run.config)
+        accelerator = make_accelerator(config.mixed_precision)
+        session = Session.open(config, accelerator, cache_dir=run.cache)
+        metrics = {"method": "zeroshot", **_model_fields(config), "classes": session.data.classes,
+                   "classnames": session.data.classnames, "split": split, "templates": session.templates}
+        metrics[split] = session.zeroshot_metrics(split)
+        log.info(_line(f"zero-shot {split}", metrics[split]))
+        atomic_write_json(run.metrics, metrics)
+        return metrics
+    finally:
+        logging.getLogger("cliptune").removeHandler(handler)
+        handler.close()
+
+
+def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False) -> Dict:
+    """Train `config.method`, select the best epoch on val, evaluate on test; returns metrics.json's content."""
+    run = RunFolder(out)
+    if resume:
+        config = load_config(run.config)
+    run.prepare(overwrite=overwrite, resume=resume)
+    accelerator = make_accelerator(config.mixed_precision)
+    handler = run.attach_log() if accelerator.is_main_process else None
+    try:
+        if accelerator.is_main_process and not resume:
+            save_config(config, run.config)
+        session = Session.open(config, accelerator, cache_dir=run.cache)
+        data = session.data
+        zeroshot_test = session.zeroshot_metrics("test")
+        log.info(_line("zero-shot test", zeroshot_test))
+        method = build_method(config.method, session.model, data.classnames, session.templates,
+                              config.method_options(), data.descriptions)
+        use_features = method.uses_image_features
+        train = session.inputs("train", use_features, train=True)
+        val = session.inputs("val", use_features) if len(data.splits["val"]) else None
+        trainable = sum(p.numel() for p in method.trainable_parameters())
+        log.info("method %s: %d trainable parameters, %d training images, %d classes",
+                 config.method, trainable, len(train), len(data.classes))
+        trainer = Trainer(method, config, run, accelerator)
+        summary = trainer.fit(train, val, data.classes, resume=resume)
+        method = accelerator.unwrap_model(trainer.model)
+        load_method_state(method, run.checkpoints / "best")
+        test = trainer.evaluate(session.inputs("test", use_features), data.classes)
+        log.info(_line(f"{config.method} test", test))
+        metrics = {
+            "method": config.method, **_model_fields(config), "classes": data.classes, "classnames": data.classnames,
+            "test": test, "zeroshot": zeroshot_test,
+            "train": {"seconds": round(summary.seconds, 3), "images_seen": summary.images_seen, "epochs": summary.epochs,
+                      "best_epoch": summary.best_epoch, "trainable_params": trainable, "n": len(train),
+                      "history": summary.history},
+            "processes": accelerator.num_processes,
+        }
+        if val is not None:
+            metrics["val"] = trainer.evaluate(val, data.classes)
+        if accelerator.is_main_process:
+            atomic_write_json(run.metrics, metrics)
+        return metrics
+    finally:
+        if handler is not None:
+            logging.getLogger("cliptune").removeHandler(handler)
+            handler.close()
+
+
+def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str = "test", classnames: Optional[str] = None) -> Dict:
+    """Evaluate a finished run's best weights on a dataset (its own, or another with other classes)."""
+    run = RunFolder(run_dir)
+    config = load_config(run.config)
+    if classnames:
+        config.classnames = classnames
+    elif data_dir and Path(data_dir).resolve() != Path(config.data or "").resolve():
+        config.classnames = None  # another dataset: its own folder names / classnames.yaml
+    config.shots = None
+    accelerator = make_accelerator(config.mixed_precision)
+    session = Session.open(config, accelerator, cache_dir=None, data_dir=data_dir)
+    saved = read_json(run.checkpoints / "best" / "method.json") if (run.checkpoints / "best" / "method.json").is_file() else None
+    if saved is None:
+        raise CliptuneError(f"{run.root} has no trained weights (checkpoints/best is missing)")
+    data = session.data
+    method = build_method(config.method, session.model, data.classnames, session.templates, saved["config"], data.descriptions)
+    if method.class_specific and data.classes != saved["classes"]:
+        raise CliptuneError(
+            f"method '{config.method}' learned a head for the run's own classes ({len(saved['classes'])}); "
+            f"{data_dir} has different classes, so it cannot be evaluated there"
+        )
+    load_method_state(method, run.checkpoints / "best")
+    method.to(accelerator.device)
+    trainer = Trainer(method, config, None, accelerator)
+    result = trainer.evaluate(session.inputs(split, method.uses_image_features), data.classes)
+    report = {"run": str(run.root), "method": config.method, "data": str(data.root), "split": split,
+              "classes": data.classes, split: result}
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", data.root.name or "data")
+    atomic_write_json(run.root / "eval" / f"{name}-{split}.json", report)
+    log.info(_line(f"{config.method} {split} on {data.root}", result))
+    return report
+
+
+def environment_info() -> Dict:
+    """Versions, devices and the accelerate state, for bug reports."""
+    import accelerate
+    import open_clip
+    import peft
+
+    import cliptune
+
+    accelerator = make_accelerator("no")
+    state = accelerator.state
+    return {
+        "cliptune": cliptune.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "mps_available": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+        "cpu_threads": torch.get_num_threads(),
+        "accelerate_state": {
+            "distributed_type": str(state.distributed_type),
+            "num_processes": state.num_processes,
+            "process_index": state.process_index,
+            "device": str(state.device),
+            "mixed_precision": state.mixed_precision,
+        },
+    }

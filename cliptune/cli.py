@@ -1,0 +1,191 @@
+"""The `cliptune` command line: parses options and calls the library (cliptune.api)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from functools import wraps
+
+import click
+
+from cliptune import api
+from cliptune.config import build_config
+from cliptune.errors import CliptuneError
+
+log = logging.getLogger("cliptune")
+
+
+class CliptuneGroup(click.Group):
+    """Turns CliptuneError (and anything unexpected) into one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx):
+        debug = "--debug" in sys.argv or ctx.params.get("debug", False)
+        try:
+            return super().invoke(ctx)
+        except CliptuneError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
+            if debug:
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(f"error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)", err=True)
+            ctx.exit(1)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("cliptune")
+    logger.setLevel(logging.INFO)
+    if not any(getattr(h, "_cliptune_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._cliptune_console = True
+        logger.addHandler(handler)
+    for handler in logger.handlers:
+        if getattr(handler, "_cliptune_console", False):
+            handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+@click.group(cls=CliptuneGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option("--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.version_option(package_name="cliptune")
+def cli(debug: bool, quiet: bool) -> None:
+    """Adapt pretrained CLIP models (open_clip) to a new domain from a folder of labelled images."""
+    _setup_logging(quiet)
+
+
+def model_options(func):
+    @click.option("--model", help="open_clip architecture (e.g. ViT-B-16) or hf-hub:org/repo.")
+    @click.option("--pretrained", help="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local .pt/.pth/.bin/.safetensors file.")
+    @click.option("--model-config", type=click.Path(), help="JSON open_clip model config for a custom architecture.")
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def data_options(func):
+    @click.option("--data", type=click.Path(), help="ImageFolder root (class folders, or train/ val/ test/ of them).")
+    @click.option("--val-fraction", type=float, help="Validation share when the data has no val/ folder [0.1].")
+    @click.option("--test-fraction", type=float, help="Test share when the data has no test/ folder [0.2].")
+    @click.option("--classnames", type=click.Path(), help="YAML mapping class folder -> name (or {name, descriptions}).")
+    @click.option("--templates", type=click.Path(), help="Prompt templates file (one per line, each with '{}').")
+    @click.option("--seed", type=int, help="Seed for splits, shots, initialisation and training [0].")
+    @click.option("--strict/--no-strict", default=None, help="Fail on unreadable image files instead of skipping them.")
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _cli_values(**values):
+    return {key: value for key, value in values.items() if value is not None}
+
+
+# Method options as CLI flags: each goes into the `<method>:` section of the run's method, e.g.
+# `--n-ctx 4` with `--method coop` sets `coop.n_ctx`. Methods add their flags here.
+METHOD_FLAGS = [
+    click.option("--linear-probe-init", "init", help="linear-probe head initialisation: zeroshot | random."),
+]
+METHOD_FLAG_NAMES = ["init"]
+
+
+def method_flags(func):
+    for option in reversed(METHOD_FLAGS):
+        func = option(func)
+    return func
+
+
+def _split_method_values(options: dict) -> tuple[dict, dict]:
+    method_values = {name: options.pop(name) for name in METHOD_FLAG_NAMES if name in options}
+    return options, method_values
+
+
+@cli.command()
+@model_options
+@data_options
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--recipe", help="Recipe name (recipes/NAME.yaml) or YAML path for defaults.")
+@click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+@click.option("--out", required=True, type=click.Path(), help="Run folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
+def zeroshot(split, recipe, set_values, out, overwrite, **options):
+    """Zero-shot classification with averaged prompt templates."""
+    config = build_config(recipe, _cli_values(**options), list(set_values))
+    metrics = api.zeroshot(config, out, split=split, overwrite=overwrite)
+    result = metrics[split]
+    click.echo(f"zero-shot {split}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  n={result['n']}")
+
+
+@cli.command()
+@model_options
+@data_options
+@click.option("--method", help="Adaptation method [linear-probe].")
+@click.option("--shots", type=int, help="Images per class sampled from train (seeded).")
+@click.option("--epochs", type=int)
+@click.option("--lr", type=float)
+@click.option("--batch-size", type=int, help="Global batch size (split across processes).")
+@click.option("--optimizer", help="adamw | sgd | lion")
+@click.option("--weight-decay", type=float)
+@click.option("--warmup-steps", type=int)
+@click.option("--grad-accum", type=int, help="Gradient accumulation steps.")
+@click.option("--mixed-precision", help="no | fp16 | bf16")
+@click.option("--aug-views", type=int, help="Augmented views cached per training image when the image tower is frozen (0 = none).")
+@click.option("--num-workers", type=int, help="DataLoader workers for image decoding.")
+@click.option("--recipe", help="Recipe name (recipes/NAME.yaml) or YAML path.")
+@click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE", help="Override any config key (highest precedence).")
+@click.option("--out", required=True, type=click.Path(), help="Run folder to write.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
+@method_flags
+def finetune(recipe, set_values, out, resume, overwrite, **options):
+    """Adapt the model with a method, then evaluate on the test split."""
+    options, method_values = _split_method_values(options)
+    config = None if resume else build_config(recipe, _cli_values(**options), list(set_values), method_values)
+    metrics = api.finetune(config, out, overwrite=overwrite, resume=resume)
+    zs, test = metrics["zeroshot"], metrics["test"]
+    click.echo(f"zero-shot test: top-1 {zs['top1']:.4f}  top-5 {zs['top5']:.4f}")
+    click.echo(f"{metrics['method']} test: top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  n={test['n']}")
+    click.echo(f"run folder: {out}")
+
+
+@cli.command("eval")
+@click.argument("run", type=click.Path())
+@click.option("--data", type=click.Path(), help="ImageFolder to evaluate on [the run's own data].")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--classnames", type=click.Path(), help="Class names YAML for --data.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
+def eval_command(run, data, split, classnames, as_json):
+    """Evaluate a finished run's best weights (also on a dataset with other classes)."""
+    report = api.evaluate_run(run, data, split, classnames)
+    result = report[split]
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"{report['method']} {split}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  n={result['n']}")
+
+
+@cli.command()
+def info():
+    """Versions, devices and accelerate state."""
+    click.echo(json.dumps(api.environment_info(), indent=2))
+
+
+def main() -> None:
+    cli(prog_name="cliptune")
+
+
+if __name__ == "__main__":
+    main()

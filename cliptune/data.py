@@ -1,0 +1,265 @@
+"""ImageFolder data: class discovery and naming, seeded splits and few-shot sampling, transforms."""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import yaml
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from cliptune.errors import CliptuneError
+
+log = logging.getLogger("cliptune")
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+SPLIT_NAMES = ("train", "val", "test")
+CLASSNAMES_FILE = "classnames.yaml"
+
+
+def display_name(folder: str) -> str:
+    """`Tomato___Late_blight` -> `tomato late blight`."""
+    return re.sub(r"\s+", " ", re.sub(r"[_\-]+", " ", folder)).strip().lower()
+
+
+@dataclass
+class Split:
+    files: List[Path] = field(default_factory=list)
+    labels: List[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def add(self, files: Sequence[Path], label: int) -> None:
+        self.files.extend(files)
+        self.labels.extend([label] * len(files))
+
+
+@dataclass
+class ImageFolderData:
+    """Classes (folder names), their display names and descriptions, and the three splits."""
+
+    root: Path
+    classes: List[str]
+    classnames: List[str]
+    descriptions: Dict[str, List[str]]
+    splits: Dict[str, Split]
+    skipped_files: int = 0
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits or len(self.splits[name]) == 0:
+            available = ", ".join(n for n in SPLIT_NAMES if len(self.splits.get(n, ())) > 0)
+            raise CliptuneError(f"split '{name}' is empty or missing in {self.root} (available: {available})")
+        return self.splits[name]
+
+    def restrict_to(self, folders: Sequence[str]) -> "ImageFolderData":
+        """Keep only the given classes (in the given order), relabelled 0..k-1."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        new_label = {index[c]: i for i, c in enumerate(folders)}
+        splits = {}
+        for name, split in self.splits.items():
+            kept = Split()
+            for path, label in zip(split.files, split.labels):
+                if label in new_label:
+                    kept.files.append(path)
+                    kept.labels.append(new_label[label])
+            splits[name] = kept
+        return ImageFolderData(
+            root=self.root,
+            classes=list(folders),
+            classnames=[self.classnames[index[c]] for c in folders],
+            descriptions={c: self.descriptions[c] for c in folders if c in self.descriptions},
+            splits=splits,
+            skipped_files=self.skipped_files,
+        )
+
+
+def _is_readable_image(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+
+
+def _scan_class_dirs(root: Path, strict: bool) -> tuple[Dict[str, List[Path]], int]:
+    """Map each class folder under `root` to its readable image files; count skipped files."""
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: Dict[str, List[Path]] = {}
+    skipped = 0
+    for class_dir in class_dirs:
+        images = []
+        for path in sorted(class_dir.rglob("*")):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            if path.suffix.lower() in IMAGE_EXTENSIONS and _is_readable_image(path):
+                images.append(path)
+            elif strict:
+                raise CliptuneError(f"not a readable image: {path} (remove it, or drop --strict to skip such files)")
+            else:
+                skipped += 1
+        files[class_dir.name] = images
+    return files, skipped
+
+
+def _load_classnames(path: Optional[Path], classes: Sequence[str]) -> tuple[List[str], Dict[str, List[str]]]:
+    names = {c: display_name(c) for c in classes}
+    descriptions: Dict[str, List[str]] = {}
+    if path is None:
+        return [names[c] for c in classes], descriptions
+    try:
+        mapping = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CliptuneError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(mapping, dict):
+        raise CliptuneError(f"{path} must map class folder names to display names")
+    unknown = sorted(set(mapping) - set(classes))
+    if unknown:
+        raise CliptuneError(f"{path} names classes that are not folders of the data: {', '.join(map(str, unknown))}")
+    for folder, value in mapping.items():
+        if isinstance(value, str):
+            names[folder] = value
+        elif isinstance(value, dict) and isinstance(value.get("name", names[folder]), str):
+            names[folder] = value.get("name", names[folder])
+            described = value.get("descriptions", [])
+            if not isinstance(described, list) or not all(isinstance(d, str) for d in described):
+                raise CliptuneError(f"{path}: descriptions of '{folder}' must be a list of strings")
+            descriptions[folder] = described
+        else:
+            raise CliptuneError(f"{path}: '{folder}' must map to a name or to {{name: ..., descriptions: [...]}}")
+    return [names[c] for c in classes], descriptions
+
+
+def _carve(files: List[Path], fraction: float, rng: random.Random) -> tuple[List[Path], List[Path]]:
+    """Split off round(len*fraction) files (at least one when fraction > 0 and two or more files)."""
+    if fraction <= 0 or len(files) < 2:
+        return files, []
+    shuffled = list(files)
+    rng.shuffle(shuffled)
+    n = min(len(files) - 1, max(1, round(len(files) * fraction)))
+    return sorted(shuffled[n:]), sorted(shuffled[:n])
+
+
+def load_imagefolder(
+    root: str | Path,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    shots: Optional[int] = None,
+    classnames_file: Optional[str] = None,
+    strict: bool = False,
+) -> ImageFolderData:
+    """Scan an ImageFolder root (with or without train/val/test) into seeded, stratified splits."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CliptuneError(f"data directory not found: {root}")
+    has_splits = (root / "train").is_dir()
+    per_split: Dict[str, Dict[str, List[Path]]] = {}
+    skipped = 0
+    for name in SPLIT_NAMES if has_splits else ("all",):
+        split_root = root / name if has_splits else root
+        if split_root.is_dir():
+            per_split[name], count = _scan_class_dirs(split_root, strict)
+            skipped += count
+    train_key = "train" if has_splits else "all"
+    classes = sorted(per_split[train_key])
+    if len(classes) < 2:
+        raise CliptuneError(f"{root / train_key if has_splits else root} has {len(classes)} class folder(s); need at least 2")
+    empty = [c for c in classes if not per_split[train_key][c]]
+    if empty:
+        raise CliptuneError(f"class folder '{empty[0]}' in {root / train_key if has_splits else root} has no readable images")
+    for name, dirs in per_split.items():
+        extra = sorted(set(dirs) - set(classes))
+        if extra:
+            raise CliptuneError(f"{root / name} has class folder '{extra[0]}' that is not in {root / 'train'}")
+
+    rng = random.Random(seed)
+    splits = {name: Split() for name in SPLIT_NAMES}
+    for label, cls in enumerate(classes):
+        train = per_split[train_key][cls]
+        if "test" in per_split:
+            test = per_split["test"].get(cls, [])
+        else:
+            train, test = _carve(train, test_fraction, rng)
+        if "val" in per_split:
+            val = per_split["val"].get(cls, [])
+        else:
+            train, val = _carve(train, val_fraction, rng)
+        splits["train"].add(train, label)
+        splits["val"].add(val, label)
+        splits["test"].add(test, label)
+    if shots is not None:
+        splits["train"] = _few_shot(splits["train"], classes, shots, seed)
+    if skipped:
+        log.warning("skipped %d file(s) that are not readable images (use --strict to make this an error)", skipped)
+
+    classnames_path = Path(classnames_file) if classnames_file else root / CLASSNAMES_FILE
+    if classnames_file and not classnames_path.is_file():
+        raise CliptuneError(f"classnames file not found: {classnames_file}")
+    names, descriptions = _load_classnames(classnames_path if classnames_path.is_file() else None, classes)
+    return ImageFolderData(root, classes, names, descriptions, splits, skipped)
+
+
+def _few_shot(train: Split, classes: Sequence[str], shots: int, seed: int) -> Split:
+    """K images per class, the same images for the same seed; a class with fewer keeps all (warned)."""
+    if shots < 1:
+        raise CliptuneError(f"--shots must be at least 1 (got {shots})")
+    rng = random.Random(f"shots-{seed}")
+    sampled = Split()
+    for label, cls in enumerate(classes):
+        files = [f for f, y in zip(train.files, train.labels) if y == label]
+        if len(files) < shots:
+            log.warning("class '%s' has only %d training images (< %d shots); using all of them", cls, len(files), shots)
+            chosen = files
+        else:
+            chosen = sorted(rng.sample(files, shots))
+        sampled.add(chosen, label)
+    return sampled
+
+
+class ImageDataset(Dataset):
+    """Decoded, transformed images with labels; decoding errors here mean a file changed after the scan."""
+
+    def __init__(self, split: Split, transform):
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        with Image.open(self.split.files[index]) as image:
+            return self.transform(image.convert("RGB")), self.split.labels[index]
+
+
+_INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+
+
+def eval_transform(image_size, mean, std, interpolation: str = "bicubic"):
+    """CLIP's evaluation preprocessing: resize the short side, centre crop, normalise."""
+    mode = _INTERPOLATION.get(interpolation, T.InterpolationMode.BICUBIC)
+    return T.Compose([T.Resize(image_size[0], interpolation=mode), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def train_transform(image_size, mean, std, crop_scale=(0.5, 1.0), hflip=True, color_jitter=0.0, interpolation="bicubic"):
+    """Random resized crop (+ optional flip / colour jitter), as in CoOp's training pipeline."""
+    mode = _INTERPOLATION.get(interpolation, T.InterpolationMode.BICUBIC)
+    steps = [T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=mode)]
+    if hflip:
+        steps.append(T.RandomHorizontalFlip())
+    if color_jitter:
+        steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def labels_tensor(split: Split) -> torch.Tensor:
+    return torch.tensor(split.labels, dtype=torch.long)

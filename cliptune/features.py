@@ -1,0 +1,92 @@
+"""Image-feature cache for frozen image towers: computed once, kept in memory and under the run folder.
+
+The key covers everything the features depend on: model identity, transform, file list (with size
+and mtime), number of augmented views, seed and precision. With `views > 0` the training images are
+augmented `views` times once (Tip-Adapter style) and each epoch draws one view per image, so caching
+never silently drops augmentation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from cliptune.data import ImageDataset, Split
+from cliptune.models import LoadedModel
+
+log = logging.getLogger("cliptune")
+_MEMORY: Dict[str, torch.Tensor] = {}
+
+
+def cache_key(model: LoadedModel, split: Split, transform, views: int, seed: int, precision: str) -> str:
+    digest = hashlib.sha256()
+    for part in (model.spec.fingerprint(), repr(transform), str(views), str(seed), precision):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    for path, label in zip(split.files, split.labels):
+        stat = Path(path).stat()
+        digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+@torch.no_grad()
+def _encode(model: LoadedModel, split: Split, transform, batch_size: int, num_workers: int, accelerator, desc: str) -> torch.Tensor:
+    loader = DataLoader(ImageDataset(split, transform), batch_size=batch_size, num_workers=num_workers)
+    chunks = []
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    for images, _ in tqdm(loader, desc=desc, leave=False, disable=accelerator is not None and not accelerator.is_local_main_process):
+        with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
+            chunks.append(model.image.encode(images.to(device), normalize=False).float().cpu())
+    return torch.cat(chunks)
+
+
+def image_features(
+    model: LoadedModel,
+    split: Split,
+    transform,
+    *,
+    views: int = 0,
+    seed: int = 0,
+    cache_dir: Optional[Path] = None,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    accelerator=None,
+    desc: str = "features",
+) -> torch.Tensor:
+    """(N, D) features, or (views, N, D) when `views > 0` (each view seeded: same views every time)."""
+    precision = accelerator.mixed_precision if accelerator is not None else "no"
+    key = cache_key(model, split, transform, views, seed, precision)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    path = Path(cache_dir) / f"features-{key}.safetensors" if cache_dir else None
+    is_main = accelerator is None or accelerator.is_main_process
+    if path is not None and not path.is_file() and not is_main:
+        accelerator.wait_for_everyone()  # the main process computes and writes; the others read it
+    if path is not None and path.is_file():
+        from safetensors.torch import load_file
+
+        features = load_file(str(path))["features"]
+    else:
+        if views > 0:
+            stacked = []
+            for view in range(views):
+                torch.manual_seed(seed * 1000 + view + 1)
+                stacked.append(_encode(model, split, transform, batch_size, num_workers, accelerator, f"{desc} view {view + 1}/{views}"))
+            features = torch.stack(stacked)
+        else:
+            features = _encode(model, split, transform, batch_size, num_workers, accelerator, desc)
+        if path is not None:
+            from cliptune.runfolder import atomic_save_safetensors
+
+            atomic_save_safetensors(path, {"features": features})
+            log.info("cached %s %s at %s", desc, tuple(features.shape), path)
+        if path is not None and accelerator is not None:
+            accelerator.wait_for_everyone()
+    _MEMORY[key] = features
+    return features

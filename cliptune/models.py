@@ -1,0 +1,210 @@
+"""One entry point, `load_model()`, in front of open_clip's factory.
+
+It resolves the three ways users name a model (an open_clip architecture with a pretrained tag,
+an `hf-hub:` repo, or a local checkpoint file with an optional custom JSON config) and turns every
+failure a user can cause into a one-sentence `CliptuneError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import open_clip
+import torch
+from torch import nn
+
+from cliptune.errors import CliptuneError
+from cliptune.towers import ImageTower, TextTower
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+log = logging.getLogger("cliptune")
+RANDOM_INIT = ("", "none", "random")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How the user named the model: enough to rebuild it from a run's config."""
+
+    model: Optional[str] = None
+    pretrained: Optional[str] = None
+    model_config: Optional[str] = None
+
+    @property
+    def display_name(self) -> str:
+        return self.model or Path(self.model_config).stem
+
+    @property
+    def is_random_init(self) -> bool:
+        return self.pretrained is None or str(self.pretrained).lower() in RANDOM_INIT
+
+    def fingerprint(self) -> str:
+        """Identity used in cache keys: names plus the checkpoint file's size and mtime."""
+        parts = [str(self.display_name), str(self.pretrained), str(self.model_config)]
+        for path in (self.pretrained, self.model_config):
+            if path and Path(path).is_file():
+                stat = Path(path).stat()
+                parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+        return "|".join(parts)
+
+
+@dataclass
+class LoadedModel:
+    """A CLIP model with what every method needs around it."""
+
+    clip: nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    image_size: tuple
+    mean: tuple
+    std: tuple
+    interpolation: str
+
+    @property
+    def text(self) -> TextTower:
+        return TextTower(self.clip, self.tokenizer)
+
+    @property
+    def image(self) -> ImageTower:
+        return ImageTower(self.clip)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.detach().exp()
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.lower().endswith(CHECKPOINT_SUFFIXES) or os.sep in value or value.startswith(".")
+
+
+def _register_config(model: Optional[str], model_config: str) -> str:
+    """Register a JSON model config with open_clip under the model name (default: file stem)."""
+    path = Path(model_config)
+    if not path.is_file():
+        raise CliptuneError(f"model config file not found: {model_config}")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CliptuneError(f"model config {model_config} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or "vision_cfg" not in config or "text_cfg" not in config:
+        raise CliptuneError(
+            f"model config {model_config} is not an open_clip config (needs 'embed_dim', 'vision_cfg', 'text_cfg')"
+        )
+    name = model or path.stem
+    if name == path.stem:
+        open_clip.add_model_config(path)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / f"{name}.json"
+            shutil.copyfile(path, copy)
+            open_clip.add_model_config(copy)
+    return name
+
+
+def _check_model_name(name: str) -> None:
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else " (see open_clip.list_models())"
+        raise CliptuneError(f"unknown model '{name}'{hint}; pass --model-config FILE for a custom architecture")
+
+
+def _check_pretrained(name: str, pretrained: str) -> None:
+    if _looks_like_path(pretrained):
+        if not Path(pretrained).is_file():
+            raise CliptuneError(f"checkpoint file not found: {pretrained}")
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        available = ", ".join(tags) if tags else "none; pass a local checkpoint file"
+        raise CliptuneError(f"unknown pretrained tag '{pretrained}' for model {name} (available: {available})")
+
+
+def _is_download_error(exc: BaseException) -> bool:
+    """True for the errors huggingface_hub/requests/httpx raise when a download cannot happen."""
+    while exc is not None:
+        module = type(exc).__module__ or ""
+        text = f"{type(exc).__name__} {exc}".lower()
+        if module.startswith(("huggingface_hub", "requests", "urllib3", "httpx", "httpcore", "socket")):
+            return True
+        if any(word in text for word in ("offline", "connection", "resolve host", "network is unreachable")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def load_model(
+    model: Optional[str] = None,
+    pretrained: Optional[str] = None,
+    model_config: Optional[str] = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> LoadedModel:
+    """Build an open_clip model the way users name it; random init when `pretrained` is None/"none"."""
+    if not model and not model_config:
+        raise CliptuneError("no model given: pass --model NAME (and --pretrained TAG_OR_FILE) or --model-config FILE")
+    name = _register_config(model, model_config) if model_config else model
+    _check_model_name(name)
+    spec = ModelSpec(model=name, pretrained=pretrained, model_config=model_config)
+    random_init = spec.is_random_init and not name.startswith("hf-hub:")
+    if not random_init and not name.startswith("hf-hub:"):
+        _check_pretrained(name, pretrained)
+    if random_init:
+        log.warning("no --pretrained weights given: %s is randomly initialised (seed %d)", name, seed)
+    torch.manual_seed(seed)  # random init is reproducible, so cached features stay valid
+    logging.disable(logging.WARNING)  # open_clip logs to the root logger; our own messages say what matters
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clip, _, _ = open_clip.create_model_and_transforms(
+                name, pretrained=None if random_init else pretrained, device=device, weights_only=True
+            )
+    except RuntimeError as exc:
+        if "size mismatch" in str(exc) or "Missing key" in str(exc) or "Unexpected key" in str(exc):
+            first = next((line.strip() for line in str(exc).splitlines() if "mismatch" in line or "key" in line), "")
+            raise CliptuneError(
+                f"checkpoint {pretrained} does not match model {name}: {first.rstrip('.')}"
+            ) from None
+        if _is_download_error(exc):
+            raise _offline_error(name, pretrained) from None
+        raise
+    except Exception as exc:  # noqa: BLE001 - classify, then re-raise anything we cannot explain
+        if _is_download_error(exc):
+            raise _offline_error(name, pretrained) from None
+        if isinstance(exc, (OSError, ValueError)) and pretrained and Path(pretrained).is_file():
+            raise CliptuneError(f"could not read checkpoint {pretrained}: {exc}") from None
+        raise
+    finally:
+        logging.disable(logging.NOTSET)
+    clip.eval()
+    preprocess = getattr(clip.visual, "preprocess_cfg", {}) or {}
+    size = preprocess.get("size", getattr(clip.visual, "image_size", 224))
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    return LoadedModel(
+        clip=clip,
+        tokenizer=open_clip.get_tokenizer(name),
+        spec=spec,
+        image_size=size,
+        mean=tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD)),
+        interpolation=preprocess.get("interpolation", "bicubic"),
+    )
+
+
+def _offline_error(name: str, pretrained: Optional[str]) -> CliptuneError:
+    what = name if name.startswith("hf-hub:") else f"{name} ({pretrained})"
+    return CliptuneError(
+        f"could not download the weights for {what} (offline or unreachable, and not in the local cache); "
+        "download them on a connected machine, or pass a local checkpoint with --pretrained FILE "
+        "(plus --model-config FILE for a custom architecture)"
+    )

@@ -1,0 +1,113 @@
+"""The run folder: config.yaml, metrics.json, log.txt, checkpoints/ — every file written atomically.
+
+`metrics.json` is written last, so a folder without it never looks like a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+from cliptune.errors import CliptuneError
+
+log = logging.getLogger("cliptune")
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: Path, data: Dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save_safetensors(path: Path, tensors: Dict[str, Any], metadata: Dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    import torch
+
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Swap a fully written staging folder into place, so readers never see a partial folder."""
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+class RunFolder:
+    """Paths of one run, and the rules for (re)using an output folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / "config.yaml")
+    metrics = property(lambda self: self.root / "metrics.json")
+    log_file = property(lambda self: self.root / "log.txt")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    cache = property(lambda self: self.root / "cache")
+
+    def is_finished(self) -> bool:
+        return self.metrics.is_file()
+
+    def has_started(self) -> bool:
+        return self.root.is_dir() and any(self.root.iterdir())
+
+    def prepare(self, overwrite: bool = False, resume: bool = False) -> None:
+        """Refuse to clobber a finished run unless asked; refuse to mix a new run into a started one."""
+        if resume:
+            if not self.config.is_file():
+                raise CliptuneError(f"nothing to resume in {self.root} (no config.yaml)")
+            if self.is_finished() and not overwrite:
+                raise CliptuneError(f"{self.root} already holds a finished run; nothing to resume")
+            self.metrics.unlink(missing_ok=True)
+            return
+        if self.is_finished() and not overwrite:
+            raise CliptuneError(f"{self.root} already holds a finished run (metrics.json); pass --overwrite to replace it")
+        if self.has_started() and not overwrite and self.config.is_file():
+            raise CliptuneError(f"{self.root} holds an unfinished run; pass --resume to continue it or --overwrite to start over")
+        if overwrite and self.root.exists():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def attach_log(self) -> logging.Handler:
+        handler = logging.FileHandler(self.log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("cliptune").addHandler(handler)
+        return handler
+
+
+def read_json(path: Path) -> Dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CliptuneError(f"could not read {path}: {exc}") from None

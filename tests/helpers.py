@@ -1,0 +1,36 @@
+"""Synthetic ImageFolders and tiny model configs for fast, offline tests."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY_CONFIG = FIXTURES / "tiny-clip.json"
+COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 220), (230, 210, 40), (180, 60, 200), (40, 200, 210)]
+
+
+def make_image(path: Path, colour, rng: random.Random, size: int = 32) -> None:
+    """A noisy image dominated by one colour: easy to separate, not trivially identical."""
+    image = Image.new("RGB", (size, size))
+    pixels = image.load()
+    for x in range(size):
+        for y in range(size):
+            pixels[x, y] = tuple(max(0, min(255, c + rng.randint(-60, 60))) for c in colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def make_imagefolder(root: Path, classes: Sequence[str] = ("red_apple", "green_leaf", "blue_sky"),
+                     per_class: int = 10, splits: bool = False, seed: int = 0) -> Path:
+    """Class folders directly under root, or under train/val/test when `splits`."""
+    rng = random.Random(seed)
+    layout = {"train": per_class, "val": max(2, per_class // 4), "test": max(2, per_class // 2)} if splits else {"": per_class}
+    for split, count in layout.items():
+        for index, name in enumerate(classes):
+            for i in range(count):
+                make_image(root / split / name / f"{i:03d}.png", COLOURS[index % len(COLOURS)], rng)
+    return root
