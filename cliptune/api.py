@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import platform
 import re
 from dataclasses import dataclass
@@ -109,12 +111,14 @@ def _line(name: str, metrics: Dict) -> str:
 def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite: bool = False) -> Dict:
     """Zero-shot classifier from averaged templates; writes RUN/config.yaml, log.txt and metrics.json."""
     run = RunFolder(out)
+    run.check_reusable(overwrite=overwrite)
+    accelerator = make_accelerator(config.mixed_precision)
+    session = Session.open(config, accelerator)  # bad data/model fail here, before the folder is touched
     run.prepare(overwrite=overwrite)
+    session.cache_dir = run.cache
     handler = run.attach_log()
     try:
         save_config(config, run.config)
-        accelerator = make_accelerator(config.mixed_precision)
-        session = Session.open(config, accelerator, cache_dir=run.cache)
         metrics = {"method": "zeroshot", **_model_fields(config), "classes": session.data.classes,
                    "classnames": session.data.classnames, "split": split, "templates": session.templates}
         metrics[split] = session.zeroshot_metrics(split)
@@ -131,18 +135,30 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
     run = RunFolder(out)
     if resume:
         config = load_config(run.config)
-    run.prepare(overwrite=overwrite, resume=resume)
+    run.check_reusable(overwrite=overwrite, resume=resume)
     accelerator = make_accelerator(config.mixed_precision)
+    # bad data, model or method options fail here, before the run folder is touched
+    session = Session.open(config, accelerator)
+    novel_session = None
+    if config.base_novel:
+        session, novel_session = split_base_novel(session)
+    data = session.data
+    method = build_method(config.method, session.model, data.classnames, session.templates,
+                          config.method_options(), data.descriptions)
+    if novel_session is not None and method.class_specific:
+        raise CliptuneError(f"--base-novel needs a method that works on unseen classes; '{config.method}' learns class-specific state")
+    if accelerator.is_main_process:
+        run.prepare(overwrite=overwrite, resume=resume)
+    accelerator.wait_for_everyone()
+    session.cache_dir = run.cache
+    if novel_session is not None:
+        novel_session.cache_dir = run.cache
     handler = run.attach_log() if accelerator.is_main_process else None
     try:
         if accelerator.is_main_process and not resume:
             save_config(config, run.config)
-        session = Session.open(config, accelerator, cache_dir=run.cache)
-        data = session.data
         zeroshot_test = session.zeroshot_metrics("test")
         log.info(_line("zero-shot test", zeroshot_test))
-        method = build_method(config.method, session.model, data.classnames, session.templates,
-                              config.method_options(), data.descriptions)
         use_features = method.uses_image_features
         train = session.inputs("train", use_features, train=True)
         val = session.inputs("val", use_features) if len(data.splits["val"]) else None
@@ -165,6 +181,8 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
         }
         if val is not None:
             metrics["val"] = trainer.evaluate(val, data.classes)
+        if novel_session is not None:
+            metrics.update(base_novel_metrics(trainer, method, test, zeroshot_test, novel_session))
         if accelerator.is_main_process:
             atomic_write_json(run.metrics, metrics)
         return metrics
@@ -172,6 +190,34 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
         if handler is not None:
             logging.getLogger("cliptune").removeHandler(handler)
             handler.close()
+
+
+def split_base_novel(session: Session) -> tuple:
+    """Base-to-novel protocol (CoCoOp): classes sorted by folder name, the first ceil(C/2) are base, the rest novel."""
+    classes = sorted(session.data.classes)
+    if len(classes) < 2:
+        raise CliptuneError("--base-novel needs at least 2 classes")
+    cut = math.ceil(len(classes) / 2)
+    return (dataclasses.replace(session, data=session.data.restrict_to(classes[:cut])),
+            dataclasses.replace(session, data=session.data.restrict_to(classes[cut:])))
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def base_novel_metrics(trainer: Trainer, method, base: Dict, zeroshot_base: Dict, novel: Session) -> Dict:
+    """Novel-class test results of a method trained on the base classes, next to zero-shot, with harmonic means."""
+    zeroshot_novel = novel.zeroshot_metrics("test")
+    method.set_classes(novel.data.classnames)
+    result = trainer.evaluate(novel.inputs("test", method.uses_image_features), novel.data.classes)
+    metrics = {"novel_classes": novel.data.classes, "base": base, "novel": result, "hm": harmonic_mean(base["top1"], result["top1"]),
+               "zeroshot_base": zeroshot_base, "zeroshot_novel": zeroshot_novel,
+               "zeroshot_hm": harmonic_mean(zeroshot_base["top1"], zeroshot_novel["top1"])}
+    log.info(_line("zero-shot novel", zeroshot_novel))
+    log.info(_line(f"{method.name} novel", result))
+    log.info("harmonic mean of base and novel top-1: %.2f%% (zero-shot %.2f%%)", 100 * metrics["hm"], 100 * metrics["zeroshot_hm"])
+    return metrics
 
 
 def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str = "test", classnames: Optional[str] = None) -> Dict:
@@ -190,10 +236,10 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
         raise CliptuneError(f"{run.root} has no trained weights (checkpoints/best is missing)")
     data = session.data
     method = build_method(config.method, session.model, data.classnames, session.templates, saved["config"], data.descriptions)
-    if method.class_specific and data.classes != saved["classes"]:
+    if method.class_specific and data.classnames != saved["classes"]:
         raise CliptuneError(
-            f"method '{config.method}' learned a head for the run's own classes ({len(saved['classes'])}); "
-            f"{data_dir} has different classes, so it cannot be evaluated there"
+            f"method '{config.method}' learned a head for the run's own {len(saved['classes'])} classes; "
+            f"{data.root} has different classes, so it cannot be evaluated there"
         )
     load_method_state(method, run.checkpoints / "best")
     method.to(accelerator.device)

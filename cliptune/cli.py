@@ -41,18 +41,27 @@ class CliptuneGroup(click.Group):
             ctx.exit(1)
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (so it also works under test runners that swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def _setup_logging(quiet: bool) -> None:
     logger = logging.getLogger("cliptune")
     logger.setLevel(logging.INFO)
-    if not any(getattr(h, "_cliptune_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._cliptune_console = True
-        logger.addHandler(handler)
-    for handler in logger.handlers:
-        if getattr(handler, "_cliptune_console", False):
-            handler.setLevel(logging.WARNING if quiet else logging.INFO)
-    logger.propagate = False
+    console = next((h for h in logger.handlers if isinstance(h, _ConsoleHandler)), None)
+    if console is None:
+        console = _ConsoleHandler()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 @click.group(cls=CliptuneGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -98,8 +107,25 @@ def _cli_values(**values):
 # `--n-ctx 4` with `--method coop` sets `coop.n_ctx`. Methods add their flags here.
 METHOD_FLAGS = [
     click.option("--linear-probe-init", "init", help="linear-probe head initialisation: zeroshot | random."),
+    click.option("--lora-r", "lora_r", type=int, help="lora: rank of each update [2]."),
+    click.option("--lora-alpha", "lora_alpha", type=float, help="lora: scaling numerator (update x alpha/r) [1]."),
+    click.option("--lora-dropout", "lora_dropout", type=float, help="lora: dropout on the LoRA branch [0.25]."),
+    click.option("--lora-towers", "lora_towers", help="lora: towers to adapt, comma list of vision,text [vision,text]."),
+    click.option("--lora-targets", "lora_targets", help="lora: attention projections, comma list of q,k,v,out [q,k,v]."),
+    click.option("--lora-layers", "lora_layers", help="lora: blocks to adapt: all, or indices/ranges like 6-11 [all]."),
+    click.option("--train-towers", "train_towers", help="full: towers to fine-tune, comma list of vision,text [vision,text]."),
+    click.option("--unlock-last", "unlock_last", type=int, help="full: train only the last N blocks of each tower (+ final norms/projections) [all]."),
+    click.option("--lock-logit-scale/--no-lock-logit-scale", "lock_logit_scale", default=None, help="full: keep the logit scale fixed [lock]."),
+    click.option("--loss", "loss", type=click.Choice(["ce", "contrastive", "soft-target"]), help="full: ce | contrastive (FLYP) | soft-target [ce]."),
+    click.option("--soft-epsilon", "soft_epsilon", type=float, help="full: soft-target share moved to similar classes [0.1]."),
+    click.option("--soft-tau", "soft_tau", type=float, help="full: soft-target class-similarity temperature [0.05]."),
+    click.option("--n-ctx", "n_ctx", type=int, help="coop/cocoop/maple: learned context tokens [16/4/2]."),
+    click.option("--ctx-init", "ctx_init", help="coop/cocoop/maple: initialise the context from this phrase, e.g. 'a photo of a'."),
+    click.option("--class-specific/--no-class-specific", "class_specific", default=None, help="coop: one context per class (CSC) [off]."),
+    click.option("--class-token-position", "class_token_position", type=click.Choice(["end", "middle", "front"]), help="coop: where the class name goes [end]."),
+    click.option("--prompt-depth", "prompt_depth", type=int, help="maple: layers carrying prompts, input included [9]."),
 ]
-METHOD_FLAG_NAMES = ["init"]
+METHOD_FLAG_NAMES = ["init", "lora_r", "lora_alpha", "lora_dropout", "lora_towers", "lora_targets", "lora_layers", "train_towers", "unlock_last", "lock_logit_scale", "loss", "soft_epsilon", "soft_tau", "n_ctx", "ctx_init", "class_specific", "class_token_position", "prompt_depth"]
 
 
 def method_flags(func):
@@ -134,6 +160,7 @@ def zeroshot(split, recipe, set_values, out, overwrite, **options):
 @data_options
 @click.option("--method", help="Adaptation method [linear-probe].")
 @click.option("--shots", type=int, help="Images per class sampled from train (seeded).")
+@click.option("--base-novel/--no-base-novel", default=None, help="Base-to-novel protocol: train on the first half of the classes, test on base and novel.")
 @click.option("--epochs", type=int)
 @click.option("--lr", type=float)
 @click.option("--batch-size", type=int, help="Global batch size (split across processes).")
@@ -142,6 +169,7 @@ def zeroshot(split, recipe, set_values, out, overwrite, **options):
 @click.option("--warmup-steps", type=int)
 @click.option("--grad-accum", type=int, help="Gradient accumulation steps.")
 @click.option("--mixed-precision", help="no | fp16 | bf16")
+@click.option("--label-smoothing", type=float, help="Label smoothing added to any loss [0].")
 @click.option("--aug-views", type=int, help="Augmented views cached per training image when the image tower is frozen (0 = none).")
 @click.option("--num-workers", type=int, help="DataLoader workers for image decoding.")
 @click.option("--recipe", help="Recipe name (recipes/NAME.yaml) or YAML path.")
@@ -158,6 +186,9 @@ def finetune(recipe, set_values, out, resume, overwrite, **options):
     zs, test = metrics["zeroshot"], metrics["test"]
     click.echo(f"zero-shot test: top-1 {zs['top1']:.4f}  top-5 {zs['top5']:.4f}")
     click.echo(f"{metrics['method']} test: top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  n={test['n']}")
+    if "novel" in metrics:
+        click.echo(f"zero-shot novel: top-1 {metrics['zeroshot_novel']['top1']:.4f}  harmonic mean {metrics['zeroshot_hm']:.4f}")
+        click.echo(f"{metrics['method']} novel: top-1 {metrics['novel']['top1']:.4f}  harmonic mean {metrics['hm']:.4f}")
     click.echo(f"run folder: {out}")
 
 
@@ -175,6 +206,20 @@ def eval_command(run, data, split, classnames, as_json):
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(f"{report['method']} {split}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  n={result['n']}")
+
+
+@cli.command()
+@click.argument("run", type=click.Path())
+@click.option("--data", type=click.Path(), help="ImageFolder to evaluate on [the run's own data].")
+@click.option("--alphas", default="0,0.25,0.5,0.75,1", show_default=True, help="Mixing weights of the fine-tuned model.")
+def wise(run, data, alphas):
+    """WiSE-FT: evaluate (1-A)*zero-shot + A*fine-tuned weights; writes RUN/wise.json and RUN/wise.png."""
+    from cliptune.wise import parse_alphas, wise_sweep
+
+    result = wise_sweep(run, data, parse_alphas(alphas))
+    for alpha, val, test in zip(result["alphas"], result["val_top1"], result["test_top1"]):
+        click.echo(f"alpha {alpha:.2f}: val top-1 {val:.4f}  test top-1 {test:.4f}")
+    click.echo(f"best alpha (on val): {result['best_alpha']:g}")
 
 
 @cli.command()

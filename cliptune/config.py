@@ -53,6 +53,8 @@ class RunConfig:
     label_smoothing: float = 0.0
     mixed_precision: str = "no"
     seed: int = 0
+    # base-to-novel protocol: train on the first half of the classes (by folder name), test on both halves
+    base_novel: bool = False
     # augmentation (and how many augmented views to cache when the image tower is frozen)
     aug_views: int = 0
     aug_crop_scale: List[float] = field(default_factory=lambda: [0.5, 1.0])

@@ -158,16 +158,18 @@ class Trainer:
         self.model, optimizer = accelerator.prepare(self.method, optimizer)
         summary = TrainSummary()
         start_epoch, start_step, best_top1 = 0, 0, -1.0
-        rng_state = None
+        rng_state, partial_loss = None, (0.0, 0)
         if resume and self.run is not None and (self.run.checkpoints / "last" / "state.pt").is_file():
             state = self._load_last(optimizer, scheduler)
             start_epoch, start_step, best_top1 = state["epoch"], state["step_in_epoch"], state["best_top1"]
             summary = TrainSummary(state["seconds"], state["images_seen"], state["epoch"], state["best_epoch"], state["history"])
             rng_state = state["rng"]
+            partial_loss = tuple(state.get("partial_loss", (0.0, 0)))
             log.info("resuming at epoch %d step %d", start_epoch + 1, start_step)
 
         for epoch in range(start_epoch, config.epochs):
-            if rng_state is not None and start_step > 0:
+            resuming_mid_epoch = epoch == start_epoch and start_step > 0
+            if resuming_mid_epoch:
                 torch.set_rng_state(rng_state)
             else:
                 torch.manual_seed(config.seed * 1_000_003 + epoch)
@@ -176,15 +178,14 @@ class Trainer:
             views = self._view_choice(train, epoch)
             self.model.train()
             began = time.perf_counter()
-            loss_sum, seen = 0.0, 0
+            loss_sum, seen = (partial_loss if resuming_mid_epoch else (0.0, 0))
+            # the last optimizer-step boundary: where a Ctrl-C checkpoint resumes from
+            boundary = (first_step, torch.get_rng_state(), loss_sum, seen, summary.images_seen)
             bar = tqdm(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}/{config.epochs}",
                        disable=not accelerator.is_local_main_process, leave=False)
-            group_start, group_rng = first_step, torch.get_rng_state()
             try:
                 stream = self._local_batches(train, batches[first_step:], views)
                 for step, (x, y) in enumerate(stream, start=first_step):
-                    if step % config.grad_accum == 0:
-                        group_start, group_rng = step, torch.get_rng_state()
                     group_size = min(config.grad_accum, len(batches) - (step - step % config.grad_accum))
                     sync = (step + 1) % config.grad_accum == 0 or step == len(batches) - 1
                     global_n = len(batches[step])
@@ -197,22 +198,26 @@ class Trainer:
                             else:  # an empty slice of a tiny last batch still joins the all-reduce
                                 loss, scaled = logits.sum() * 0, logits.sum() * 0
                         accelerator.backward(scaled)
+                    loss_sum += float(loss.detach()) * len(y)
+                    seen += len(y)
+                    summary.images_seen += global_n
                     if sync:
                         if config.max_grad_norm:
                             accelerator.clip_grad_norm_(self.method.trainable_parameters(), config.max_grad_norm)
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
-                    loss_sum += float(loss.detach()) * len(y)
-                    seen += len(y)
-                    summary.images_seen += global_n
+                        boundary = (step + 1, torch.get_rng_state(), loss_sum, seen, summary.images_seen)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum / max(1, seen):.4f}")
             except KeyboardInterrupt:
                 bar.close()
                 summary.seconds += time.perf_counter() - began
                 optimizer.zero_grad(set_to_none=True)
-                self._save_last(self._state(optimizer, scheduler, epoch, group_start, best_top1, summary, group_rng))
+                step_done, rng_done, loss_done, seen_done, summary.images_seen = boundary
+                state = self._state(optimizer, scheduler, epoch, step_done, best_top1, summary, rng_done)
+                state["partial_loss"] = [loss_done, seen_done]
+                self._save_last(state)
                 raise InterruptedRun(
                     f"interrupted in epoch {epoch + 1}; checkpoint saved, continue with --resume"
                 ) from None
@@ -233,7 +238,6 @@ class Trainer:
             log.info("epoch %d/%d %s%s", epoch + 1, config.epochs,
                      " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"), " (best)" if improved else "")
             self._save_last(self._state(optimizer, scheduler, epoch + 1, 0, best_top1, summary, torch.get_rng_state()))
-            rng_state, start_step = None, 0
         accelerator.wait_for_everyone()
         return summary
 

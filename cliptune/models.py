@@ -162,7 +162,7 @@ def load_model(
     if random_init:
         log.warning("no --pretrained weights given: %s is randomly initialised (seed %d)", name, seed)
     torch.manual_seed(seed)  # random init is reproducible, so cached features stay valid
-    logging.disable(logging.WARNING)  # open_clip logs to the root logger; our own messages say what matters
+    logging.disable(logging.CRITICAL)  # open_clip logs to the root logger; our own errors say what matters
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -80,22 +80,32 @@ class RunFolder:
         return self.metrics.is_file()
 
     def has_started(self) -> bool:
-        return self.root.is_dir() and any(self.root.iterdir())
+        """True once training wrote a checkpoint (a failed start leaves nothing worth resuming)."""
+        return (self.checkpoints / "last").is_dir()
 
-    def prepare(self, overwrite: bool = False, resume: bool = False) -> None:
+    def check_reusable(self, overwrite: bool = False, resume: bool = False) -> None:
         """Refuse to clobber a finished run unless asked; refuse to mix a new run into a started one."""
         if resume:
             if not self.config.is_file():
                 raise CliptuneError(f"nothing to resume in {self.root} (no config.yaml)")
             if self.is_finished() and not overwrite:
                 raise CliptuneError(f"{self.root} already holds a finished run; nothing to resume")
-            self.metrics.unlink(missing_ok=True)
             return
         if self.is_finished() and not overwrite:
             raise CliptuneError(f"{self.root} already holds a finished run (metrics.json); pass --overwrite to replace it")
-        if self.has_started() and not overwrite and self.config.is_file():
+        if self.has_started() and not overwrite:
             raise CliptuneError(f"{self.root} holds an unfinished run; pass --resume to continue it or --overwrite to start over")
-        if overwrite and self.root.exists():
+        if self.root.exists() and not self.root.is_dir():
+            raise CliptuneError(f"--out {self.root} exists and is not a folder")
+        if self.root.is_dir() and any(self.root.iterdir()) and not self.config.is_file():
+            raise CliptuneError(f"--out {self.root} is not empty and is not a cliptune run folder; choose another folder")
+
+    def prepare(self, overwrite: bool = False, resume: bool = False) -> None:
+        """Make the folder ready to write (after `check_reusable`): clear it unless resuming."""
+        self.check_reusable(overwrite=overwrite, resume=resume)
+        if resume:
+            return
+        if self.root.exists():
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
 

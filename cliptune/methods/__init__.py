@@ -6,7 +6,12 @@ from dataclasses import dataclass
 from typing import Dict, Type
 
 from cliptune.methods.base import Method, MethodConfig
+from cliptune.methods.cocoop import CoCoOp
+from cliptune.methods.coop import CoOp
+from cliptune.methods.full import FullFineTune
 from cliptune.methods.linear_probe import LinearProbe
+from cliptune.methods.lora import LoRA
+from cliptune.methods.maple import MaPLe
 
 
 @dataclass(frozen=True)
@@ -18,7 +23,7 @@ class MethodEntry:
         return self.method_class.config_class
 
 
-METHODS: Dict[str, MethodEntry] = {cls.name: MethodEntry(cls) for cls in (LinearProbe,)}
+METHODS: Dict[str, MethodEntry] = {cls.name: MethodEntry(cls) for cls in (LinearProbe, LoRA, FullFineTune, CoOp, CoCoOp, MaPLe)}
 
 
 def build_method(name, model, classnames, templates, options=None, descriptions=None) -> Method:

@@ -1,0 +1,61 @@
+"""CoCoOp (Zhou et al., CVPR'22): CoOp context conditioned on each image.
+
+A small meta-net (Linear-ReLU-Linear, feature-dim/16 bottleneck) maps the normalised image feature
+to a bias added to every context vector, so each image gets its own class prompts and text
+features. That is one text-encoder pass over all classes per image; images are processed in chunks
+of at most `chunk_prompts` prompts so memory stays bounded at evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cliptune.errors import CliptuneError
+from cliptune.methods.base import Method, MethodConfig
+from cliptune.methods.prompts import ClassPrompts, initial_context
+
+
+@dataclass
+class CoCoOpConfig(MethodConfig):
+    n_ctx: int = 4
+    ctx_init: str = "a photo of a"  # the paper's initialisation; "" = N(0, 0.02)
+    chunk_prompts: int = 512  # class prompts per text-encoder call (bounds memory)
+
+
+class CoCoOp(Method):
+    name = "cocoop"
+    config_class = CoCoOpConfig
+    uses_image_features = True
+
+    def __init__(self, model, classnames, templates, config: CoCoOpConfig, descriptions=None):
+        super().__init__(model, classnames, templates, config, descriptions)
+        if config.chunk_prompts < 1:
+            raise CliptuneError(f"cocoop.chunk_prompts must be at least 1, got {config.chunk_prompts}")
+        text = model.text
+        ctx_init = config.ctx_init.strip()
+        self.prompts = ClassPrompts(text, self.classnames, config.n_ctx, ctx_init)
+        self.ctx = nn.Parameter(initial_context(text, config.n_ctx, ctx_init).to(text.device))
+        dim = text.output_dim  # = the image feature dimension (shared embedding space)
+        hidden = max(1, dim // 16)
+        self.meta_net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, text.width))
+        self.meta_net.to(text.device)
+        self.register_buffer("scale", model.logit_scale.detach().clone())
+
+    def set_classes(self, classnames) -> None:
+        super().set_classes(classnames)
+        self.prompts.set_classes(self.classnames)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        image = F.normalize(image_features, dim=-1)
+        ctx = self.ctx + self.meta_net(image.to(self.ctx.dtype)).unsqueeze(1)  # (batch, n_ctx, width)
+        per_chunk = max(1, self.config.chunk_prompts // len(self.prompts))
+        logits = []
+        for start in range(0, len(image), per_chunk):
+            text = F.normalize(self.prompts.encode(ctx[start : start + per_chunk].unsqueeze(1)), dim=-1)
+            chunk = image[start : start + per_chunk].to(text.dtype)
+            logits.append(torch.einsum("bd,bcd->bc", chunk, text))
+        return self.scale * torch.cat(logits)

@@ -1,0 +1,65 @@
+"""CoOp (Zhou et al., IJCV'22): learn the prompt's context words as continuous vectors.
+
+Each class prompt is [SOS] [ctx_1 .. ctx_n] [classname] [.] [EOT] fed as token embeddings to the
+frozen text tower; only the context vectors train (one set shared by all classes, or one per class
+with `class_specific`). The image tower is frozen, so training runs on cached image features and
+each step costs one text-encoder pass over the class prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cliptune.errors import CliptuneError
+from cliptune.methods.base import Method, MethodConfig
+from cliptune.methods.prompts import ClassPrompts, EvalCache, initial_context, phrase_length
+
+
+@dataclass
+class CoOpConfig(MethodConfig):
+    n_ctx: int = 16  # context vectors; set to the token count of ctx_init when that is given
+    ctx_init: str = ""  # e.g. "a photo of a": start from these word embeddings instead of N(0, 0.02)
+    class_specific: bool = False  # CSC: one context per class (cannot be used on other classes)
+    class_token_position: str = "end"  # end | middle | front
+
+
+class CoOp(Method):
+    name = "coop"
+    config_class = CoOpConfig
+    uses_image_features = True
+
+    def __init__(self, model, classnames, templates, config: CoOpConfig, descriptions=None):
+        super().__init__(model, classnames, templates, config, descriptions)
+        text = model.text
+        ctx_init = config.ctx_init.strip()
+        if ctx_init:
+            config = dataclasses.replace(config, n_ctx=phrase_length(text, ctx_init))
+            self.config = config
+        self.class_specific = config.class_specific
+        self.prompts = ClassPrompts(text, self.classnames, config.n_ctx, ctx_init, config.class_token_position)
+        if config.class_specific:
+            ctx = torch.stack([initial_context(text, config.n_ctx, ctx_init) for _ in self.classnames])
+        else:
+            ctx = initial_context(text, config.n_ctx, ctx_init)
+        self.ctx = nn.Parameter(ctx.to(text.device))
+        self.register_buffer("scale", model.logit_scale.detach().clone())
+        self._cache = EvalCache()
+
+    def set_classes(self, classnames) -> None:
+        if self.class_specific and list(classnames) != self.classnames:
+            raise CliptuneError("class-specific CoOp learned one context per training class; it cannot be used on other classes")
+        super().set_classes(classnames)
+        self.prompts.set_classes(self.classnames)
+
+    def text_features(self) -> torch.Tensor:
+        """(classes, dim) unit-norm text features of the learned prompts."""
+        return self._cache.get(self, self.prompts, lambda: F.normalize(self.prompts.encode(self.ctx), dim=-1))
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        text = self.text_features()
+        return self.scale * F.normalize(image_features, dim=-1).to(text.dtype) @ text.T

@@ -1,0 +1,175 @@
+"""Full and partial fine-tuning of CLIP's towers with a CE, contrastive (FLYP) or soft-target loss.
+
+The classifier is always the zero-shot head of the current towers (class text features, templates
+averaged, recomputed from the text tower while it trains), so the result stays a plain CLIP model:
+it can be exported, WiSE-FT interpolated with the zero-shot weights, and used on other classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cliptune.errors import CliptuneError
+from cliptune.losses import class_similarity, contrastive_loss, soft_target_loss
+from cliptune.methods.base import Method, MethodConfig
+from cliptune.zeroshot import class_prompts
+
+TOWERS = ("vision", "text")
+LOSSES = ("ce", "contrastive", "soft-target")
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    train_towers: str = "vision,text"  # comma-separated subset of vision, text
+    unlock_last: Optional[int] = None  # train only the last N blocks (+ final norms/projections); None = all
+    lock_logit_scale: bool = True
+    loss: str = "ce"  # ce | contrastive | soft-target
+    soft_epsilon: float = 0.1  # share of the target moved to classes described alike
+    soft_tau: float = 0.05  # temperature of the class-similarity softmax
+
+
+def parse_towers(value: str) -> List[str]:
+    towers = [t.strip() for t in value.split(",") if t.strip()]
+    if not towers or any(t not in TOWERS for t in towers):
+        raise CliptuneError(f"full.train_towers must be a comma-separated subset of vision,text, got {value!r}")
+    return [t for t in TOWERS if t in towers]
+
+
+class FullFineTune(Method):
+    name = "full"
+    config_class = FullConfig
+    uses_image_features = False
+    class_specific = False
+    export_formats = ("merged",)
+
+    def __init__(self, model, classnames, templates, config: FullConfig, descriptions=None):
+        super().__init__(model, classnames, templates, config, descriptions)
+        if config.loss not in LOSSES:
+            raise CliptuneError(f"full.loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
+        if config.unlock_last is not None and config.unlock_last < 0:
+            raise CliptuneError(f"full.unlock_last must be 0 or more, got {config.unlock_last}")
+        if not 0.0 <= config.soft_epsilon <= 1.0 or config.soft_tau <= 0:
+            raise CliptuneError("full.soft_epsilon must be in [0, 1] and full.soft_tau above 0")
+        self.towers = parse_towers(config.train_towers)
+        # A frozen image tower is a fixed feature extractor: let the engine cache its features.
+        self.uses_image_features = "vision" not in self.towers
+        for parameter in self._unlocked_parameters():
+            parameter.requires_grad_(True)
+        self.clip.logit_scale.requires_grad_(not config.lock_logit_scale)
+        self._eval_class_features: Optional[torch.Tensor] = None
+        self._prepare_classes()
+        if config.loss == "soft-target":
+            self.register_buffer("similarity", class_similarity(self._description_features(), config.soft_tau), persistent=False)
+
+    # ----- what trains -----
+    def _unlocked_parameters(self) -> List[torch.nn.Parameter]:
+        n = self.config.unlock_last
+        towers = {"vision": self.model.image, "text": self.model.text}
+        parameters = []
+        for name in self.towers:
+            tower = towers[name]
+            if n is None:
+                parameters += tower.parameters()
+                continue
+            if n > len(tower.blocks):
+                raise CliptuneError(f"--unlock-last {n} exceeds the {len(tower.blocks)} blocks of the {name} tower")
+            parameters += [p for block in list(tower.blocks)[len(tower.blocks) - n :] for p in block.parameters()]
+            parameters += tower.head_parameters()
+        return parameters
+
+    @property
+    def text_trains(self) -> bool:
+        return "text" in self.towers
+
+    # ----- class text features -----
+    def _prepare_classes(self) -> None:
+        """Tokenise every (class, template) prompt once; encode them once too when the text tower is frozen."""
+        text = self.model.text
+        prompts = [p for name in self.classnames for p in class_prompts(name, self.templates)]
+        self.register_buffer("prompt_tokens", text.tokenize(prompts), persistent=False)
+        self._eval_class_features = None
+        if not self.text_trains:
+            with torch.no_grad():
+                self.register_buffer("prompt_features", self._encode_prompts(), persistent=False)
+
+    def _encode_prompts(self) -> torch.Tensor:
+        """(classes, templates, dim) unit-norm features of all prompts."""
+        features = self.model.text.encode(self.prompt_tokens, normalize=True)
+        return features.view(len(self.classnames), len(self.templates), -1)
+
+    def class_features(self) -> torch.Tensor:
+        """(classes, dim) zero-shot head: the normalised mean of the normalised template features."""
+        if not self.text_trains:
+            return F.normalize(self.prompt_features.mean(dim=1), dim=-1)
+        if self.training:
+            return F.normalize(self._encode_prompts().mean(dim=1), dim=-1)
+        if self._eval_class_features is None:  # eval: once per evaluation pass, dropped by train()/eval()
+            with torch.no_grad():
+                self._eval_class_features = F.normalize(self._encode_prompts().mean(dim=1), dim=-1)
+        return self._eval_class_features
+
+    @torch.no_grad()
+    def _description_features(self) -> torch.Tensor:
+        """(classes, dim) frozen initial text features of each class's descriptions (else its templates)."""
+        text = self.model.text
+        rows = []
+        for name in self.classnames:
+            sentences = self.descriptions.get(name) or class_prompts(name, self.templates)
+            rows.append(F.normalize(text.encode(text.tokenize(sentences), normalize=True).mean(dim=0), dim=-1))
+        return torch.stack(rows)
+
+    def logit_scale(self) -> torch.Tensor:
+        scale = self.clip.logit_scale.exp()
+        return scale if self.config.lock_logit_scale else scale.clamp(max=100)  # CLIP's cap when it trains
+
+    # ----- forward and loss -----
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Class logits; while training with the contrastive loss, the unit-norm image features instead.
+
+        The contrastive loss needs the captions of the batch's labels, which only `loss()` sees;
+        evaluation always gets class logits.
+        """
+        if self.uses_image_features:
+            image = F.normalize(inputs, dim=-1)
+        else:
+            image = self.model.image.encode(inputs, normalize=True)
+        if self.training and self.config.loss == "contrastive":
+            return image
+        return self.logit_scale() * image @ self.class_features().T
+
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        if self.config.loss == "contrastive" and self.training:
+            captions = self._caption_features(labels)
+            return contrastive_loss(outputs, captions, self.logit_scale(), labels, label_smoothing)
+        if self.config.loss == "soft-target":
+            return soft_target_loss(outputs, labels, self.similarity, self.config.soft_epsilon, label_smoothing)
+        return F.cross_entropy(outputs, labels, label_smoothing=label_smoothing)
+
+    def _caption_features(self, labels: torch.Tensor) -> torch.Tensor:
+        """One caption per image: a random template (engine-seeded RNG) filled with its class name."""
+        choice = torch.randint(len(self.templates), (len(labels),)).to(labels.device)
+        if not self.text_trains:
+            return self.prompt_features[labels, choice]
+        tokens = self.prompt_tokens[labels * len(self.templates) + choice]
+        return self.model.text.encode(tokens, normalize=True)
+
+    # ----- state -----
+    def merged_state_dict(self):
+        """The fine-tuned open_clip state_dict (what `export --format merged` and WiSE-FT use)."""
+        return {key: value.detach().clone().contiguous() for key, value in self.clip.state_dict().items()}
+
+    def set_classes(self, classnames: Sequence[str]) -> None:
+        super().set_classes(classnames)
+        self._prepare_classes()
+
+    def load_trainable_state_dict(self, state) -> None:
+        super().load_trainable_state_dict(state)
+        self._eval_class_features = None
+
+    def train(self, mode: bool = True):
+        self._eval_class_features = None  # weights may change between evaluation passes
+        return super().train(mode)

@@ -1,0 +1,251 @@
+"""LoRA on CLIP's attention (CLIP-LoRA, Zanella & Ben Ayed, CVPRW'24), injected with peft.
+
+Design choice (why not peft's own nn.MultiheadAttention LoRA): open_clip's blocks use
+`nn.MultiheadAttention`, whose q/k/v share one packed `in_proj_weight`. peft's MHA LoRA cannot adapt
+q without k and v, and it merges the full weight delta into that packed matrix on every forward,
+which costs a (3d x d) weight rebuild per layer per step. Instead each adapted block's attention is
+swapped for `SplitAttention`: the same computation with q/k/v/out as separate `nn.Linear` layers
+(weights copied exactly), which peft's plain Linear LoRA wraps. LoRA then only adds a rank-r side
+path x·Aᵀ·Bᵀ, so a step costs about as much as the frozen forward + backward. Merging folds
+B·A·scale into each Linear (peft's `merge`) and packs q/k/v back into an `nn.MultiheadAttention`,
+so the merged model has open_clip's own state_dict keys and loads with plain open_clip.
+
+Classification: image features against class text features from the (adapted) text tower, averaged
+over the run's templates exactly like the zero-shot classifier; the text side is encoded once per
+step (and once per evaluation when it is frozen or not training).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cliptune.errors import CliptuneError
+from cliptune.methods.base import Method, MethodConfig
+from cliptune.zeroshot import class_prompts
+
+TOWERS = ("vision", "text")
+TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class LoRAConfig(MethodConfig):
+    lora_r: int = 2  # rank of each update B·A
+    lora_alpha: float = 1.0  # the update is scaled by alpha / r
+    lora_dropout: float = 0.25  # dropout on the LoRA branch's input (training only)
+    lora_towers: str = "vision,text"  # comma list of: vision, text
+    lora_targets: str = "q,k,v"  # comma list of: q, k, v, out
+    lora_layers: Union[str, int] = "all"  # "all", or block indices / ranges such as "6-11" or "0,2,4-5"
+
+
+def _comma_list(value: str, allowed, key: str) -> List[str]:
+    items = [item.strip() for item in str(value).split(",") if item.strip()]
+    bad = [item for item in items if item not in allowed]
+    if not items or bad:
+        raise CliptuneError(f"lora.{key} must be a comma list of {', '.join(allowed)}, got {value!r}")
+    return list(dict.fromkeys(items))
+
+
+def parse_layers(spec: str, depth: int, tower: str) -> List[int]:
+    """Block indices from "all", "6-11", "0,3" or "0-2,5" (inclusive ranges), checked against `depth`."""
+    if str(spec).strip().lower() == "all":
+        return list(range(depth))
+    indices = []
+    try:
+        for part in str(spec).split(","):
+            first, _, last = part.strip().partition("-")
+            indices += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise CliptuneError(f"lora.lora_layers must be 'all' or indices/ranges like '6-11' or '0,2', got {spec!r}") from None
+    if not indices or min(indices) < 0 or max(indices) >= depth:
+        raise CliptuneError(f"lora.lora_layers {spec!r} is out of range for the {tower} tower ({depth} blocks: 0-{depth - 1})")
+    return sorted(set(indices))
+
+
+def _float_mask(attn_mask: Optional[torch.Tensor], batch: int, heads: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """nn.MultiheadAttention's mask conventions (bool True = blocked; 3-D = per batch·head) for SDPA."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(attn_mask, float("-inf"))
+    if attn_mask.dim() == 3:
+        attn_mask = attn_mask.view(batch, heads, *attn_mask.shape[-2:])
+    return attn_mask.to(dtype)
+
+
+class SplitAttention(nn.Module):
+    """`nn.MultiheadAttention` with separate q/k/v/out Linear layers, so peft can adapt each one."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        if not isinstance(mha, nn.MultiheadAttention) or not mha._qkv_same_embed_dim or mha.bias_k is not None:
+            raise CliptuneError(f"LoRA needs open_clip's standard attention blocks, found {type(mha).__name__}")
+        dim, bias = mha.embed_dim, mha.in_proj_bias is not None
+        self.num_heads, self.dropout, self.batch_first = mha.num_heads, mha.dropout, mha.batch_first
+        weight = mha.in_proj_weight.detach()
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim, bias=bias, **factory) for _ in range(3))
+        self.out_proj = nn.Linear(dim, dim, bias=mha.out_proj.bias is not None, **factory)
+        with torch.no_grad():
+            for index, linear in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+                linear.weight.copy_(weight[index * dim : (index + 1) * dim])
+                if bias:
+                    linear.bias.copy_(mha.in_proj_bias[index * dim : (index + 1) * dim])
+            self.out_proj.weight.copy_(mha.out_proj.weight)
+            if mha.out_proj.bias is not None:
+                self.out_proj.bias.copy_(mha.out_proj.bias)
+        self.requires_grad_(False)
+
+    def forward(self, query, key, value, need_weights: bool = False, attn_mask: Optional[torch.Tensor] = None):
+        """Same call and result as open_clip's `self.attn(q, k, v, need_weights=False, attn_mask=...)`."""
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        batch, length, dim = query.shape
+        heads = self.num_heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, heads, dim // heads).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(query)), split(self.k_proj(key)), split(self.v_proj(value))
+        mask = _float_mask(attn_mask, batch, heads, q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def to_multihead(self) -> nn.MultiheadAttention:
+        """Pack the (merged) plain Linear layers back into open_clip's `nn.MultiheadAttention` layout."""
+        weight = self.q_proj.weight
+        dim = weight.shape[1]
+        mha = nn.MultiheadAttention(dim, self.num_heads, dropout=self.dropout, bias=self.q_proj.bias is not None,
+                                    batch_first=self.batch_first, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            mha.in_proj_weight.copy_(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+            if mha.in_proj_bias is not None:
+                mha.in_proj_bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
+            mha.out_proj.weight.copy_(self.out_proj.weight)
+            if mha.out_proj.bias is not None:
+                mha.out_proj.bias.copy_(self.out_proj.bias)
+        return mha.requires_grad_(False)
+
+
+class LoRA(Method):
+    name = "lora"
+    config_class = LoRAConfig
+    uses_image_features = False  # per instance: True when only the text tower is adapted
+    class_specific = False
+    export_formats = ("merged", "adapter")
+
+    def __init__(self, model, classnames, templates, config: LoRAConfig, descriptions=None):
+        super().__init__(model, classnames, templates, config, descriptions)
+        from peft import LoraConfig, inject_adapter_in_model
+
+        if int(config.lora_r) < 1 or config.lora_alpha <= 0 or not 0 <= config.lora_dropout < 1:
+            raise CliptuneError("lora needs lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
+        towers = _comma_list(config.lora_towers, TOWERS, "lora_towers")
+        targets = [TARGETS[t] for t in _comma_list(config.lora_targets, tuple(TARGETS), "lora_targets")]
+        self.uses_image_features = "vision" not in towers
+        self.text_adapted = "text" in towers
+        paths = {id(module): name for name, module in self.clip.named_modules()}
+        target_modules = []
+        for tower in towers:
+            blocks = model.image.blocks if tower == "vision" else model.text.blocks
+            for index in parse_layers(config.lora_layers, len(blocks), tower):
+                block = blocks[index]
+                block.attn = SplitAttention(block.attn)
+                target_modules += [f"{paths[id(block)]}.attn.{target}" for target in targets]
+        self.peft_config = LoraConfig(r=int(config.lora_r), lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                      target_modules=target_modules, bias="none")
+        inject_adapter_in_model(self.peft_config, self.clip, adapter_name=ADAPTER_NAME)
+        for name, parameter in self.clip.named_parameters():
+            parameter.requires_grad_(".lora_" in name)
+        self._text_cache: Optional[torch.Tensor] = None
+        self.set_classes(classnames)
+
+    # ----- classification -----
+    def set_classes(self, classnames) -> None:
+        super().set_classes(classnames)
+        prompts = [p for name in self.classnames for p in class_prompts(name, self.templates)]
+        self.register_buffer("prompt_tokens", self.model.text.tokenize(prompts), persistent=False)
+        self._text_cache = None
+
+    def class_features(self) -> torch.Tensor:
+        """(classes, dim) unit-norm class embeddings, computed like `zeroshot_weights` (but differentiable)."""
+        if self._text_cache is not None:
+            return self._text_cache
+        trainable = self.training and self.text_adapted and torch.is_grad_enabled()
+        with torch.set_grad_enabled(trainable):
+            text = self.model.text
+            chunks = self.prompt_tokens.split(len(self.prompt_tokens) if trainable else 256)
+            features = torch.cat([text.encode(chunk, normalize=True) for chunk in chunks])
+            features = F.normalize(features.view(len(self.classnames), len(self.templates), -1).mean(dim=1), dim=-1)
+        if not trainable:  # frozen (or evaluating): encode once, reuse until training resumes
+            self._text_cache = features
+        return features
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        image = inputs if self.uses_image_features else self.model.image.encode(inputs, normalize=False)
+        text = self.class_features()
+        return self.model.logit_scale * F.normalize(image, dim=-1) @ text.to(image.dtype).T
+
+    def train(self, mode: bool = True):
+        """Frozen towers stay in eval mode, but the LoRA dropout follows `mode`."""
+        super().train(mode)
+        for module in self._lora_layers(self.clip):
+            module.lora_dropout.train(mode)
+        if self.text_adapted:
+            self._text_cache = None
+        return self
+
+    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        super().load_trainable_state_dict(state)
+        self._text_cache = None
+
+    # ----- merge and adapter export -----
+    @staticmethod
+    def _lora_layers(module: nn.Module):
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in module.modules() if isinstance(m, LoraLayer)]
+
+    def merged_clip(self) -> nn.Module:
+        """A copy of the CLIP model with every LoRA update merged in, in open_clip's own module layout."""
+        from peft.tuners.lora import LoraLayer
+
+        clip = copy.deepcopy(self.clip)
+        for name, module in list(clip.named_modules()):
+            if isinstance(module, LoraLayer):
+                module.merge(safe_merge=True)
+                parent_name, _, child = name.rpartition(".")
+                setattr(clip.get_submodule(parent_name), child, module.get_base_layer())
+        for module in clip.modules():
+            if isinstance(getattr(module, "attn", None), SplitAttention):
+                module.attn = module.attn.to_multihead()
+        del clip.peft_config
+        return clip.eval()
+
+    def merged_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The full open_clip state_dict with LoRA merged (what `export --format merged` writes)."""
+        return {key: value.detach().clone().contiguous() for key, value in self.merged_clip().state_dict().items()}
+
+    def adapter_state_dict(self) -> Dict[str, torch.Tensor]:
+        """LoRA weights in peft's `save_pretrained` layout (adapter name stripped from the keys)."""
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.clip, adapter_name=ADAPTER_NAME)
+        return {key: value.detach().clone().contiguous() for key, value in state.items()}
+
+    def load_adapter_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        expected = set(self.adapter_state_dict())
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise CliptuneError(f"adapter does not match this run's LoRA layout: missing {missing[:2]}, unexpected {unexpected[:2]}")
+        set_peft_model_state_dict(self.clip, state, adapter_name=ADAPTER_NAME)
+        self._text_cache = None

@@ -1,0 +1,86 @@
+"""MaPLe (Khattak et al., CVPR'23): coupled language and vision prompts in the early layers of both towers.
+
+Language prompts: the context of the class prompts at the input (as in CoOp) plus, for each layer
+1 .. depth-1, a new set of n_ctx tokens that replaces the previous layer's prompt tokens. Vision
+prompts are not free parameters: each layer's are produced from that layer's language prompts by a
+coupling function (one Linear text-width -> vision-width per layer), which ties the two branches.
+Both towers stay frozen; the image tower runs with its prompts, so this method takes images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cliptune.errors import CliptuneError
+from cliptune.methods.base import Method, MethodConfig
+from cliptune.methods.prompts import ClassPrompts, EvalCache, initial_context
+
+
+@dataclass
+class MaPLeConfig(MethodConfig):
+    n_ctx: int = 2
+    ctx_init: str = "a photo of a"  # the input context starts as the first n_ctx tokens of this phrase
+    prompt_depth: int = 9  # layers carrying prompts (input layer included); capped at the towers' depth
+
+
+class MaPLe(Method):
+    name = "maple"
+    config_class = MaPLeConfig
+    uses_image_features = False
+
+    def __init__(self, model, classnames, templates, config: MaPLeConfig, descriptions=None):
+        super().__init__(model, classnames, templates, config, descriptions)
+        text, image = model.text, model.image
+        if config.prompt_depth < 1:
+            raise CliptuneError(f"maple.prompt_depth must be at least 1, got {config.prompt_depth}")
+        self.depth = min(config.prompt_depth, len(text.blocks), len(image.blocks))
+        ctx_init = config.ctx_init.strip()
+        self.prompts = ClassPrompts(text, self.classnames, config.n_ctx, ctx_init)
+        device = text.device
+        self.ctx = nn.Parameter(initial_context(text, config.n_ctx, ctx_init).to(device))
+        self.deep_text = nn.ParameterList(
+            [nn.Parameter(torch.randn(config.n_ctx, text.width, device=device) * 0.02) for _ in range(self.depth - 1)]
+        )
+        self.couplings = nn.ModuleList([nn.Linear(text.width, image.width) for _ in range(self.depth)]).to(device)
+        self.register_buffer("scale", model.logit_scale.detach().clone())
+        self._cache = EvalCache()
+
+    def language_prompts(self) -> List[torch.Tensor]:
+        """Per prompted layer (input first), its (n_ctx, text width) language prompt."""
+        return [self.ctx, *self.deep_text]
+
+    def vision_prompts(self) -> List[torch.Tensor]:
+        """Per prompted layer, its (n_ctx, vision width) prompt, coupled to the language prompt."""
+        return [couple(prompt) for couple, prompt in zip(self.couplings, self.language_prompts())]
+
+    def set_classes(self, classnames) -> None:
+        super().set_classes(classnames)
+        self.prompts.set_classes(self.classnames)
+
+    def _encode_text(self) -> torch.Tensor:
+        deep, n = self.language_prompts()[1:], self.config.n_ctx
+
+        def replace_prompts(index: int, x: torch.Tensor) -> torch.Tensor:
+            if not 0 < index <= len(deep):
+                return x
+            prompt = deep[index - 1].to(x.dtype).expand(x.shape[0], -1, -1)
+            return torch.cat([x[:, :1], prompt, x[:, 1 + n :]], dim=1)
+
+        return F.normalize(self.prompts.encode(self.ctx, replace_prompts), dim=-1)
+
+    def text_features(self) -> torch.Tensor:
+        """(classes, dim) unit-norm text features of the prompted text tower."""
+        return self._cache.get(self, self.prompts, self._encode_text)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(batch, dim) unit-norm features of the prompted image tower."""
+        return self.model.image.encode_prompted(images, self.vision_prompts())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        text = self.text_features()
+        return self.scale * self.image_features(images).to(text.dtype) @ text.T

@@ -1,0 +1,133 @@
+"""Class prompts with learnable context, shared by CoOp, CoCoOp and MaPLe.
+
+A class prompt is the token sequence of "<context> <classname>." whose context positions hold learned
+vectors instead of word embeddings: [SOS] [ctx_1 .. ctx_n] [class tokens] [.] [EOT] [pad ...]. The
+token ids of that text (placeholder "X"s, or the init phrase) are kept for pooling, so the text tower
+still pools at the real end token once the context is inserted.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from cliptune.errors import CliptuneError
+from cliptune.towers import TextTower
+
+POSITIONS = ("end", "middle", "front")
+
+
+def phrase_length(text: TextTower, phrase: str) -> int:
+    """Number of tokens of `phrase` (without start/end tokens)."""
+    ids = text.tokenize([phrase])[0]
+    return int((ids != getattr(text.owner, "pad_id", 0)).sum()) - 2
+
+
+@torch.no_grad()
+def initial_context(text: TextTower, n_ctx: int, ctx_init: str = "") -> torch.Tensor:
+    """(n_ctx, width) start vectors: the embeddings of the first n_ctx tokens of `ctx_init`, else N(0, 0.02)."""
+    if ctx_init:
+        available = phrase_length(text, ctx_init)
+        if n_ctx > available:
+            raise CliptuneError(f"ctx_init {ctx_init!r} has {available} tokens, fewer than n_ctx={n_ctx}")
+        return text.embed_tokens(text.tokenize([ctx_init]))[0, 1 : 1 + n_ctx].float().clone()
+    return torch.randn(n_ctx, text.width) * 0.02
+
+
+class ClassPrompts(nn.Module):
+    """Frozen token embeddings around the context slots of every class prompt (non-persistent buffers).
+
+    `position` places the class tokens after ("end"), inside ("middle") or before ("front") the
+    context, as in CoOp; the sequence length and end-token position do not change.
+    """
+
+    def __init__(self, text: TextTower, classnames: Sequence[str], n_ctx: int, ctx_init: str = "", position: str = "end"):
+        super().__init__()
+        if n_ctx < 1:
+            raise CliptuneError(f"n_ctx must be at least 1, got {n_ctx}")
+        if position not in POSITIONS:
+            raise CliptuneError(f"class_token_position must be one of {', '.join(POSITIONS)}, got {position!r}")
+        self.text = text
+        self.n_ctx = n_ctx
+        self.ctx_init = ctx_init
+        self.position = position
+        self.set_classes(classnames)
+
+    @torch.no_grad()
+    def set_classes(self, classnames: Sequence[str]) -> None:
+        text, n = self.text, self.n_ctx
+        lead = self.ctx_init or " ".join(["X"] * n)
+        name_lengths = [phrase_length(text, name) for name in classnames]
+        longest = max(range(len(classnames)), key=name_lengths.__getitem__)
+        if phrase_length(text, lead) + name_lengths[longest] + 3 > text.context_length:
+            raise CliptuneError(
+                f"the prompt for class '{classnames[longest]}' does not fit the text context of "
+                f"{text.context_length} tokens after {n} context tokens; use a smaller n_ctx"
+            )
+        token_ids = text.tokenize([f"{lead} {name}." for name in classnames])
+        embeddings = text.embed_tokens(token_ids)
+        self.register_buffer("token_ids", token_ids, persistent=False)
+        self.register_buffer("prefix", embeddings[:, :1].clone(), persistent=False)
+        self.register_buffer("suffix", embeddings[:, 1 + n :].clone(), persistent=False)
+        order = None
+        if self.position != "end":  # positions of the "end" layout, per class, in the wanted layout
+            rows = []
+            length = token_ids.shape[1]
+            for m in name_lengths:
+                ctx, name, rest = list(range(1, 1 + n)), list(range(1 + n, 1 + n + m)), list(range(1 + n + m, length))
+                half = n // 2
+                middle = ctx[:half] + name + ctx[half:] if self.position == "middle" else name + ctx
+                rows.append([0] + middle + rest)
+            order = torch.tensor(rows, device=token_ids.device)
+        self.register_buffer("order", order, persistent=False)
+
+    def __len__(self) -> int:
+        return self.token_ids.shape[0]
+
+    def assemble(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings (*batch, classes, tokens, width) from context (*batch, classes or 1, n_ctx, width) or (n_ctx, width)."""
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0)
+        lead = ctx.shape[:-3]
+        classes, width = len(self), self.prefix.shape[-1]
+        ctx = ctx.expand(*lead, classes, self.n_ctx, width).to(self.prefix.dtype)
+        prefix = self.prefix.expand(*lead, classes, 1, width)
+        suffix = self.suffix.expand(*lead, classes, self.suffix.shape[1], width)
+        prompts = torch.cat([prefix, ctx, suffix], dim=-2)
+        if self.order is not None:
+            index = self.order.unsqueeze(-1).expand(*lead, classes, self.order.shape[1], width)
+            prompts = prompts.gather(-2, index)
+        return prompts
+
+    def encode(self, ctx: torch.Tensor, layer_hook=None) -> torch.Tensor:
+        """Unnormalised text features (*batch, classes, dim) of the prompts built from `ctx`."""
+        prompts = self.assemble(ctx)
+        lead = prompts.shape[:-3]
+        flat = prompts.reshape(-1, *prompts.shape[-2:])
+        token_ids = self.token_ids.expand(*lead, *self.token_ids.shape).reshape(-1, self.token_ids.shape[1])
+        features = self.text.encode_embeddings(flat, token_ids, layer_hook)
+        return features.reshape(*lead, len(self), -1)
+
+
+class EvalCache:
+    """Class text features are the same for every batch at evaluation: compute them once per parameter state.
+
+    Training (or any call with gradients on) always recomputes. The key changes whenever a trained
+    parameter is updated in place (version counter) or moved, or the class prompts are rebuilt.
+    """
+
+    def __init__(self):
+        self.key: Optional[tuple] = None
+        self.value: Optional[torch.Tensor] = None
+
+    def get(self, method: nn.Module, prompts: ClassPrompts, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if method.training or torch.is_grad_enabled():
+            return compute()
+        key = (prompts.token_ids.data_ptr(), len(prompts)) + tuple(
+            (p.data_ptr(), p._version) for p in method.parameters() if p.requires_grad
+        )
+        if key != self.key:
+            self.key, self.value = key, compute()
+        return self.value

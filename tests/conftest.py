@@ -1,0 +1,29 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import TINY_CONFIG, make_imagefolder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> str:
+    return str(TINY_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def colour_data(tmp_path_factory) -> Path:
+    """Three colour classes, no split folders: exercises the seeded stratified split."""
+    return make_imagefolder(tmp_path_factory.mktemp("colours"), per_class=12)
+
+
+@pytest.fixture(scope="session")
+def split_data(tmp_path_factory) -> Path:
+    """Four classes with train/val/test folders."""
+    classes = ("Tomato___Late_blight", "Tomato___healthy", "Corn_(maize)___Common_rust", "Grape___Black_rot")
+    return make_imagefolder(tmp_path_factory.mktemp("leaves"), classes=classes, per_class=8, splits=True)

@@ -1,0 +1,156 @@
+"""The shared training loop: equivalences, determinism, resume, augmentation caching, torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from cliptune import api
+from cliptune.config import build_config
+from cliptune.data import eval_transform, load_imagefolder
+from cliptune.engine import Trainer
+from cliptune.errors import InterruptedRun
+from cliptune.features import image_features
+from cliptune.methods import build_method
+from cliptune.models import load_model
+from cliptune.zeroshot import zeroshot_weights
+
+
+def _config(data, tiny_config, **values):
+    base = {"data": str(data), "model_config": tiny_config, "epochs": 3, "lr": 0.05, "batch_size": 8}
+    base.update(values)
+    return build_config(None, base)
+
+
+def test_linear_probe_starts_as_the_zeroshot_classifier(tiny_config, colour_data):
+    model = load_model(model_config=tiny_config)
+    data = load_imagefolder(colour_data)
+    templates = ["a photo of a {}.", "a {} thing."]
+    method = build_method("linear-probe", model, data.classnames, templates)
+    features = image_features(model, data.splits["test"], eval_transform(model.image_size, model.mean, model.std))
+    expected = model.logit_scale * F.normalize(features, dim=-1) @ zeroshot_weights(model.text, data.classnames, templates).T
+    assert torch.allclose(method(features), expected, atol=1e-5)
+
+
+def test_finetune_metrics_and_run_folder(tiny_config, colour_data, tmp_path):
+    metrics = api.finetune(_config(colour_data, tiny_config, epochs=8), tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.json", "log.txt", "checkpoints/best/method.safetensors", "checkpoints/best/method.json"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["method"] == "linear-probe" and saved["classes"] == ["blue_sky", "green_leaf", "red_apple"]
+    for block in ("test", "zeroshot"):
+        assert 0 <= saved[block]["top1"] <= saved[block]["top5"] <= 1 and saved[block]["n"] == 6
+    assert set(saved["test"]["per_class"]) == set(saved["classes"])
+    assert saved["train"]["epochs"] == 8 and saved["train"]["images_seen"] == 8 * 27
+    assert saved["train"]["trainable_params"] == 3 * 32 + 3
+    # colours are trivially separable: the probe must learn them, while a random model's zero-shot cannot
+    assert saved["test"]["top1"] == 1.0 > saved["zeroshot"]["top1"]
+    assert metrics == saved
+
+
+def test_frozen_backbone_is_bit_identical(tiny_config, colour_data, tmp_path):
+    config = _config(colour_data, tiny_config)
+    accelerator = api.make_accelerator()
+    session = api.Session.open(config, accelerator)
+    before = {k: v.clone() for k, v in session.model.clip.state_dict().items()}
+    method = build_method("linear-probe", session.model, session.data.classnames, session.templates)
+    head_before = method.head.weight.detach().clone()
+    Trainer(method, config, None, accelerator).fit(session.inputs("train", True, train=True), None, session.data.classes)
+    for key, value in session.model.clip.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not torch.equal(method.head.weight, head_before)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lion"])
+def test_other_optimizers_train(tiny_config, colour_data, tmp_path, optimizer):
+    metrics = api.finetune(_config(colour_data, tiny_config, optimizer=optimizer, epochs=6, lr=0.01 if optimizer == "lion" else 0.5), tmp_path / optimizer)
+    assert metrics["train"]["history"][-1]["loss"] < metrics["train"]["history"][0]["loss"]
+
+
+def test_training_is_deterministic(tiny_config, colour_data, tmp_path):
+    a = api.finetune(_config(colour_data, tiny_config, aug_views=2), tmp_path / "a")
+    b = api.finetune(_config(colour_data, tiny_config, aug_views=2), tmp_path / "b")
+    assert a["train"]["history"] == b["train"]["history"]
+    assert a["test"] == b["test"]
+
+
+def test_aug_views_are_cached_once_and_drawn_per_epoch(tiny_config, colour_data, tmp_path, monkeypatch):
+    model = load_model(model_config=tiny_config)
+    data = load_imagefolder(colour_data)
+    config = _config(colour_data, tiny_config, aug_views=3)
+    session = api.Session(config, model, data, ["a {}."], api.make_accelerator(), tmp_path)
+    views = session.features("train", augmented=True)
+    assert views.shape[:2] == (3, len(data.splits["train"]))
+    assert not torch.allclose(views[0], views[1])  # views differ: augmentation is not dropped
+    calls = []
+    monkeypatch.setattr("cliptune.features._encode", lambda *a, **k: calls.append(1))
+    import cliptune.features as features
+
+    features._MEMORY.clear()
+    again = session.features("train", augmented=True)  # from the on-disk cache, no re-encoding
+    assert not calls and torch.equal(again, views)
+    trainer = Trainer(None, config, None, session.accelerator)
+    inputs = session.inputs("train", True, train=True)
+    assert not torch.equal(trainer._view_choice(inputs, 0), trainer._view_choice(inputs, 1))
+
+
+def test_resume_after_interrupt_gives_the_same_result(tiny_config, colour_data, tmp_path, monkeypatch):
+    config = _config(colour_data, tiny_config, epochs=4, batch_size=4, aug_views=2)
+    reference = api.finetune(config, tmp_path / "straight")
+
+    original = Trainer._local_batches
+    state = {"count": 0}
+
+    def interrupting(self, *args):
+        for item in original(self, *args):
+            state["count"] += 1
+            if state["count"] == 9:  # in the second epoch (6 steps per epoch)
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(Trainer, "_local_batches", interrupting)
+    with pytest.raises(InterruptedRun):
+        api.finetune(config, tmp_path / "interrupted")
+    assert not (tmp_path / "interrupted" / "metrics.json").exists()
+    monkeypatch.setattr(Trainer, "_local_batches", original)
+    resumed = api.finetune(None, tmp_path / "interrupted", resume=True)
+    assert resumed["test"] == reference["test"]
+    assert [round(h["loss"], 6) for h in resumed["train"]["history"]] == [round(h["loss"], 6) for h in reference["train"]["history"]]
+    a = load_file(str(tmp_path / "straight/checkpoints/best/method.safetensors"))
+    b = load_file(str(tmp_path / "interrupted/checkpoints/best/method.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_bf16_mixed_precision_runs_on_cpu(tiny_config, colour_data, tmp_path):
+    metrics = api.finetune(_config(colour_data, tiny_config, mixed_precision="bf16", epochs=2), tmp_path / "bf16")
+    assert 0 <= metrics["test"]["top1"] <= 1
+
+
+def test_torchrun_two_processes_match_one(tiny_config, colour_data, tmp_path):
+    args = ["finetune", "--data", str(colour_data), "--model-config", tiny_config, "--epochs", "3",
+            "--lr", "0.05", "--batch-size", "8", "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "cliptune", "--quiet",
+                          *args[:-1], "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "cliptune", "--quiet", *args[:-1], "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    m2 = json.loads((tmp_path / "two/metrics.json").read_text())
+    m1 = json.loads((tmp_path / "one/metrics.json").read_text())
+    assert (m2["processes"], m1["processes"]) == (2, 1)
+    assert m2["test"]["top1"] == m1["test"]["top1"] and m2["test"]["per_class"] == m1["test"]["per_class"]
+    assert m2["test"]["nll"] == pytest.approx(m1["test"]["nll"], abs=1e-5)
+    for h2, h1 in zip(m2["train"]["history"], m1["train"]["history"]):
+        assert h2["loss"] == pytest.approx(h1["loss"], abs=1e-5)
+    w2 = load_file(str(tmp_path / "two/checkpoints/best/method.safetensors"))
+    w1 = load_file(str(tmp_path / "one/checkpoints/best/method.safetensors"))
+    assert all(torch.allclose(w2[k], w1[k], atol=1e-5) for k in w1)
