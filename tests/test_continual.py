@@ -1,0 +1,131 @@
+"""Continual learning: distillation and averaging maths, MTIL metrics, and the task loop end to end."""
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cliptune import api
+from cliptune.cli import cli
+from cliptune.config import build_config
+from cliptune.continual import (ContinualLearner, WeightAverage, continual, distillation_kl, feature_distillation,
+                                mtil_metrics, reference_texts)
+from cliptune.engine import Trainer
+from cliptune.errors import InterruptedRun
+from cliptune.methods import build_method
+from cliptune.models import load_model
+
+
+def test_distillation_is_zero_iff_student_equals_teacher():
+    logits = torch.randn(5, 7)
+    assert distillation_kl(logits, logits.clone()).item() == 0.0
+    assert distillation_kl(logits, logits + torch.randn(5, 7)).item() > 0
+    images, texts = torch.randn(4, 8), torch.randn(6, 8)
+    image_side, text_side = feature_distillation(images, texts, images.clone(), texts.clone(), scale=10.0)
+    assert image_side.item() == 0.0 and text_side.item() == 0.0
+    image_side, text_side = feature_distillation(images + 0.5, texts, images, texts, scale=10.0)
+    assert image_side.item() > 0 and text_side.item() > 0
+
+
+def test_weight_average_of_one_and_two_snapshots():
+    a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}
+    average = WeightAverage()
+    average.add(a)
+    assert torch.equal(average.mean["w"], a["w"])
+    average.add(b)
+    assert torch.equal(average.mean["w"], torch.tensor([2.0, 4.0]))
+
+
+def test_mtil_metrics_on_a_hand_made_matrix():
+    acc = [[0.9, 0.2, 0.3],
+           [0.8, 0.7, 0.4],
+           [0.6, 0.5, 0.9]]
+    metrics = mtil_metrics(acc)
+    assert metrics["transfer"] == pytest.approx(((0.2) + (0.3 + 0.4) / 2) / 2)
+    assert metrics["avg"] == pytest.approx(sum(map(sum, acc)) / 9)
+    assert metrics["last"] == pytest.approx((0.6 + 0.5 + 0.9) / 3)
+
+
+def test_bundled_reference_texts():
+    texts = reference_texts(None)
+    assert len(texts) >= 990 and "goldfish" in texts and len(set(texts)) == len(texts)
+
+
+@pytest.mark.parametrize("strategy", ["lwf", "lwf-vr", "zscl"])
+def test_regulariser_is_zero_before_training(tiny_config, split_data, strategy):
+    model = load_model(model_config=tiny_config)
+    teacher = dataclasses.replace(model, clip=copy.deepcopy(model.clip))
+    config = build_config(None, {"data": str(split_data), "model_config": tiny_config, "method": "full", "batch_size": 4})
+    method = build_method("full", model, ["tomato", "corn"], ["a photo of a {}."])
+    references = sorted((split_data / "val").rglob("*.png"))
+    learner = ContinualLearner(method, strategy, config, teacher, references, ["cat", "dog", "leaf", "car"]).train()
+    images = torch.randn(3, 3, 32, 32)
+    learner(images)
+    assert learner._regulariser is not None
+    assert learner._regulariser.abs().item() < 1e-6
+
+
+def _continual_config(split_data, colour_data, tiny_config, strategy, **extra):
+    values = {"model_config": tiny_config, "method": "full", "strategy": strategy, "epochs": 1, "lr": 1e-3,
+              "batch_size": 8, "tasks": [f"{split_data}:Corn_(maize)___Common_rust,Grape___Black_rot",
+                                          f"{split_data}:Tomato___Late_blight,Tomato___healthy"],
+              "controls": [str(colour_data)], "reference": str(split_data / "val"), "avg_every": 2}
+    values.update(extra)
+    return build_config(None, values)
+
+
+def test_continual_run_writes_matrix_plot_and_metrics(tiny_config, split_data, colour_data, tmp_path):
+    result = continual(_continual_config(split_data, colour_data, tiny_config, "zscl"), tmp_path / "zscl")
+    saved = json.loads((tmp_path / "zscl" / "continual.json").read_text())
+    assert saved == result
+    assert len(saved["tasks"]) == 2 and len(saved["acc"]) == 2 and all(len(r) == 2 for r in saved["acc"])
+    assert len(saved["control_acc"]) == 2 and len(saved["control_acc"][0]) == 1 and len(saved["zeroshot"]) == 2
+    assert saved["transfer"] == pytest.approx(saved["acc"][0][1])
+    assert (tmp_path / "zscl" / "continual.png").stat().st_size > 1000
+
+
+def test_wise_strategy_with_alpha_zero_keeps_the_initial_model(tiny_config, split_data, colour_data, tmp_path):
+    result = continual(_continual_config(split_data, colour_data, tiny_config, "wise", wise_alpha=0.0), tmp_path / "w")
+    assert result["acc"][-1] == pytest.approx(result["zeroshot"], abs=1e-6)
+    assert result["control_acc"][-1] == pytest.approx(result["zeroshot_control"], abs=1e-6)
+
+
+def test_resume_continues_after_the_last_finished_task(tiny_config, split_data, colour_data, tmp_path, monkeypatch):
+    config = _continual_config(split_data, colour_data, tiny_config, "lwf")
+    straight = continual(config, tmp_path / "straight")
+    original = Trainer.fit
+    calls = {"n": 0}
+
+    def fit_then_interrupt(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise InterruptedRun("interrupted in task 2")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", fit_then_interrupt)
+    with pytest.raises(InterruptedRun):
+        continual(config, tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "continual.json").exists()
+    monkeypatch.setattr(Trainer, "fit", original)
+    resumed = continual(None, tmp_path / "resumed", resume=True)
+    for row_resumed, row_straight in zip(resumed["acc"], straight["acc"]):
+        assert row_resumed == pytest.approx(row_straight, abs=1e-6)
+    assert len(resumed["acc"]) == 2
+
+
+def test_continual_cli_errors_and_defaults(tiny_config, split_data, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["continual", "--model-config", tiny_config, "--strategy", "zscl",
+                                 "--task", str(split_data), "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "zscl needs reference images" in result.output
+    result = runner.invoke(cli, ["continual", "--model-config", tiny_config, "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "no tasks given" in result.output
+    result = runner.invoke(cli, ["continual", "--model-config", tiny_config, "--task", f"{split_data}:nope",
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "no class folder 'nope'" in result.output
+    result = runner.invoke(cli, ["continual", "--model-config", tiny_config, "--task", str(split_data),
+                                 "--method", "linear-probe", "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "use --method" in result.output
