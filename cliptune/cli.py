@@ -12,6 +12,7 @@ import click
 from cliptune import api
 from cliptune.config import build_config
 from cliptune.errors import CliptuneError
+from cliptune.export import FORMATS, export_run
 
 log = logging.getLogger("cliptune")
 
@@ -62,6 +63,7 @@ def _setup_logging(quiet: bool) -> None:
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
     console.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False  # libraries may configure the root logger; do not print twice
 
 
 @click.group(cls=CliptuneGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -198,9 +200,10 @@ def finetune(recipe, set_values, out, resume, overwrite, **options):
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
 @click.option("--classnames", type=click.Path(), help="Class names YAML for --data.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
-def eval_command(run, data, split, classnames, as_json):
+@click.option("--adapter", type=click.Path(), help="Evaluate an adapter folder from `cliptune export --format adapter` instead of the run's best weights.")
+def eval_command(run, data, split, classnames, as_json, adapter):
     """Evaluate a finished run's best weights (also on a dataset with other classes)."""
-    report = api.evaluate_run(run, data, split, classnames)
+    report = api.evaluate_run(run, data, split, classnames, adapter=adapter)
     result = report[split]
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -220,6 +223,88 @@ def wise(run, data, alphas):
     for alpha, val, test in zip(result["alphas"], result["val_top1"], result["test_top1"]):
         click.echo(f"alpha {alpha:.2f}: val top-1 {val:.4f}  test top-1 {test:.4f}")
     click.echo(f"best alpha (on val): {result['best_alpha']:g}")
+
+
+@cli.command("export")
+@click.argument("run", type=click.Path())
+@click.option("--format", "fmt", required=True, type=click.Choice(FORMATS),
+              help="merged: whole open_clip model with the method merged (.safetensors); adapter: peft adapter folder.")
+@click.option("--output", required=True, type=click.Path(), help="File (merged) or folder (adapter) to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
+@click.option("--wise-alpha", type=float, help="merged only: write the WiSE-FT mixture (1-A)*zero-shot + A*fine-tuned.")
+def export_command(run, fmt, output, overwrite, wise_alpha):
+    """Export a finished run's best weights for use outside cliptune."""
+    path = export_run(run, fmt, output, overwrite=overwrite, wise_alpha=wise_alpha)
+    click.echo(f"wrote {fmt} export to {path}")
+
+
+@cli.command()
+@model_options
+@click.option("--task", "tasks", multiple=True, help="Task ImageFolder (repeat, in order); DIR:class,class selects classes.")
+@click.option("--control", "controls", multiple=True, help="Control ImageFolder evaluated zero-shot after each task (repeat).")
+@click.option("--reference", help="Reference images for zscl (any folder of images, unlabelled).")
+@click.option("--reference-texts", type=click.Path(), help="Reference phrases, one per line [bundled ~1,000 concept names].")
+@click.option("--strategy", help="naive | lwf | lwf-vr | zscl | wise [naive]")
+@click.option("--method", help="full | lora [full]")
+@click.option("--templates", type=click.Path(), help="Prompt templates file.")
+@click.option("--shots", type=int, help="Training images per class of each task.")
+@click.option("--epochs", type=int)
+@click.option("--lr", type=float)
+@click.option("--batch-size", type=int)
+@click.option("--optimizer", help="adamw | sgd | lion")
+@click.option("--seed", type=int)
+@click.option("--distill-image", type=float, help="zscl: weight of the image-side distillation [1.0].")
+@click.option("--distill-text", type=float, help="zscl: weight of the text-side distillation [1.0].")
+@click.option("--avg-every", type=int, help="zscl: weight-average snapshot every N optimizer steps [100].")
+@click.option("--wise-alpha", type=float, help="wise: weight of the fine-tuned model after each task [0.5].")
+@click.option("--recipe", help="Recipe name or YAML path (may hold a 'tasks:' list).")
+@click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+@click.option("--out", required=True, type=click.Path(), help="Run folder to write.")
+@click.option("--resume", is_flag=True, help="Continue after the last finished task.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
+@method_flags
+def continual(recipe, set_values, out, resume, overwrite, tasks, controls, **options):
+    """Learn a sequence of tasks, measuring forgetting and zero-shot transfer (MTIL metrics)."""
+    from cliptune.continual import continual as run_continual
+
+    config = None
+    if not resume:
+        options, method_values = _split_method_values(options)
+        values = _cli_values(**options, tasks=list(tasks) or None, controls=list(controls) or None)
+        if "method" not in values and build_config(recipe, values, list(set_values)).method == "linear-probe":
+            # continual learning needs a mergeable method; its default is full fine-tuning
+            values["method"] = "full"
+        config = build_config(recipe, values, list(set_values), method_values)
+    result = run_continual(config, out, overwrite=overwrite, resume=resume)
+    click.echo(f"{result['strategy']} ({result['method']}): transfer {result['transfer']:.4f}  avg {result['avg']:.4f}  last {result['last']:.4f}")
+    click.echo(f"run folder: {out}  (continual.json, continual.png)")
+
+
+@cli.group()
+def recipes():
+    """List and show the bundled recipes."""
+
+
+@recipes.command("list")
+def recipes_list():
+    """Name, domain, method, model and summary of every bundled recipe."""
+    from cliptune import recipes as recipe_lib
+
+    rows = [recipe_lib.describe(str(path)) for path in recipe_lib.recipe_paths()]
+    columns = ("name", "domain", "method", "model")
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns) + "  SUMMARY")
+    for row in rows:
+        click.echo("  ".join(row[c].ljust(widths[c]) for c in columns) + "  " + row["summary"])
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name):
+    """Print a recipe's YAML (a bundled name or a path)."""
+    from cliptune import recipes as recipe_lib
+
+    click.echo(recipe_lib.show(name), nl=False)
 
 
 @cli.command()

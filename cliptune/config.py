@@ -18,8 +18,8 @@ import yaml
 from cliptune.errors import CliptuneError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
-RECIPE_META_KEYS = ("extends", "name", "domain", "summary", "description")
-PATH_KEYS = ("data", "pretrained", "model_config", "classnames", "templates")
+RECIPE_META_KEYS = ("extends", "name", "domain", "summary", "description", "fallback")
+PATH_KEYS = ("data", "pretrained", "model_config", "classnames", "templates", "reference", "reference_texts", "tasks", "controls")
 
 
 @dataclass
@@ -61,6 +61,18 @@ class RunConfig:
     aug_hflip: bool = True
     aug_color_jitter: float = 0.0
     num_workers: int = 0
+    # continual learning (`cliptune continual`): task/control ImageFolders, optionally `DIR:class,class`
+    tasks: List[str] = field(default_factory=list)
+    controls: List[str] = field(default_factory=list)
+    reference: Optional[str] = None
+    reference_texts: Optional[str] = None
+    strategy: str = "naive"
+    distill_image: float = 1.0
+    distill_text: float = 1.0
+    distill_temperature: float = 2.0
+    avg_every: int = 100
+    wise_alpha: float = 0.5
+    vocab_per_step: int = 64
     # per-method options, keyed by method name
     methods: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
@@ -78,6 +90,7 @@ CONFIG_KEYS = [f.name for f in fields(RunConfig) if f.name != "methods"]
 CHOICES = {
     "optimizer": ("adamw", "sgd", "lion"),
     "mixed_precision": ("no", "fp16", "bf16"),
+    "strategy": ("naive", "lwf", "lwf-vr", "zscl", "wise"),
 }
 
 
@@ -201,6 +214,16 @@ def resolve_recipe_path(name_or_path: str, relative_to: Optional[Path] = None) -
     raise CliptuneError(f"recipe '{name_or_path}' not found (a YAML file path, or one of: {available})")
 
 
+def _relative_to_recipe(value, recipe: Path):
+    """Resolve a relative path (optionally `PATH:class,...`) against the recipe's folder when it exists there."""
+    if not isinstance(value, str) or Path(value).is_absolute():
+        return value
+    head, sep, tail = value.partition(":") if not (recipe.parent / value).exists() else (value, "", "")
+    if (recipe.parent / head).exists():
+        return str((recipe.parent / head).resolve()) + sep + tail
+    return value
+
+
 def read_recipe(name_or_path: str, _seen: Optional[set] = None, relative_to: Optional[Path] = None) -> List[tuple]:
     """Layers of (values, file, key lines), base recipe first, following `extends:`."""
     path = resolve_recipe_path(name_or_path, relative_to)
@@ -218,9 +241,10 @@ def read_recipe(name_or_path: str, _seen: Optional[set] = None, relative_to: Opt
     if not isinstance(values, dict):
         raise CliptuneError(f"recipe {path} must be a mapping of config keys")
     for key in PATH_KEYS:
-        value = values.get(key)
-        if isinstance(value, str) and not Path(value).is_absolute() and (path.parent / value).exists():
-            values[key] = str((path.parent / value).resolve())
+        if key not in values:
+            continue
+        value = values[key]
+        values[key] = [_relative_to_recipe(v, path) for v in value] if isinstance(value, list) else _relative_to_recipe(value, path)
     layers = []
     if values.get("extends"):
         layers += read_recipe(str(values["extends"]), seen, relative_to=path.parent)

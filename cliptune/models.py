@@ -11,7 +11,6 @@ import difflib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from cliptune.errors import CliptuneError
-from cliptune.towers import ImageTower, TextTower
+from cliptune.towers import HFTextTower, ImageTower, TextTower, text_tower
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 log = logging.getLogger("cliptune")
@@ -37,6 +36,9 @@ class ModelSpec:
     model: Optional[str] = None
     pretrained: Optional[str] = None
     model_config: Optional[str] = None
+    # Set when the weights were changed in memory (e.g. after a continual-learning task), so cached
+    # features of the original weights are never reused.
+    revision: Optional[str] = None
 
     @property
     def display_name(self) -> str:
@@ -48,7 +50,7 @@ class ModelSpec:
 
     def fingerprint(self) -> str:
         """Identity used in cache keys: names plus the checkpoint file's size and mtime."""
-        parts = [str(self.display_name), str(self.pretrained), str(self.model_config)]
+        parts = [str(self.display_name), str(self.pretrained), str(self.model_config), str(self.revision)]
         for path in (self.pretrained, self.model_config):
             if path and Path(path).is_file():
                 stat = Path(path).stat()
@@ -69,8 +71,8 @@ class LoadedModel:
     interpolation: str
 
     @property
-    def text(self) -> TextTower:
-        return TextTower(self.clip, self.tokenizer)
+    def text(self) -> TextTower | HFTextTower:
+        return text_tower(self.clip, self.tokenizer)
 
     @property
     def image(self) -> ImageTower:
@@ -85,8 +87,27 @@ def _looks_like_path(value: str) -> bool:
     return value.lower().endswith(CHECKPOINT_SUFFIXES) or os.sep in value or value.startswith(".")
 
 
+def _resolve_local_text_paths(config: dict, folder: Path) -> bool:
+    """Make `text_cfg.hf_model_name`/`hf_tokenizer_name` absolute when they name a path next to the config file.
+
+    So a config shipped beside its Hugging Face text model folder (e.g. "./tiny-bert") works from any
+    working directory. Hub names ("microsoft/...") and absolute paths are left alone.
+    """
+    text_cfg = config.get("text_cfg") or {}
+    changed = False
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        value = text_cfg.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (folder / value).exists():
+            text_cfg[key] = str((folder / value).resolve())
+            changed = True
+    return changed
+
+
 def _register_config(model: Optional[str], model_config: str) -> str:
-    """Register a JSON model config with open_clip under the model name (default: file stem)."""
+    """Register a JSON model config with open_clip under the model name (default: file stem).
+
+    Relative Hugging Face text model/tokenizer paths are resolved against the config file's folder.
+    """
     path = Path(model_config)
     if not path.is_file():
         raise CliptuneError(f"model config file not found: {model_config}")
@@ -99,12 +120,13 @@ def _register_config(model: Optional[str], model_config: str) -> str:
             f"model config {model_config} is not an open_clip config (needs 'embed_dim', 'vision_cfg', 'text_cfg')"
         )
     name = model or path.stem
-    if name == path.stem:
+    resolved = _resolve_local_text_paths(config, path.resolve().parent)
+    if name == path.stem and not resolved:
         open_clip.add_model_config(path)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             copy = Path(tmp) / f"{name}.json"
-            shutil.copyfile(path, copy)
+            copy.write_text(json.dumps(config))
             open_clip.add_model_config(copy)
     return name
 
@@ -167,7 +189,8 @@ def load_model(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             clip, _, _ = open_clip.create_model_and_transforms(
-                name, pretrained=None if random_init else pretrained, device=device, weights_only=True
+                name, pretrained=None if random_init else pretrained, device=device, weights_only=True,
+                pretrained_text=False,  # a Hugging Face text tower is random or loaded with the checkpoint, never downloaded
             )
     except RuntimeError as exc:
         if "size mismatch" in str(exc) or "Missing key" in str(exc) or "Unexpected key" in str(exc):
@@ -205,6 +228,6 @@ def _offline_error(name: str, pretrained: Optional[str]) -> CliptuneError:
     what = name if name.startswith("hf-hub:") else f"{name} ({pretrained})"
     return CliptuneError(
         f"could not download the weights for {what} (offline or unreachable, and not in the local cache); "
-        "download them on a connected machine, or pass a local checkpoint with --pretrained FILE "
-        "(plus --model-config FILE for a custom architecture)"
+        "download them on a connected machine, pass a local checkpoint with --pretrained FILE "
+        "(plus --model-config FILE for a custom architecture), or pick another model with --model NAME --pretrained TAG_OR_FILE"
     )

@@ -1,0 +1,33 @@
+"""Recipes: complete, documented starting points (YAML) — listing, showing and validating them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+from cliptune.config import RECIPE_DIR, build_config, read_recipe, resolve_recipe_path
+
+
+def recipe_paths() -> List[Path]:
+    return sorted(RECIPE_DIR.glob("*.yaml"))
+
+
+def describe(name_or_path: str) -> Dict[str, str]:
+    """Name, domain, method, model and summary of a recipe, with `extends:` applied."""
+    merged: Dict = {}
+    for values, _path, _lines in read_recipe(name_or_path):
+        merged.update(values)
+    config = build_config(name_or_path)  # validates every key, naming file and line on error
+    model = config.model or (Path(config.model_config).stem if config.model_config else "(choose --model)")
+    return {
+        "name": merged.get("name", Path(name_or_path).stem),
+        "domain": merged.get("domain", "method"),
+        "method": config.method,
+        "model": model,
+        "summary": merged.get("summary", ""),
+    }
+
+
+def show(name_or_path: str) -> str:
+    """The recipe's YAML as written (its `extends:` parents are shown by `show` on their names)."""
+    return resolve_recipe_path(name_or_path).read_text()
