@@ -144,7 +144,7 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
         session, novel_session = split_base_novel(session)
     data = session.data
     method = build_method(config.method, session.model, data.classnames, session.templates,
-                          config.method_options(), data.descriptions)
+                          config.method_options(), data.named_descriptions)
     if novel_session is not None and method.class_specific:
         raise CliptuneError(f"--base-novel needs a method that works on unseen classes; '{config.method}' learns class-specific state")
     if accelerator.is_main_process:
@@ -220,8 +220,9 @@ def base_novel_metrics(trainer: Trainer, method, base: Dict, zeroshot_base: Dict
     return metrics
 
 
-def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str = "test", classnames: Optional[str] = None) -> Dict:
-    """Evaluate a finished run's best weights on a dataset (its own, or another with other classes)."""
+def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str = "test", classnames: Optional[str] = None,
+                 adapter: Optional[str] = None) -> Dict:
+    """Evaluate a finished run's best weights (or an exported `adapter` folder) on a dataset (its own, or another)."""
     run = RunFolder(run_dir)
     config = load_config(run.config)
     if classnames:
@@ -235,13 +236,18 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
     if saved is None:
         raise CliptuneError(f"{run.root} has no trained weights (checkpoints/best is missing)")
     data = session.data
-    method = build_method(config.method, session.model, data.classnames, session.templates, saved["config"], data.descriptions)
+    method = build_method(config.method, session.model, data.classnames, session.templates, saved["config"], data.named_descriptions)
     if method.class_specific and data.classnames != saved["classes"]:
         raise CliptuneError(
             f"method '{config.method}' learned a head for the run's own {len(saved['classes'])} classes; "
             f"{data.root} has different classes, so it cannot be evaluated there"
         )
-    load_method_state(method, run.checkpoints / "best")
+    if adapter:
+        from cliptune.export import load_adapter
+
+        load_adapter(method, adapter)
+    else:
+        load_method_state(method, run.checkpoints / "best")
     method.to(accelerator.device)
     trainer = Trainer(method, config, None, accelerator)
     result = trainer.evaluate(session.inputs(split, method.uses_image_features), data.classes)

@@ -373,7 +373,7 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
             log.info("task %d/%d: %s (%d classes, %d training images)", index + 1, len(tasks), name, len(data.classes), len(data.splits["train"]))
             previous = dataclasses.replace(model, clip=copy.deepcopy(model.clip))
             teacher = initial if config.strategy == "zscl" else previous
-            method = build_method(config.method, model, data.classnames, templates, config.method_options(), data.descriptions)
+            method = build_method(config.method, model, data.classnames, templates, config.method_options(), data.named_descriptions)
             learner = method if config.strategy in ("naive", "wise") else ContinualLearner(
                 method, config.strategy, config, teacher, ref_images, vocabulary)
             session = Session(config, model, data, templates, accelerator, run.cache)

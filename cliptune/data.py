@@ -53,6 +53,11 @@ class ImageFolderData:
     splits: Dict[str, Split]
     skipped_files: int = 0
 
+    @property
+    def named_descriptions(self) -> Dict[str, List[str]]:
+        """Descriptions keyed by display name, as methods see classes."""
+        return {self.classnames[self.classes.index(folder)]: texts for folder, texts in self.descriptions.items()}
+
     def split(self, name: str) -> Split:
         if name not in self.splits or len(self.splits[name]) == 0:
             available = ", ".join(n for n in SPLIT_NAMES if len(self.splits.get(n, ())) > 0)

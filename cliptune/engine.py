@@ -207,6 +207,7 @@ class Trainer:
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
+                        self._unwrapped().after_optimizer_step()
                         boundary = (step + 1, torch.get_rng_state(), loss_sum, seen, summary.images_seen)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum / max(1, seen):.4f}")

@@ -50,6 +50,12 @@ def soft_target_loss(
     epsilon: float,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Cross-entropy against contextual soft targets (SCOLD-style); epsilon 0 is plain CE."""
-    targets = soft_targets(labels, similarity.float(), epsilon)
-    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+    """Cross-entropy against `soft_targets` (SCOLD-style contextual targets).
+
+    Cross-entropy (label smoothing included) is linear in the target, so this is computed as
+    `(1 - epsilon) * CE(hard) + epsilon * CE(similarity[y])`: epsilon 0 is then exactly plain CE.
+    """
+    logits = logits.float()
+    hard = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    soft = F.cross_entropy(logits, similarity.float()[labels], label_smoothing=label_smoothing)
+    return (1 - epsilon) * hard + epsilon * soft

@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict
 from cliptune.errors import CliptuneError
 
 log = logging.getLogger("cliptune")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -25,6 +27,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

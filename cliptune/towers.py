@@ -11,6 +11,9 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from open_clip.hf_configs import arch_dict
+from open_clip.hf_model import HFTextEncoder
+from open_clip.timm_model import TimmModel
 from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 from torch import nn
 
@@ -22,6 +25,9 @@ LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 class TextTower:
     """open_clip's native text transformer, whether it lives on `CLIP` itself or on `CustomTextCLIP.text`."""
+
+    # Token layout seen by prompt learning: [SOS] words [EOT] [pad ...]; learned context starts after [SOS].
+    prompt_start = 1
 
     def __init__(self, clip: nn.Module, tokenizer):
         self.clip = clip
@@ -38,6 +44,10 @@ class TextTower:
     @property
     def context_length(self) -> int:
         return self.owner.positional_embedding.shape[0]
+
+    @property
+    def pad_id(self) -> int:
+        return getattr(self.owner, "pad_id", 0)
 
     @property
     def width(self) -> int:
@@ -76,8 +86,9 @@ class TextTower:
         owner = self.owner
         transformer = owner.transformer
         cast_dtype = transformer.get_cast_dtype()
-        x = embeddings.to(cast_dtype) + owner.positional_embedding.to(cast_dtype)
-        attn_mask = owner.attn_mask
+        length = embeddings.shape[1]  # may be shorter than the context: see pooled_prefix_length
+        x = embeddings.to(cast_dtype) + owner.positional_embedding[:length].to(cast_dtype)
+        attn_mask = owner.attn_mask[:length, :length] if owner.attn_mask is not None else None
         if not transformer.batch_first:
             x = x.transpose(0, 1)
         for index, block in enumerate(transformer.resblocks):
@@ -100,6 +111,18 @@ class TextTower:
         features = self.encode_embeddings(self.embed_tokens(token_ids), token_ids)
         return F.normalize(features, dim=-1) if normalize else features
 
+    def pooled_prefix_length(self, token_ids: torch.Tensor) -> int:
+        """Shortest prefix of these sequences that `encode_embeddings` pools to the same features.
+
+        With a causal mask and end-token (argmax) pooling, no token after the last end token can reach
+        the pooled one, so prompt learning encodes only this prefix (often a quarter of the context).
+        """
+        owner = self.owner
+        pool_type = getattr(owner, "text_pool_type", None) or getattr(owner, "pool_type", "argmax")
+        if owner.attn_mask is None or pool_type != "argmax" or getattr(owner, "cls_emb", None) is not None:
+            return token_ids.shape[1]
+        return int(token_ids.argmax(dim=-1).max()) + 1
+
     def parameters(self) -> List[nn.Parameter]:
         """The text tower's own weights (on `CLIP` they sit on the model itself, beside the logit scale)."""
         if self.owner is not self.clip:
@@ -117,6 +140,102 @@ class TextTower:
         return params
 
 
+class HFTextTower:
+    """open_clip's `HFTextEncoder` (e.g. BiomedCLIP's PubMedBERT): a Hugging Face encoder, a pooler, a projection.
+
+    Same interface as `TextTower`. Token layout: [CLS] words [SEP] [PAD ...]; the attention mask comes
+    from the pad id, as in `HFTextEncoder.forward`, so prompts that keep the layout of their token ids
+    are masked and pooled like the text they replace.
+    """
+
+    prompt_start = 1  # after [CLS]
+
+    def __init__(self, clip: nn.Module, tokenizer):
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.owner: HFTextEncoder = clip.text
+        self.model = self.owner.transformer  # the Hugging Face PreTrainedModel
+
+    @property
+    def context_length(self) -> int:
+        return self.tokenizer.context_length
+
+    @property
+    def pad_id(self) -> int:
+        return self.owner.config.pad_token_id
+
+    @property
+    def width(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The encoder layers (e.g. `BertLayer`s): open_clip's `layer_attr` for the architecture, else a usual name."""
+        encoder = getattr(self.model, "encoder", self.model)
+        known = arch_dict.get(self.owner.config.model_type, {}).get("config_names", {}).get("layer_attr")
+        for name in filter(None, (known, "layer", "layers", "block")):
+            if isinstance(getattr(encoder, name, None), nn.ModuleList):
+                return getattr(encoder, name)
+        raise CliptuneError(f"cannot find the layers of the {self.owner.config.model_type} text encoder")
+
+    @property
+    def output_dim(self) -> int:
+        return self.owner.output_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Word embeddings only: the HF model adds position/type embeddings and its LayerNorm itself."""
+        return self.model.get_input_embeddings()(token_ids)
+
+    def encode_embeddings(
+        self, embeddings: torch.Tensor, token_ids: torch.Tensor, layer_hook: Optional[LayerHook] = None
+    ) -> torch.Tensor:
+        """`HFTextEncoder.forward` on `inputs_embeds`; `layer_hook` runs as a pre-hook of every encoder layer."""
+        attention_mask = (token_ids != self.pad_id).long()
+        handles = []
+        if layer_hook is not None:
+            for index, block in enumerate(self.blocks):
+                def pre_hook(module, args, index=index):
+                    return (layer_hook(index, args[0]), *args[1:])
+
+                handles.append(block.register_forward_pre_hook(pre_hook, prepend=True))  # before any other pre-hook
+        try:
+            out = self.model(inputs_embeds=embeddings, attention_mask=attention_mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self.owner.proj(self.owner.pooler(out, attention_mask))
+
+    def encode(self, token_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.encode_embeddings(self.embed_tokens(token_ids), token_ids)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def pooled_prefix_length(self, token_ids: torch.Tensor) -> int:
+        """Shortest prefix that encodes the same (see `TextTower`): padding is masked out, so up to the last real token."""
+        positions = torch.arange(1, token_ids.shape[1] + 1, device=token_ids.device)
+        return int(((token_ids != self.pad_id) * positions).max())
+
+    def parameters(self) -> List[nn.Parameter]:
+        return list(self.owner.parameters())
+
+    def head_parameters(self) -> List[nn.Parameter]:
+        """Pooler and projection (BERT-style layers end with their own LayerNorm, so there is no final norm)."""
+        return list(self.owner.pooler.parameters()) + list(self.owner.proj.parameters())
+
+
+def text_tower(clip: nn.Module, tokenizer) -> TextTower | HFTextTower:
+    """The adapter for the model's text tower."""
+    if isinstance(getattr(clip, "text", None), HFTextEncoder):
+        return HFTextTower(clip, tokenizer)
+    return TextTower(clip, tokenizer)
+
+
 class ImageTower:
     """open_clip's image tower (ViT, ResNet or timm): encoding only, through the model's own forward."""
 
@@ -128,12 +247,15 @@ class ImageTower:
         return self.clip.visual
 
     @property
-    def blocks(self) -> nn.ModuleList:
-        """The ViT's transformer blocks (ResNet and timm towers have none)."""
-        transformer = getattr(self.clip.visual, "transformer", None)
+    def blocks(self) -> nn.Module:
+        """The ViT's transformer blocks: open_clip's `resblocks`, or a timm ViT trunk's `blocks` (ResNets have none)."""
+        visual = self.clip.visual
+        if isinstance(visual, TimmModel) and hasattr(visual.trunk, "blocks"):
+            return visual.trunk.blocks
+        transformer = getattr(visual, "transformer", None)
         if transformer is None or not hasattr(transformer, "resblocks"):
             raise CliptuneError(
-                f"image tower {type(self.clip.visual).__name__} has no transformer blocks (needs open_clip's VisionTransformer)"
+                f"image tower {type(visual).__name__} has no transformer blocks (needs a ViT: open_clip's or timm's)"
             )
         return transformer.resblocks
 
@@ -144,6 +266,9 @@ class ImageTower:
         """Attention poolers, final norm and projection of a ViT: what sits after the last block."""
         visual = self.clip.visual
         params = []
+        if isinstance(visual, TimmModel):  # timm ViT: final norms and pooler of the trunk, then open_clip's projection head
+            owners = [getattr(visual.trunk, name, None) for name in ("norm", "fc_norm", "attn_pool")] + [visual.head]
+            return [p for module in owners if isinstance(module, nn.Module) for p in module.parameters()]
         for name in ("attn_pool", "attn_pool_contrastive", "ln_post"):
             module = getattr(visual, name, None)
             if isinstance(module, nn.Module):
@@ -159,7 +284,33 @@ class ImageTower:
     @property
     def width(self) -> int:
         """Token width of the ViT's transformer."""
+        if isinstance(self.module, TimmModel):
+            return self.module.trunk.embed_dim
         return self.blocks[0].ln_1.normalized_shape[0]
+
+    def _prompt_stages(self, images: torch.Tensor):
+        """A ViT forward cut where prompts go in: (patch tokens after the pre-norm, the pre-norm, run one block,
+        final tokens -> image features), for open_clip's VisionTransformer or a timm ViT trunk."""
+        visual = self.module
+        if isinstance(visual, TimmModel) and hasattr(visual.trunk, "blocks"):
+            trunk = visual.trunk
+            tokens = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(images))))
+            head = lambda x: visual.head(trunk.forward_head(trunk.norm(x)))  # noqa: E731 - TimmModel.forward's tail
+            return tokens, trunk.norm_pre, lambda block, x: block(x), head
+        if not isinstance(visual, VisionTransformer):
+            raise CliptuneError(
+                f"image tower {type(visual).__name__} does not take visual prompts (needs a ViT: open_clip's or timm's)"
+            )
+        batch_first = visual.transformer.batch_first
+
+        def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+
+        def head(x: torch.Tensor) -> torch.Tensor:
+            pooled, _ = visual._pool(x)
+            return pooled @ visual.proj if visual.proj is not None else pooled
+
+        return visual._embeds(images), visual.ln_pre, run, head  # _embeds includes ln_pre
 
     def encode_prompted(self, images: torch.Tensor, prompts: Sequence[torch.Tensor], normalize: bool = True) -> torch.Tensor:
         """ViT forward with deep visual prompts (VPT-deep / MaPLe): `prompts[i]` is (n, width) for block i.
@@ -168,20 +319,15 @@ class ImageTower:
         later block `i < len(prompts)` the prompt tokens are replaced by `prompts[i]`; deeper blocks carry
         the previous block's outputs at those positions. Prompt tokens are dropped before pooling.
         """
-        visual = self.module
-        if not isinstance(visual, VisionTransformer):
-            raise CliptuneError(f"image tower {type(visual).__name__} does not take visual prompts (needs open_clip's VisionTransformer)")
         if not prompts:
             return self.encode(images, normalize)
-        batch, n = images.shape[0], prompts[0].shape[0]
-        x = visual._embeds(images)  # includes ln_pre, which is per-token: ln_pre(cat(a, b)) == cat(ln_pre(a), ln_pre(b))
-        x = torch.cat([x, visual.ln_pre(prompts[0].to(x.dtype)).expand(batch, -1, -1)], dim=1)
-        transformer = visual.transformer
-        for index, block in enumerate(transformer.resblocks):
+        tokens, pre_norm, run_block, head = self._prompt_stages(images)
+        batch, length = images.shape[0], tokens.shape[1]
+        # the pre-norm is per-token: pre_norm(cat(a, b)) == cat(pre_norm(a), pre_norm(b))
+        x = torch.cat([tokens, pre_norm(prompts[0].to(tokens.dtype)).expand(batch, -1, -1)], dim=1)
+        for index, block in enumerate(self.blocks):
             if 0 < index < len(prompts):
-                x = torch.cat([x[:, :-n], prompts[index].to(x.dtype).expand(batch, -1, -1)], dim=1)
-            x = block(x) if transformer.batch_first else block(x.transpose(0, 1)).transpose(0, 1)
-        pooled, _ = visual._pool(x[:, :-n])
-        if visual.proj is not None:
-            pooled = pooled @ visual.proj
+                x = torch.cat([x[:, :length], prompts[index].to(x.dtype).expand(batch, -1, -1)], dim=1)
+            x = run_block(block, x)
+        pooled = head(x[:, :length])
         return F.normalize(pooled, dim=-1) if normalize else pooled

@@ -30,7 +30,8 @@ def check_alpha(alpha: float) -> float:
 
 
 def interpolate(zeroshot: StateDict, finetuned: StateDict, alpha: float) -> StateDict:
-    """`(1 - alpha) * zeroshot + alpha * finetuned` for floating-point tensors; others (int buffers) are shared."""
+    """`(1 - alpha) * zeroshot + alpha * finetuned` for floating-point tensors (computed in at least fp32);
+    other tensors (integer buffers) are taken from `finetuned`."""
     alpha = check_alpha(alpha)
     if set(zeroshot) != set(finetuned):
         different = sorted(set(zeroshot) ^ set(finetuned))
@@ -41,34 +42,27 @@ def interpolate(zeroshot: StateDict, finetuned: StateDict, alpha: float) -> Stat
         if theta0.shape != theta1.shape:
             raise CliptuneError(f"zero-shot and fine-tuned '{key}' differ in shape: {tuple(theta0.shape)} vs {tuple(theta1.shape)}")
         if theta0.is_floating_point():
-            mixed[key] = ((1 - alpha) * theta0.float() + alpha * theta1.float()).to(theta0.dtype)
+            dtype = torch.promote_types(theta0.dtype, torch.float32)
+            mixed[key] = ((1 - alpha) * theta0.to(dtype) + alpha * theta1.to(dtype)).to(theta0.dtype)
         else:
             mixed[key] = theta1.clone()
     return mixed
 
 
 def run_weights(run_dir: str | Path, device: str | torch.device = "cpu") -> Tuple[RunConfig, StateDict, StateDict]:
-    """A run's config, its zero-shot (initial) open_clip state_dict and its fine-tuned one."""
-    from cliptune.engine import load_method_state
-    from cliptune.methods import build_method
+    """A run's config, its zero-shot (initial) open_clip state_dict and its fine-tuned (merged) one."""
+    from cliptune.export import merged_state_dict
+    from cliptune.methods import METHODS
     from cliptune.models import load_model
-    from cliptune.templates import load_templates
 
-    run = RunFolder(run_dir)
-    config = load_config(run.config)
-    best = run.checkpoints / "best"
-    if not (best / "method.json").is_file():
-        raise CliptuneError(f"{run.root} has no trained weights (checkpoints/best is missing)")
-    saved = read_json(best / "method.json")
+    config = load_config(RunFolder(run_dir).config)
+    mergeable = sorted(name for name, entry in METHODS.items() if "merged" in entry.method_class.export_formats)
+    if config.method not in mergeable:
+        raise CliptuneError(f"WiSE-FT needs a run whose weights merge into CLIP ({', '.join(mergeable)}); "
+                            f"{run_dir} is a '{config.method}' run")
+    finetuned = merged_state_dict(run_dir)
     model = load_model(config.model, config.pretrained, config.model_config, device=device, seed=config.seed)
-    zeroshot = {key: value.detach().clone() for key, value in model.clip.state_dict().items()}
-    method = build_method(config.method, model, saved["classes"], load_templates(config.templates), saved["config"])
-    if not hasattr(method, "merged_state_dict"):
-        raise CliptuneError(
-            f"WiSE-FT needs a run whose weights merge into CLIP (full, lora); {run.root} is a '{config.method}' run"
-        )
-    load_method_state(method, best)
-    return config, zeroshot, method.merged_state_dict()
+    return config, model.clip.state_dict(), finetuned
 
 
 def wise_state_dict(run_dir: str | Path, alpha: float) -> StateDict:

@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 from pathlib import Path
@@ -27,3 +28,10 @@ def split_data(tmp_path_factory) -> Path:
     """Four classes with train/val/test folders."""
     classes = ("Tomato___Late_blight", "Tomato___healthy", "Corn_(maize)___Common_rust", "Grape___Black_rot")
     return make_imagefolder(tmp_path_factory.mktemp("leaves"), classes=classes, per_class=8, splits=True)
+
+
+@pytest.fixture(autouse=True)
+def _cliptune_logs_reach_caplog():
+    """The CLI stops propagation (to avoid double printing); tests read records through the root logger."""
+    logging.getLogger("cliptune").propagate = True
+    yield

@@ -81,6 +81,9 @@ class Method(nn.Module):
             for name, tensor in state.items():
                 own[name].copy_(tensor.to(own[name].dtype))
 
+    def after_optimizer_step(self) -> None:
+        """Called by the engine after every optimizer step (e.g. for running weight averages)."""
+
     def train(self, mode: bool = True):
         """Keep frozen towers in eval mode (dropout off) whatever the engine asks."""
         super().train(mode)

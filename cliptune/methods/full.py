@@ -97,8 +97,9 @@ class FullFineTune(Method):
                 self.register_buffer("prompt_features", self._encode_prompts(), persistent=False)
 
     def _encode_prompts(self) -> torch.Tensor:
-        """(classes, templates, dim) unit-norm features of all prompts."""
-        features = self.model.text.encode(self.prompt_tokens, normalize=True)
+        """(classes, templates, dim) unit-norm features of all prompts (in chunks when no gradient is needed)."""
+        chunk = len(self.prompt_tokens) if torch.is_grad_enabled() else 256
+        features = torch.cat([self.model.text.encode(tokens, normalize=True) for tokens in self.prompt_tokens.split(chunk)])
         return features.view(len(self.classnames), len(self.templates), -1)
 
     def class_features(self) -> torch.Tensor:

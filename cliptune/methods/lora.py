@@ -10,6 +10,11 @@ path x·Aᵀ·Bᵀ, so a step costs about as much as the frozen forward + backwa
 B·A·scale into each Linear (peft's `merge`) and packs q/k/v back into an `nn.MultiheadAttention`,
 so the merged model has open_clip's own state_dict keys and loads with plain open_clip.
 
+Other towers (e.g. BiomedCLIP): a timm ViT block's fused `attn.qkv` Linear is swapped for `SplitQKV`
+(three Linears whose concatenated outputs are the fused output; packed back on merge) and "out" is
+`attn.proj`; a Hugging Face BERT layer already has separate Linears: q/k/v = `attention.self.query/
+key/value`, out = `attention.output.dense`. `_attention_linears` holds this mapping.
+
 Classification: image features against class text features from the (adapted) text tower, averaged
 over the run's templates exactly like the zero-shot classifier; the text side is encoded once per
 step (and once per evaluation when it is frozen or not training).
@@ -18,6 +23,7 @@ step (and once per evaluation when it is frozen or not training).
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
 
@@ -30,7 +36,7 @@ from cliptune.methods.base import Method, MethodConfig
 from cliptune.zeroshot import class_prompts
 
 TOWERS = ("vision", "text")
-TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}
+TARGETS = ("q", "k", "v", "out")
 ADAPTER_NAME = "default"
 
 
@@ -134,6 +140,51 @@ class SplitAttention(nn.Module):
         return mha.requires_grad_(False)
 
 
+class SplitQKV(nn.Module):
+    """A timm ViT's fused qkv `nn.Linear` as three Linears (q, k, v), so peft can adapt each one."""
+
+    def __init__(self, qkv: nn.Linear):
+        super().__init__()
+        dim = qkv.out_features // 3
+        bias = qkv.bias is not None
+        factory = {"device": qkv.weight.device, "dtype": qkv.weight.dtype}
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(qkv.in_features, dim, bias=bias, **factory) for _ in range(3))
+        with torch.no_grad():
+            for index, linear in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+                linear.weight.copy_(qkv.weight[index * dim : (index + 1) * dim])
+                if bias:
+                    linear.bias.copy_(qkv.bias[index * dim : (index + 1) * dim])
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+
+    def to_linear(self) -> nn.Linear:
+        """Pack the (merged) q/k/v Linears back into timm's fused layout."""
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        qkv = nn.Linear(weight.shape[1], weight.shape[0], bias=self.q_proj.bias is not None,
+                        device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            qkv.weight.copy_(weight)
+            if qkv.bias is not None:
+                qkv.bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
+        return qkv.requires_grad_(False)
+
+
+def _attention_linears(block: nn.Module) -> Dict[str, str]:
+    """Prepare one transformer block for LoRA: its q/k/v/out `nn.Linear` names (relative to the block) by target."""
+    attn = getattr(block, "attn", None)
+    if isinstance(getattr(attn, "qkv", None), nn.Linear):  # timm ViT
+        attn.qkv = SplitQKV(attn.qkv)
+        return {"q": "attn.qkv.q_proj", "k": "attn.qkv.k_proj", "v": "attn.qkv.v_proj", "out": "attn.proj"}
+    self_attention = getattr(getattr(block, "attention", None), "self", None)
+    if isinstance(getattr(self_attention, "query", None), nn.Linear):  # Hugging Face BERT-style layer
+        return {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+                "out": "attention.output.dense"}
+    block.attn = SplitAttention(attn)  # open_clip (raises a clear error for anything else)
+    return {target: f"attn.{target}_proj" for target in TARGETS}
+
+
 class LoRA(Method):
     name = "lora"
     config_class = LoRAConfig
@@ -148,7 +199,7 @@ class LoRA(Method):
         if int(config.lora_r) < 1 or config.lora_alpha <= 0 or not 0 <= config.lora_dropout < 1:
             raise CliptuneError("lora needs lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
         towers = _comma_list(config.lora_towers, TOWERS, "lora_towers")
-        targets = [TARGETS[t] for t in _comma_list(config.lora_targets, tuple(TARGETS), "lora_targets")]
+        targets = _comma_list(config.lora_targets, TARGETS, "lora_targets")
         self.uses_image_features = "vision" not in towers
         self.text_adapted = "text" in towers
         paths = {id(module): name for name, module in self.clip.named_modules()}
@@ -157,10 +208,13 @@ class LoRA(Method):
             blocks = model.image.blocks if tower == "vision" else model.text.blocks
             for index in parse_layers(config.lora_layers, len(blocks), tower):
                 block = blocks[index]
-                block.attn = SplitAttention(block.attn)
-                target_modules += [f"{paths[id(block)]}.attn.{target}" for target in targets]
+                linears = _attention_linears(block)
+                target_modules += [f"{paths[id(block)]}.{linears[target]}" for target in targets]
+        # a regex string is matched against whole module names; a list would also match name suffixes, so the text
+        # tower's "transformer.resblocks.0.attn.out_proj" would catch the image tower's "visual.transformer..." too
+        pattern = "|".join(re.escape(name) for name in target_modules)
         self.peft_config = LoraConfig(r=int(config.lora_r), lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                      target_modules=target_modules, bias="none")
+                                      target_modules=pattern, bias="none")
         inject_adapter_in_model(self.peft_config, self.clip, adapter_name=ADAPTER_NAME)
         for name, parameter in self.clip.named_parameters():
             parameter.requires_grad_(".lora_" in name)
@@ -178,13 +232,13 @@ class LoRA(Method):
         """(classes, dim) unit-norm class embeddings, computed like `zeroshot_weights` (but differentiable)."""
         if self._text_cache is not None:
             return self._text_cache
-        trainable = self.training and self.text_adapted and torch.is_grad_enabled()
-        with torch.set_grad_enabled(trainable):
+        training = self.training and self.text_adapted
+        with torch.set_grad_enabled(training and torch.is_grad_enabled()):
             text = self.model.text
-            chunks = self.prompt_tokens.split(len(self.prompt_tokens) if trainable else 256)
+            chunks = self.prompt_tokens.split(len(self.prompt_tokens) if training else 256)
             features = torch.cat([text.encode(chunk, normalize=True) for chunk in chunks])
             features = F.normalize(features.view(len(self.classnames), len(self.templates), -1).mean(dim=1), dim=-1)
-        if not trainable:  # frozen (or evaluating): encode once, reuse until training resumes
+        if not training:  # frozen text tower, or evaluating: encode once, reuse until training resumes
             self._text_cache = features
         return features
 
@@ -226,6 +280,8 @@ class LoRA(Method):
         for module in clip.modules():
             if isinstance(getattr(module, "attn", None), SplitAttention):
                 module.attn = module.attn.to_multihead()
+            elif isinstance(getattr(module, "qkv", None), SplitQKV):
+                module.qkv = module.qkv.to_linear()
         del clip.peft_config
         return clip.eval()
 

@@ -63,13 +63,13 @@ class MaPLe(Method):
         self.prompts.set_classes(self.classnames)
 
     def _encode_text(self) -> torch.Tensor:
-        deep, n = self.language_prompts()[1:], self.config.n_ctx
+        deep, n, start = self.language_prompts()[1:], self.config.n_ctx, self.prompts.start
 
         def replace_prompts(index: int, x: torch.Tensor) -> torch.Tensor:
             if not 0 < index <= len(deep):
                 return x
             prompt = deep[index - 1].to(x.dtype).expand(x.shape[0], -1, -1)
-            return torch.cat([x[:, :1], prompt, x[:, 1 + n :]], dim=1)
+            return torch.cat([x[:, :start], prompt, x[:, start + n :]], dim=1)
 
         return F.normalize(self.prompts.encode(self.ctx, replace_prompts), dim=-1)
 

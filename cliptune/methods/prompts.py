@@ -1,9 +1,11 @@
 """Class prompts with learnable context, shared by CoOp, CoCoOp and MaPLe.
 
 A class prompt is the token sequence of "<context> <classname>." whose context positions hold learned
-vectors instead of word embeddings: [SOS] [ctx_1 .. ctx_n] [class tokens] [.] [EOT] [pad ...]. The
-token ids of that text (placeholder "X"s, or the init phrase) are kept for pooling, so the text tower
-still pools at the real end token once the context is inserted.
+vectors instead of word embeddings: [SOS] [ctx_1 .. ctx_n] [class tokens] [.] [EOT] [pad ...]
+([CLS] ... [SEP] [PAD ...] for a Hugging Face BERT tower; the tower adapter says where the context
+starts, `prompt_start`, and which id pads, `pad_id`). The token ids of that text (placeholder "X"s,
+or the init phrase) are kept for pooling and masking, so the text tower still pools at the real end
+token (or [CLS]) and masks the real padding once the context is inserted.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ POSITIONS = ("end", "middle", "front")
 def phrase_length(text: TextTower, phrase: str) -> int:
     """Number of tokens of `phrase` (without start/end tokens)."""
     ids = text.tokenize([phrase])[0]
-    return int((ids != getattr(text.owner, "pad_id", 0)).sum()) - 2
+    return int((ids != text.pad_id).sum()) - text.prompt_start - 1
 
 
 @torch.no_grad()
@@ -32,7 +34,8 @@ def initial_context(text: TextTower, n_ctx: int, ctx_init: str = "") -> torch.Te
         available = phrase_length(text, ctx_init)
         if n_ctx > available:
             raise CliptuneError(f"ctx_init {ctx_init!r} has {available} tokens, fewer than n_ctx={n_ctx}")
-        return text.embed_tokens(text.tokenize([ctx_init]))[0, 1 : 1 + n_ctx].float().clone()
+        start = text.prompt_start
+        return text.embed_tokens(text.tokenize([ctx_init]))[0, start : start + n_ctx].float().clone()
     return torch.randn(n_ctx, text.width) * 0.02
 
 
@@ -50,6 +53,7 @@ class ClassPrompts(nn.Module):
         if position not in POSITIONS:
             raise CliptuneError(f"class_token_position must be one of {', '.join(POSITIONS)}, got {position!r}")
         self.text = text
+        self.start = text.prompt_start  # index of the first context token
         self.n_ctx = n_ctx
         self.ctx_init = ctx_init
         self.position = position
@@ -57,29 +61,31 @@ class ClassPrompts(nn.Module):
 
     @torch.no_grad()
     def set_classes(self, classnames: Sequence[str]) -> None:
-        text, n = self.text, self.n_ctx
+        text, n, s = self.text, self.n_ctx, self.start
         lead = self.ctx_init or " ".join(["X"] * n)
         name_lengths = [phrase_length(text, name) for name in classnames]
         longest = max(range(len(classnames)), key=name_lengths.__getitem__)
-        if phrase_length(text, lead) + name_lengths[longest] + 3 > text.context_length:
+        if s + phrase_length(text, lead) + name_lengths[longest] + 2 > text.context_length:  # + "." + end token
             raise CliptuneError(
                 f"the prompt for class '{classnames[longest]}' does not fit the text context of "
                 f"{text.context_length} tokens after {n} context tokens; use a smaller n_ctx"
             )
         token_ids = text.tokenize([f"{lead} {name}." for name in classnames])
+        shortest = getattr(text, "pooled_prefix_length", None)  # exact: drops only padding the end token cannot see
+        token_ids = token_ids[:, : shortest(token_ids)] if shortest else token_ids
         embeddings = text.embed_tokens(token_ids)
         self.register_buffer("token_ids", token_ids, persistent=False)
-        self.register_buffer("prefix", embeddings[:, :1].clone(), persistent=False)
-        self.register_buffer("suffix", embeddings[:, 1 + n :].clone(), persistent=False)
+        self.register_buffer("prefix", embeddings[:, :s].clone(), persistent=False)
+        self.register_buffer("suffix", embeddings[:, s + n :].clone(), persistent=False)
         order = None
         if self.position != "end":  # positions of the "end" layout, per class, in the wanted layout
             rows = []
             length = token_ids.shape[1]
             for m in name_lengths:
-                ctx, name, rest = list(range(1, 1 + n)), list(range(1 + n, 1 + n + m)), list(range(1 + n + m, length))
+                ctx, name, rest = list(range(s, s + n)), list(range(s + n, s + n + m)), list(range(s + n + m, length))
                 half = n // 2
                 middle = ctx[:half] + name + ctx[half:] if self.position == "middle" else name + ctx
-                rows.append([0] + middle + rest)
+                rows.append(list(range(s)) + middle + rest)
             order = torch.tensor(rows, device=token_ids.device)
         self.register_buffer("order", order, persistent=False)
 
@@ -93,7 +99,7 @@ class ClassPrompts(nn.Module):
         lead = ctx.shape[:-3]
         classes, width = len(self), self.prefix.shape[-1]
         ctx = ctx.expand(*lead, classes, self.n_ctx, width).to(self.prefix.dtype)
-        prefix = self.prefix.expand(*lead, classes, 1, width)
+        prefix = self.prefix.expand(*lead, classes, self.start, width)
         suffix = self.suffix.expand(*lead, classes, self.suffix.shape[1], width)
         prompts = torch.cat([prefix, ctx, suffix], dim=-2)
         if self.order is not None:

@@ -1,0 +1,125 @@
+"""`cliptune export`: a finished run's learned weights in formats other tools load.
+
+- `merged`: the full open_clip state_dict with the method's weights merged in, as one safetensors
+  file that plain `open_clip.create_model_and_transforms(arch, pretrained=FILE)` loads.
+- `adapter`: peft's `save_pretrained` layout (`adapter_config.json` + `adapter_model.safetensors`),
+  small, reloaded onto the base model with `cliptune eval RUN --adapter DIR`.
+
+A method opts in through `export_formats` and implements, per format: `merged_state_dict()`
+(merged), or `peft_config`, `adapter_state_dict()` and `load_adapter_state_dict(state)` (adapter).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from cliptune.config import load_config
+from cliptune.engine import load_method_state
+from cliptune.errors import CliptuneError
+from cliptune.methods import METHODS, build_method
+from cliptune.methods.base import Method
+from cliptune.models import load_model
+from cliptune.runfolder import RunFolder, atomic_save_safetensors, read_json
+from cliptune.templates import load_templates
+from cliptune.wise import check_alpha, wise_state_dict
+
+FORMATS = ("merged", "adapter")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _best(run_dir: str | Path) -> tuple:
+    run = RunFolder(run_dir)
+    config = load_config(run.config)
+    best = run.checkpoints / "best"
+    if not (best / "method.json").is_file():
+        raise CliptuneError(f"{run.root} has no trained weights (checkpoints/best is missing)")
+    return config, best, read_json(best / "method.json")
+
+
+def check_format(method_name: str, fmt: str) -> None:
+    """Fail early, before any model is built, when the run's method cannot be written as `fmt`."""
+    if fmt not in FORMATS:
+        raise CliptuneError(f"unknown export format '{fmt}' (available: {', '.join(FORMATS)})")
+    supported = METHODS[method_name].method_class.export_formats if method_name in METHODS else ()
+    if fmt not in supported:
+        able = sorted(name for name, entry in METHODS.items() if fmt in entry.method_class.export_formats)
+        can = f"it supports: {', '.join(supported)}" if supported else "it supports no export format"
+        raise CliptuneError(f"method '{method_name}' cannot be exported as '{fmt}' ({can}; '{fmt}' works for: {', '.join(able)})")
+
+
+def load_run_method(run_dir: str | Path, device: str | torch.device = "cpu") -> Method:
+    """The run's method with its best weights, on the base model the run was trained from."""
+    config, best, sidecar = _best(run_dir)
+    model = load_model(config.model, config.pretrained, config.model_config, device=device, seed=config.seed)
+    method = build_method(sidecar["method"], model, sidecar["classes"], load_templates(config.templates), sidecar["config"])
+    load_method_state(method, best)
+    return method.to(device).eval()
+
+
+def merged_state_dict(run_dir: str | Path) -> Dict[str, torch.Tensor]:
+    """The run's full open_clip state_dict with its learned weights merged (same keys as the base model)."""
+    _, _, sidecar = _best(run_dir)
+    check_format(sidecar["method"], "merged")
+    return load_run_method(run_dir).merged_state_dict()
+
+
+def _prepare_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())):
+        if not overwrite:
+            raise CliptuneError(f"{output} already exists (pass --overwrite to replace it)")
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
+
+
+def export_run(run_dir: str | Path, fmt: str, output: str | Path, overwrite: bool = False,
+               wise_alpha: Optional[float] = None) -> Path:
+    """Write the run's best weights as `fmt` to `output` (a .safetensors file, or a folder for adapters).
+
+    `wise_alpha` (merged only) writes the WiSE-FT mixture `(1-A)·zero-shot + A·fine-tuned` instead.
+    """
+    config, _, sidecar = _best(run_dir)
+    check_format(sidecar["method"], fmt)
+    if wise_alpha is not None:
+        if fmt != "merged":
+            raise CliptuneError("--wise-alpha only applies to --format merged")
+        check_alpha(wise_alpha)
+    output = Path(output)
+    if fmt == "merged" and output.suffix != ".safetensors":
+        raise CliptuneError(f"--output for a merged export must be a .safetensors file, got {output}")
+    _prepare_output(output, overwrite)
+    if fmt == "merged":
+        arch = config.model or Path(config.model_config or "").stem
+        metadata = {"format": "pt", "arch": arch, "cliptune_method": sidecar["method"], "cliptune_run": str(Path(run_dir).resolve())}
+        if wise_alpha is None:
+            state = merged_state_dict(run_dir)
+        else:
+            state = wise_state_dict(run_dir, wise_alpha)
+            metadata["cliptune_wise_alpha"] = str(wise_alpha)
+        atomic_save_safetensors(output, state, metadata=metadata)
+        return output
+    method = load_run_method(run_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    method.peft_config.save_pretrained(str(output))
+    atomic_save_safetensors(output / ADAPTER_WEIGHTS, method.adapter_state_dict(), metadata={"format": "pt"})
+    return output
+
+
+def load_adapter(method: Method, folder: str | Path) -> None:
+    """Load an `export --format adapter` folder onto a freshly built method (base model + empty adapter)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    check_format(method.name, "adapter")
+    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise CliptuneError(f"{folder} is not an adapter export (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    saved = json.loads((folder / ADAPTER_CONFIG).read_text())
+    own = method.peft_config.to_dict()
+    for key in ("peft_type", "r", "lora_alpha", "target_modules"):
+        if own.get(key) != saved.get(key):
+            raise CliptuneError(f"adapter in {folder} was made with a different setup than this run ({key} differs)")
+    method.load_adapter_state_dict(load_file(str(folder / ADAPTER_WEIGHTS)))
