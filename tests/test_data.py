@@ -55,6 +55,7 @@ def test_classnames_yaml_overrides_and_descriptions(tmp_path):
     data = load_imagefolder(root)
     assert data.classnames == ["apple", "banana"]
     assert data.descriptions == {"b_y": ["a yellow fruit"]}
+    assert data.named_descriptions == {"banana": ["a yellow fruit"]}
 
 
 def test_corrupt_files_are_skipped_or_strict(tmp_path, caplog):

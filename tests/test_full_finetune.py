@@ -40,8 +40,8 @@ def test_soft_target_with_epsilon_zero_is_cross_entropy():
 def test_identical_descriptions_get_equal_soft_mass(tiny_config):
     model = load_model(model_config=tiny_config)
     same = ["a small furry pet", "an animal that purrs"]
-    # keyed as classnames.yaml keys them: by class folder (`Kitten` is shown as "kitten")
-    descriptions = {"cat": same, "Kitten": list(same), "car": ["a vehicle with four wheels"]}
+    # keyed by class name, as methods receive them (ImageFolderData.named_descriptions)
+    descriptions = {"cat": same, "kitten": list(same), "car": ["a vehicle with four wheels"]}
     method = build_method("full", model, ["cat", "kitten", "car"], TEMPLATES,
                           {"loss": "soft-target", "soft_epsilon": 1.0, "soft_tau": 0.05}, descriptions)
     targets = soft_targets(torch.tensor([0, 1, 2]), method.similarity, 1.0)
