@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from functools import wraps
 
 import click
 
@@ -75,30 +74,56 @@ def cli(debug: bool, quiet: bool) -> None:
     _setup_logging(quiet)
 
 
-def model_options(func):
-    @click.option("--model", help="open_clip architecture (e.g. ViT-B-16) or hf-hub:org/repo.")
-    @click.option("--pretrained", help="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local .pt/.pth/.bin/.safetensors file.")
-    @click.option("--model-config", type=click.Path(), help="JSON open_clip model config for a custom architecture.")
-    @wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
+def option_group(options):
+    """One decorator applying a list of click options in order."""
 
-    return wrapper
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
 
 
-def data_options(func):
-    @click.option("--data", type=click.Path(), help="ImageFolder root (class folders, or train/ val/ test/ of them).")
-    @click.option("--val-fraction", type=float, help="Validation share when the data has no val/ folder [0.1].")
-    @click.option("--test-fraction", type=float, help="Test share when the data has no test/ folder [0.2].")
-    @click.option("--classnames", type=click.Path(), help="YAML mapping class folder -> name (or {name, descriptions}).")
-    @click.option("--templates", type=click.Path(), help="Prompt templates file (one per line, each with '{}').")
-    @click.option("--seed", type=int, help="Seed for splits, shots, initialisation and training [0].")
-    @click.option("--strict/--no-strict", default=None, help="Fail on unreadable image files instead of skipping them.")
-    @wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
+model_options = option_group([
+    click.option("--model", help="open_clip architecture (e.g. ViT-B-16) or hf-hub:org/repo."),
+    click.option("--pretrained", help="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local .pt/.pth/.bin/.safetensors file."),
+    click.option("--model-config", type=click.Path(), help="JSON open_clip model config for a custom architecture."),
+])
 
-    return wrapper
+data_options = option_group([
+    click.option("--data", type=click.Path(), help="ImageFolder root (class folders, or train/ val/ test/ of them)."),
+    click.option("--val-fraction", type=float, help="Validation share when the data has no val/ folder [0.1]."),
+    click.option("--test-fraction", type=float, help="Test share when the data has no test/ folder [0.2]."),
+    click.option("--classnames", type=click.Path(), help="YAML mapping class folder -> name (or {name, descriptions})."),
+    click.option("--templates", type=click.Path(), help="Prompt templates file (one per line, each with '{}')."),
+    click.option("--seed", type=int, help="Seed for splits, shots, initialisation and training [0]."),
+    click.option("--strict/--no-strict", default=None, help="Fail on unreadable image files instead of skipping them."),
+])
+
+
+TRAINING_OPTIONS = [
+    click.option("--shots", type=int, help="Images per class sampled from train (seeded)."),
+    click.option("--epochs", type=int),
+    click.option("--lr", type=float),
+    click.option("--batch-size", type=int, help="Global batch size (split across processes)."),
+    click.option("--optimizer", help="adamw | sgd | lion"),
+    click.option("--weight-decay", type=float),
+    click.option("--warmup-steps", type=int),
+    click.option("--grad-accum", type=int, help="Gradient accumulation steps."),
+    click.option("--mixed-precision", help="no | fp16 | bf16"),
+    click.option("--label-smoothing", type=float, help="Label smoothing added to any loss [0]."),
+    click.option("--aug-views", type=int, help="Augmented views cached per training image when the image tower is frozen (0 = none)."),
+    click.option("--num-workers", type=int, help="DataLoader workers for image decoding."),
+    click.option("--recipe", help="Recipe name (recipes/NAME.yaml) or YAML path."),
+    click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE", help="Override any config key (highest precedence)."),
+    click.option("--out", required=True, type=click.Path(), help="Run folder to write."),
+    click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last checkpoint."),
+    click.option("--overwrite", is_flag=True, help="Replace a finished run in --out."),
+]
+
+
+training_options = option_group(TRAINING_OPTIONS)  # shared by finetune and continual
 
 
 def _cli_values(**values):
@@ -130,10 +155,7 @@ METHOD_FLAGS = [
 METHOD_FLAG_NAMES = ["init", "lora_r", "lora_alpha", "lora_dropout", "lora_towers", "lora_targets", "lora_layers", "train_towers", "unlock_last", "lock_logit_scale", "loss", "soft_epsilon", "soft_tau", "n_ctx", "ctx_init", "class_specific", "class_token_position", "prompt_depth"]
 
 
-def method_flags(func):
-    for option in reversed(METHOD_FLAGS):
-        func = option(func)
-    return func
+method_flags = option_group(METHOD_FLAGS)
 
 
 def _split_method_values(options: dict) -> tuple[dict, dict]:
@@ -161,24 +183,8 @@ def zeroshot(split, recipe, set_values, out, overwrite, **options):
 @model_options
 @data_options
 @click.option("--method", help="Adaptation method [linear-probe].")
-@click.option("--shots", type=int, help="Images per class sampled from train (seeded).")
 @click.option("--base-novel/--no-base-novel", default=None, help="Base-to-novel protocol: train on the first half of the classes, test on base and novel.")
-@click.option("--epochs", type=int)
-@click.option("--lr", type=float)
-@click.option("--batch-size", type=int, help="Global batch size (split across processes).")
-@click.option("--optimizer", help="adamw | sgd | lion")
-@click.option("--weight-decay", type=float)
-@click.option("--warmup-steps", type=int)
-@click.option("--grad-accum", type=int, help="Gradient accumulation steps.")
-@click.option("--mixed-precision", help="no | fp16 | bf16")
-@click.option("--label-smoothing", type=float, help="Label smoothing added to any loss [0].")
-@click.option("--aug-views", type=int, help="Augmented views cached per training image when the image tower is frozen (0 = none).")
-@click.option("--num-workers", type=int, help="DataLoader workers for image decoding.")
-@click.option("--recipe", help="Recipe name (recipes/NAME.yaml) or YAML path.")
-@click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE", help="Override any config key (highest precedence).")
-@click.option("--out", required=True, type=click.Path(), help="Run folder to write.")
-@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
+@training_options
 @method_flags
 def finetune(recipe, set_values, out, resume, overwrite, **options):
     """Adapt the model with a method, then evaluate on the test split."""
@@ -247,21 +253,12 @@ def export_command(run, fmt, output, overwrite, wise_alpha):
 @click.option("--strategy", help="naive | lwf | lwf-vr | zscl | wise [naive]")
 @click.option("--method", help="full | lora [full]")
 @click.option("--templates", type=click.Path(), help="Prompt templates file.")
-@click.option("--shots", type=int, help="Training images per class of each task.")
-@click.option("--epochs", type=int)
-@click.option("--lr", type=float)
-@click.option("--batch-size", type=int)
-@click.option("--optimizer", help="adamw | sgd | lion")
 @click.option("--seed", type=int)
 @click.option("--distill-image", type=float, help="zscl: weight of the image-side distillation [1.0].")
 @click.option("--distill-text", type=float, help="zscl: weight of the text-side distillation [1.0].")
 @click.option("--avg-every", type=int, help="zscl: weight-average snapshot every N optimizer steps [100].")
 @click.option("--wise-alpha", type=float, help="wise: weight of the fine-tuned model after each task [0.5].")
-@click.option("--recipe", help="Recipe name or YAML path (may hold a 'tasks:' list).")
-@click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
-@click.option("--out", required=True, type=click.Path(), help="Run folder to write.")
-@click.option("--resume", is_flag=True, help="Continue after the last finished task.")
-@click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
+@training_options
 @method_flags
 def continual(recipe, set_values, out, resume, overwrite, tasks, controls, **options):
     """Learn a sequence of tasks, measuring forgetting and zero-shot transfer (MTIL metrics)."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
+
+import torch
 
 from PIL import Image
 
@@ -34,3 +37,29 @@ def make_imagefolder(root: Path, classes: Sequence[str] = ("red_apple", "green_l
             for i in range(count):
                 make_image(root / split / name / f"{i:03d}.png", COLOURS[index % len(COLOURS)], rng)
     return root
+
+
+@contextmanager
+def block_inputs(*block_lists):
+    """Record the hidden states each block receives, one dict (block index -> tensor) per block list."""
+    records, handles = [], []
+    for blocks in block_lists:
+        seen = {}
+        records.append(seen)
+        for index, block in enumerate(blocks):
+            handles.append(block.register_forward_pre_hook(
+                lambda _m, args, i=index, seen=seen: seen.__setitem__(i, args[0].detach().clone())))
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def maple_block_inputs(method, model, images):
+    """What every text and image block saw during one MaPLe forward, and the vision prompts used."""
+    with block_inputs(model.text.blocks, model.image.blocks) as (text_seen, image_seen), torch.no_grad():
+        method.text_features()
+        method.image_features(images)
+        vision = method.vision_prompts()
+    return text_seen, image_seen, vision

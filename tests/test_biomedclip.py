@@ -18,6 +18,7 @@ from cliptune.methods.lora import SplitQKV
 from cliptune.models import load_model
 from cliptune.towers import HFTextTower
 from cliptune.zeroshot import zeroshot_weights
+from helpers import maple_block_inputs
 from helpers import FIXTURES
 
 CONFIG = str(FIXTURES / "tiny-biomedclip.json")
@@ -118,25 +119,9 @@ def test_full_unlock_last_trains_the_last_blocks_and_heads(biomed):
     assert {"clip.text.proj.0.weight", "clip.visual.head.proj.weight", "clip.visual.trunk.norm.weight"} <= trainable
 
 
-def record_block_inputs(blocks):
-    seen = {}
-    handles = [block.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].detach().clone()))
-               for i, block in enumerate(blocks)]
-    return seen, handles
-
-
 def test_maple_prompts_both_towers(biomed):
     method = build_method("maple", biomed, NAMES, [], {"prompt_depth": 2, "n_ctx": 2}).eval()
-    text_seen, text_hooks = record_block_inputs(biomed.text.blocks)
-    image_seen, image_hooks = record_block_inputs(biomed.image.blocks)
-    try:
-        with torch.no_grad():
-            method.text_features()
-            method.image_features(images())
-            vision = method.vision_prompts()
-    finally:
-        for handle in text_hooks + image_hooks:
-            handle.remove()
+    text_seen, image_seen, vision = maple_block_inputs(method, biomed, images())
     assert torch.equal(text_seen[1][:, 1:3], method.language_prompts()[1].expand(len(NAMES), -1, -1))
     assert torch.equal(image_seen[1][:, -2:], vision[1].expand(3, -1, -1))
     assert torch.equal(image_seen[0][:, -2:], vision[0].expand(3, -1, -1))  # test_vit's pre-norm is the identity

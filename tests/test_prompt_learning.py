@@ -16,7 +16,7 @@ from cliptune.errors import CliptuneError
 from cliptune.methods import build_method
 from cliptune.models import load_model
 from cliptune.zeroshot import zeroshot_weights
-from helpers import make_imagefolder
+from helpers import block_inputs, maple_block_inputs, make_imagefolder
 
 NAMES = ["red apple", "green leaf", "blue sky", "a rather long name for one class"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,13 +113,6 @@ def test_cocoop_text_features_depend_on_the_image(tiny):
 
 
 # ----- MaPLe -----
-def record_block_inputs(blocks):
-    seen, handles = {}, []
-    for index, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(lambda m, args, i=index: seen.__setitem__(i, args[0].detach().clone())))
-    return seen, handles
-
-
 def test_maple_depth_is_capped_and_every_prompted_layer_reaches_both_towers(tiny):
     method = build_method("maple", tiny, NAMES, [], {"prompt_depth": 9}).eval()
     depth = method.depth
@@ -142,16 +135,7 @@ def test_maple_depth_is_capped_and_every_prompted_layer_reaches_both_towers(tiny
 
 def test_maple_deeper_prompts_replace_the_previous_layers_tokens(tiny):
     method = build_method("maple", tiny, NAMES, [], {"prompt_depth": 2, "n_ctx": 2}).eval()
-    text_seen, text_hooks = record_block_inputs(tiny.text.blocks)
-    image_seen, image_hooks = record_block_inputs(tiny.image.blocks)
-    try:
-        with torch.no_grad():
-            method.text_features()
-            method.image_features(images())
-            vision = method.vision_prompts()
-    finally:
-        for handle in text_hooks + image_hooks:
-            handle.remove()
+    text_seen, image_seen, vision = maple_block_inputs(method, tiny, images())
     deep = method.language_prompts()[1]
     assert torch.equal(text_seen[1][:, 1:3], deep.expand(len(NAMES), -1, -1))
     assert torch.equal(image_seen[1][:, -2:], vision[1].expand(3, -1, -1))
@@ -162,14 +146,9 @@ def test_maple_deeper_prompts_replace_the_previous_layers_tokens(tiny):
 def test_maple_with_depth_one_prompts_only_the_input_layers(tiny):
     method = build_method("maple", tiny, NAMES, [], {"prompt_depth": 1}).eval()
     assert len(method.language_prompts()) == 1 and len(method.deep_text) == 0 and len(method.couplings) == 1
-    image_seen, hooks = record_block_inputs(tiny.image.blocks)
-    try:
-        with torch.no_grad():
-            method.image_features(images())
-            vision = method.vision_prompts()
-    finally:
-        for handle in hooks:
-            handle.remove()
+    with block_inputs(tiny.image.blocks) as (image_seen,), torch.no_grad():
+        method.image_features(images())
+        vision = method.vision_prompts()
     n = method.config.n_ctx
     assert image_seen[0].shape[1] == image_seen[1].shape[1] == 17 + n  # 16 patches + class token + prompts
     assert not torch.allclose(image_seen[1][:, -n:], vision[0].expand(3, -1, -1))  # carried over, not re-inserted
