@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from cliptune import api
+from cliptune import api, progress
 from cliptune.config import build_config
 from cliptune.errors import CliptuneError
 from cliptune.export import FORMATS, export_run
@@ -62,6 +62,7 @@ def _setup_logging(quiet: bool) -> None:
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
     console.setLevel(logging.WARNING if quiet else logging.INFO)
+    progress.ENABLED = not quiet
     logger.propagate = False  # libraries may configure the root logger; do not print twice
 
 

@@ -181,9 +181,10 @@ class ContinualLearner(nn.Module):
                                 generator=torch.Generator().manual_seed(config.seed), drop_last=len(ref_images) > config.batch_size)
             self._reference = loader
             self._reference_iter = iter(loader)
+        self._hook = None
         if strategy == "lwf-vr" and not method.uses_image_features:
             # capture the student's image features during the wrapped forward (no second image pass)
-            method.clip.visual.register_forward_hook(self._capture_image_features)
+            self._hook = method.clip.visual.register_forward_hook(self._capture_image_features)
         if teacher is not None:
             with torch.no_grad():
                 if strategy == "lwf":
@@ -235,10 +236,19 @@ class ContinualLearner(nn.Module):
         if self.average is not None and self.steps % self.settings.avg_every == 0:
             self.average.add(self.trainable_state_dict())
 
-    def finish_task(self) -> None:
-        """ZSCL: the task's result is the running weight average (the final weights if none was taken)."""
+    def finish_task(self) -> bool:
+        """Detach from the model (hook, per-step tensors); for ZSCL load the running weight average.
+
+        Returns True when the weight average became the task's result (else the best epoch is used).
+        """
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._student_images = self._regulariser = None
         if self.average is not None and self.average.count:
             self.load_trainable_state_dict(self.average.mean)
+            return True
+        return False
 
     # distillation terms
     def _student_text(self, texts: Sequence[str]) -> torch.Tensor:
@@ -385,9 +395,8 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
             trainer = Trainer(learner, config, task_run, accelerator)
             trainer.fit(train, val, data.classes)
             learner = accelerator.unwrap_model(trainer.model)
-            if isinstance(learner, ContinualLearner) and learner.average is not None:
-                learner.finish_task()  # ZSCL keeps the weight average, not the best epoch
-            else:
+            averaged = learner.finish_task() if isinstance(learner, ContinualLearner) else False
+            if not averaged:  # ZSCL keeps its weight average; the others their best epoch
                 load_method_state(learner, task_run.checkpoints / "best")
             state = method.merged_state_dict()
             if config.strategy == "wise":

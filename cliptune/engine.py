@@ -19,13 +19,13 @@ from typing import Dict, List, Optional
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from cliptune.config import RunConfig
 from cliptune.data import ImageDataset
 from cliptune.errors import CliptuneError, InterruptedRun
 from cliptune.methods.base import Method
 from cliptune.metrics import classification_metrics
+from cliptune.progress import progress_bar
 from cliptune.runfolder import RunFolder, atomic_save_safetensors, atomic_torch_save, atomic_write_json, replace_dir
 
 log = logging.getLogger("cliptune")
@@ -181,8 +181,8 @@ class Trainer:
             loss_sum, seen = (partial_loss if resuming_mid_epoch else (0.0, 0))
             # the last optimizer-step boundary: where a Ctrl-C checkpoint resumes from
             boundary = (first_step, torch.get_rng_state(), loss_sum, seen, summary.images_seen)
-            bar = tqdm(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}/{config.epochs}",
-                       disable=not accelerator.is_local_main_process, leave=False)
+            bar = progress_bar(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}/{config.epochs}",
+                               main_process=accelerator.is_local_main_process, leave=False)
             try:
                 stream = self._local_batches(train, batches[first_step:], views)
                 for step, (x, y) in enumerate(stream, start=first_step):

@@ -15,10 +15,10 @@ from typing import Dict, Optional
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from cliptune.data import ImageDataset, Split
 from cliptune.models import LoadedModel
+from cliptune.progress import progress_bar
 
 log = logging.getLogger("cliptune")
 _MEMORY: Dict[str, torch.Tensor] = {}
@@ -40,7 +40,8 @@ def _encode(model: LoadedModel, split: Split, transform, batch_size: int, num_wo
     loader = DataLoader(ImageDataset(split, transform), batch_size=batch_size, num_workers=num_workers)
     chunks = []
     device = accelerator.device if accelerator is not None else torch.device("cpu")
-    for images, _ in tqdm(loader, desc=desc, leave=False, disable=accelerator is not None and not accelerator.is_local_main_process):
+    main_process = accelerator is None or accelerator.is_local_main_process
+    for images, _ in progress_bar(loader, desc=desc, leave=False, main_process=main_process):
         with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
             chunks.append(model.image.encode(images.to(device), normalize=False).float().cpu())
     return torch.cat(chunks)

@@ -93,6 +93,13 @@ def test_wise_strategy_with_alpha_zero_keeps_the_initial_model(tiny_config, spli
     assert result["control_acc"][-1] == pytest.approx(result["zeroshot_control"], abs=1e-6)
 
 
+@pytest.mark.parametrize("strategy", ["lwf-vr", "lwf"])
+def test_lora_strategies_carry_merged_weights(tiny_config, split_data, colour_data, tmp_path, strategy):
+    config = _continual_config(split_data, colour_data, tiny_config, strategy, method="lora")
+    result = continual(config, tmp_path / strategy)
+    assert len(result["acc"]) == 2 and all(0 <= a <= 1 for row in result["acc"] for a in row)
+
+
 def test_resume_continues_after_the_last_finished_task(tiny_config, split_data, colour_data, tmp_path, monkeypatch):
     config = _continual_config(split_data, colour_data, tiny_config, "lwf")
     straight = continual(config, tmp_path / "straight")
@@ -129,3 +136,12 @@ def test_continual_cli_errors_and_defaults(tiny_config, split_data, tmp_path):
     result = runner.invoke(cli, ["continual", "--model-config", tiny_config, "--task", str(split_data),
                                  "--method", "linear-probe", "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "use --method" in result.output
+
+
+def test_demo_zscl_keeps_more_control_accuracy_than_naive(tmp_path):
+    """The README's continual demo: ZSCL preserves zero-shot ability on never-trained classes better."""
+    results = {strategy: continual(build_config("continual-demo", {"strategy": strategy}), tmp_path / strategy)
+               for strategy in ("naive", "zscl")}
+    control = {s: sum(row[0] for row in r["control_acc"]) / len(r["control_acc"]) for s, r in results.items()}
+    assert control["zscl"] > control["naive"]
+    assert results["zscl"]["transfer"] > results["naive"]["transfer"]
