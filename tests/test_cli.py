@@ -72,7 +72,7 @@ def test_eval_of_class_specific_head_on_other_classes_is_refused(tiny_config, sp
 
 def _assert_clean_failure(result, message, out=None):
     assert result.exit_code != 0
-    assert f"error: " in result.output and message in result.output, result.output
+    assert "error: " in result.output and message in result.output, result.output
     assert "Traceback" not in result.output
     lines = [l for l in result.output.splitlines() if l.startswith("error:")]
     assert len(lines) == 1

@@ -8,7 +8,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cliptune import api
 from cliptune.cli import cli
 from cliptune.config import build_config
 from cliptune.continual import (ContinualLearner, WeightAverage, continual, distillation_kl, feature_distillation,

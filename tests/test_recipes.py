@@ -1,7 +1,6 @@
 """Every bundled recipe validates, lists, shows, and runs one training step on a tiny model of its architecture."""
 
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
