@@ -266,6 +266,8 @@ class ContinualLearner(nn.Module):
             teacher_images = inputs if features_fed else teacher.image.encode(inputs, normalize=False)
             teacher_images = F.normalize(teacher_images.float(), dim=-1)
         if self.strategy == "lwf":
+            if logits.shape[-1] != len(self.method.classnames):
+                raise CliptuneError("lwf distils class logits: use it with a classification loss (e.g. --set full.loss=ce)")
             teacher_logits = scale * teacher_images @ self._teacher_classes.T
             return distillation_kl(teacher_logits, logits, settings.distill_temperature)
         chosen = self._rng.sample(range(len(self.vocabulary)), min(settings.vocab_per_step, len(self.vocabulary)))

@@ -13,7 +13,7 @@ from cliptune.config import build_config
 from cliptune.continual import (ContinualLearner, WeightAverage, continual, distillation_kl, feature_distillation,
                                 mtil_metrics, reference_texts)
 from cliptune.engine import Trainer
-from cliptune.errors import InterruptedRun
+from cliptune.errors import CliptuneError, InterruptedRun
 from cliptune.methods import build_method
 from cliptune.models import load_model
 
@@ -144,3 +144,10 @@ def test_demo_zscl_keeps_more_control_accuracy_than_naive(tmp_path):
     control = {s: sum(row[0] for row in r["control_acc"]) / len(r["control_acc"]) for s, r in results.items()}
     assert control["zscl"] > control["naive"]
     assert results["zscl"]["transfer"] > results["naive"]["transfer"]
+
+
+def test_lwf_with_a_contrastive_loss_is_refused(tiny_config, split_data, colour_data, tmp_path):
+    config = _continual_config(split_data, colour_data, tiny_config, "lwf")
+    config.methods["full"] = {"loss": "contrastive"}
+    with pytest.raises(CliptuneError, match="lwf distils class logits"):
+        continual(config, tmp_path / "run")
