@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from cliptune.errors import CliptuneError
 from cliptune.losses import class_similarity, contrastive_loss, soft_target_loss
 from cliptune.methods.base import Method, MethodConfig
-from cliptune.zeroshot import class_prompts
+from cliptune.zeroshot import class_embeddings, class_prompts, encode_prompt_grid, prompt_grid_tokens
 
 TOWERS = ("vision", "text")
 LOSSES = ("ce", "contrastive", "soft-target")
@@ -89,8 +89,7 @@ class FullFineTune(Method):
     def _prepare_classes(self) -> None:
         """Tokenise every (class, template) prompt once; encode them once too when the text tower is frozen."""
         text = self.model.text
-        prompts = [p for name in self.classnames for p in class_prompts(name, self.templates)]
-        self.register_buffer("prompt_tokens", text.tokenize(prompts), persistent=False)
+        self.register_buffer("prompt_tokens", prompt_grid_tokens(text, self.classnames, self.templates), persistent=False)
         self._eval_class_features = None
         if not self.text_trains:
             with torch.no_grad():
@@ -98,19 +97,18 @@ class FullFineTune(Method):
 
     def _encode_prompts(self) -> torch.Tensor:
         """(classes, templates, dim) unit-norm features of all prompts (in chunks when no gradient is needed)."""
-        chunk = len(self.prompt_tokens) if torch.is_grad_enabled() else 256
-        features = torch.cat([self.model.text.encode(tokens, normalize=True) for tokens in self.prompt_tokens.split(chunk)])
-        return features.view(len(self.classnames), len(self.templates), -1)
+        chunk = None if torch.is_grad_enabled() else 256
+        return encode_prompt_grid(self.model.text, self.prompt_tokens, len(self.classnames), chunk)
 
     def class_features(self) -> torch.Tensor:
         """(classes, dim) zero-shot head: the normalised mean of the normalised template features."""
         if not self.text_trains:
-            return F.normalize(self.prompt_features.mean(dim=1), dim=-1)
+            return class_embeddings(self.prompt_features)
         if self.training:
-            return F.normalize(self._encode_prompts().mean(dim=1), dim=-1)
+            return class_embeddings(self._encode_prompts())
         if self._eval_class_features is None:  # eval: once per evaluation pass, dropped by train()/eval()
             with torch.no_grad():
-                self._eval_class_features = F.normalize(self._encode_prompts().mean(dim=1), dim=-1)
+                self._eval_class_features = class_embeddings(self._encode_prompts())
         return self._eval_class_features
 
     @torch.no_grad()

@@ -33,7 +33,7 @@ from torch import nn
 
 from cliptune.errors import CliptuneError
 from cliptune.methods.base import Method, MethodConfig
-from cliptune.zeroshot import class_prompts
+from cliptune.zeroshot import class_embeddings, encode_prompt_grid, prompt_grid_tokens
 
 TOWERS = ("vision", "text")
 TARGETS = ("q", "k", "v", "out")
@@ -224,8 +224,8 @@ class LoRA(Method):
     # ----- classification -----
     def set_classes(self, classnames) -> None:
         super().set_classes(classnames)
-        prompts = [p for name in self.classnames for p in class_prompts(name, self.templates)]
-        self.register_buffer("prompt_tokens", self.model.text.tokenize(prompts), persistent=False)
+        self.register_buffer("prompt_tokens", prompt_grid_tokens(self.model.text, self.classnames, self.templates),
+                             persistent=False)
         self._text_cache = None
 
     def class_features(self) -> torch.Tensor:
@@ -234,10 +234,8 @@ class LoRA(Method):
             return self._text_cache
         training = self.training and self.text_adapted
         with torch.set_grad_enabled(training and torch.is_grad_enabled()):
-            text = self.model.text
-            chunks = self.prompt_tokens.split(len(self.prompt_tokens) if training else 256)
-            features = torch.cat([text.encode(chunk, normalize=True) for chunk in chunks])
-            features = F.normalize(features.view(len(self.classnames), len(self.templates), -1).mean(dim=1), dim=-1)
+            grid = encode_prompt_grid(self.model.text, self.prompt_tokens, len(self.classnames), None if training else 256)
+            features = class_embeddings(grid)
         if not training:  # frozen text tower, or evaluating: encode once, reuse until training resumes
             self._text_cache = features
         return features
