@@ -37,7 +37,7 @@ from cliptune.config import RunConfig, load_config, save_config
 from cliptune.data import IMAGE_EXTENSIONS, ImageFolderData, eval_transform, load_imagefolder
 from cliptune.engine import Trainer, load_method_state
 from cliptune.errors import CliptuneError
-from cliptune.methods import METHODS, build_method
+from cliptune.methods import build_method, methods_exporting
 from cliptune.models import LoadedModel, load_model
 from cliptune.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json
 from cliptune.templates import load_templates
@@ -345,7 +345,7 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
         raise CliptuneError("no tasks given: pass --task DIR (one per task, in order) or a recipe with 'tasks:'")
     if config.strategy not in STRATEGIES:
         raise CliptuneError(f"unknown strategy '{config.strategy}' (available: {', '.join(STRATEGIES)})")
-    mergeable = sorted(n for n, e in METHODS.items() if "merged" in e.method_class.export_formats)
+    mergeable = methods_exporting("merged")
     if config.method not in mergeable:
         raise CliptuneError(f"continual learning carries merged weights from task to task: use --method {' or '.join(mergeable)}")
     if config.strategy == "zscl" and not config.reference:

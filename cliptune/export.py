@@ -21,7 +21,7 @@ import torch
 from cliptune.config import load_config
 from cliptune.engine import load_method_state
 from cliptune.errors import CliptuneError
-from cliptune.methods import METHODS, build_method
+from cliptune.methods import METHODS, build_method, methods_exporting
 from cliptune.methods.base import Method
 from cliptune.models import load_model
 from cliptune.runfolder import RunFolder, atomic_save_safetensors, read_json
@@ -48,7 +48,7 @@ def check_format(method_name: str, fmt: str) -> None:
         raise CliptuneError(f"unknown export format '{fmt}' (available: {', '.join(FORMATS)})")
     supported = METHODS[method_name].method_class.export_formats if method_name in METHODS else ()
     if fmt not in supported:
-        able = sorted(name for name, entry in METHODS.items() if fmt in entry.method_class.export_formats)
+        able = methods_exporting(fmt)
         can = f"it supports: {', '.join(supported)}" if supported else "it supports no export format"
         raise CliptuneError(f"method '{method_name}' cannot be exported as '{fmt}' ({can}; '{fmt}' works for: {', '.join(able)})")
 

@@ -52,11 +52,11 @@ def interpolate(zeroshot: StateDict, finetuned: StateDict, alpha: float) -> Stat
 def run_weights(run_dir: str | Path, device: str | torch.device = "cpu") -> Tuple[RunConfig, StateDict, StateDict]:
     """A run's config, its zero-shot (initial) open_clip state_dict and its fine-tuned (merged) one."""
     from cliptune.export import merged_state_dict
-    from cliptune.methods import METHODS
+    from cliptune.methods import methods_exporting
     from cliptune.models import load_model
 
     config = load_config(RunFolder(run_dir).config)
-    mergeable = sorted(name for name, entry in METHODS.items() if "merged" in entry.method_class.export_formats)
+    mergeable = methods_exporting("merged")
     if config.method not in mergeable:
         raise CliptuneError(f"WiSE-FT needs a run whose weights merge into CLIP ({', '.join(mergeable)}); "
                             f"{run_dir} is a '{config.method}' run")

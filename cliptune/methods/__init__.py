@@ -26,6 +26,11 @@ class MethodEntry:
 METHODS: Dict[str, MethodEntry] = {cls.name: MethodEntry(cls) for cls in (LinearProbe, LoRA, FullFineTune, CoOp, CoCoOp, MaPLe)}
 
 
+def methods_exporting(fmt: str) -> list:
+    """Names of the methods whose runs can be written as `fmt` ("merged": weights that fold into CLIP)."""
+    return sorted(name for name, entry in METHODS.items() if fmt in entry.method_class.export_formats)
+
+
 def build_method(name, model, classnames, templates, options=None, descriptions=None) -> Method:
     from cliptune.errors import CliptuneError
 
