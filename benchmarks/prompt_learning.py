@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cliptune.api import make_accelerator  # noqa: E402
+from cliptune.session import make_accelerator  # noqa: E402
 from cliptune.config import RunConfig  # noqa: E402
 from cliptune.engine import Inputs, Trainer  # noqa: E402
 from cliptune.methods import build_method  # noqa: E402

@@ -38,8 +38,9 @@ from cliptune.data import IMAGE_EXTENSIONS, ImageFolderData, eval_transform, loa
 from cliptune.engine import Trainer, load_method_state
 from cliptune.errors import CliptuneError
 from cliptune.methods import build_method, methods_exporting
-from cliptune.models import LoadedModel, load_model
+from cliptune.models import LoadedModel
 from cliptune.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json
+from cliptune.session import Session, make_accelerator, model_from_config
 from cliptune.templates import load_templates
 from cliptune.wise import interpolate
 from cliptune.zeroshot import zeroshot_weights
@@ -297,8 +298,6 @@ class ContinualLearner(nn.Module):
 # ----- the task loop -----
 def _evaluate(config: RunConfig, model: LoadedModel, data: ImageFolderData, templates, accelerator, cache_dir) -> float:
     """Top-1 of the model's zero-shot head (the classifier of full/LoRA runs) on a task's test split."""
-    from cliptune.api import Session
-
     return Session(config, model, data, templates, accelerator, cache_dir).zeroshot_metrics("test")["top1"]
 
 
@@ -336,7 +335,6 @@ def _plot(path: Path, acc, tasks, title: str) -> None:
 
 def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False) -> Dict:
     """Learn `config.tasks` in order with `config.strategy`; returns (and writes) RUN/continual.json."""
-    from cliptune.api import Session, make_accelerator
 
     run = RunFolder(out)
     if resume:
@@ -357,7 +355,7 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
     ref_images = reference_images(config.reference) if config.strategy == "zscl" else None
     vocabulary = reference_texts(config.reference_texts) if config.strategy in ("lwf-vr", "zscl") else None
     accelerator = make_accelerator(config.mixed_precision)
-    model = load_model(config.model, config.pretrained, config.model_config, device=accelerator.device, seed=config.seed)
+    model = model_from_config(config, accelerator.device)
     if accelerator.is_main_process:
         run.prepare(overwrite=overwrite, resume=resume)
     accelerator.wait_for_everyone()

@@ -18,28 +18,16 @@ from typing import Dict, Optional
 
 import torch
 
-from cliptune.config import load_config
-from cliptune.engine import load_method_state
 from cliptune.errors import CliptuneError
-from cliptune.methods import METHODS, build_method, methods_exporting
+from cliptune.methods import METHODS, methods_exporting
 from cliptune.methods.base import Method
-from cliptune.models import load_model
-from cliptune.runfolder import RunFolder, atomic_save_safetensors, read_json
-from cliptune.templates import load_templates
+from cliptune.runfolder import atomic_save_safetensors
+from cliptune.session import finished_run, load_run_method
 from cliptune.wise import check_alpha, wise_state_dict
 
 FORMATS = ("merged", "adapter")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def _best(run_dir: str | Path) -> tuple:
-    run = RunFolder(run_dir)
-    config = load_config(run.config)
-    best = run.checkpoints / "best"
-    if not (best / "method.json").is_file():
-        raise CliptuneError(f"{run.root} has no trained weights (checkpoints/best is missing)")
-    return config, best, read_json(best / "method.json")
 
 
 def check_format(method_name: str, fmt: str) -> None:
@@ -53,18 +41,9 @@ def check_format(method_name: str, fmt: str) -> None:
         raise CliptuneError(f"method '{method_name}' cannot be exported as '{fmt}' ({can}; '{fmt}' works for: {', '.join(able)})")
 
 
-def load_run_method(run_dir: str | Path, device: str | torch.device = "cpu") -> Method:
-    """The run's method with its best weights, on the base model the run was trained from."""
-    config, best, sidecar = _best(run_dir)
-    model = load_model(config.model, config.pretrained, config.model_config, device=device, seed=config.seed)
-    method = build_method(sidecar["method"], model, sidecar["classes"], load_templates(config.templates), sidecar["config"])
-    load_method_state(method, best)
-    return method.to(device).eval()
-
-
 def merged_state_dict(run_dir: str | Path) -> Dict[str, torch.Tensor]:
     """The run's full open_clip state_dict with its learned weights merged (same keys as the base model)."""
-    _, _, sidecar = _best(run_dir)
+    _, _, sidecar = finished_run(run_dir)
     check_format(sidecar["method"], "merged")
     return load_run_method(run_dir).merged_state_dict()
 
@@ -82,7 +61,7 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, overwrite: boo
 
     `wise_alpha` (merged only) writes the WiSE-FT mixture `(1-A)·zero-shot + A·fine-tuned` instead.
     """
-    config, _, sidecar = _best(run_dir)
+    config, _, sidecar = finished_run(run_dir)
     check_format(sidecar["method"], fmt)
     if wise_alpha is not None:
         if fmt != "merged":

@@ -16,8 +16,12 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from cliptune.config import RunConfig, load_config
+from cliptune.engine import Trainer
 from cliptune.errors import CliptuneError
+from cliptune.methods import build_method, methods_exporting
+from cliptune.methods.full import FullFineTune
 from cliptune.runfolder import RunFolder, atomic_write_json, read_json
+from cliptune.session import Session, load_run_method, make_accelerator, model_from_config
 
 log = logging.getLogger("cliptune")
 StateDict = Dict[str, torch.Tensor]
@@ -51,17 +55,13 @@ def interpolate(zeroshot: StateDict, finetuned: StateDict, alpha: float) -> Stat
 
 def run_weights(run_dir: str | Path, device: str | torch.device = "cpu") -> Tuple[RunConfig, StateDict, StateDict]:
     """A run's config, its zero-shot (initial) open_clip state_dict and its fine-tuned (merged) one."""
-    from cliptune.export import merged_state_dict
-    from cliptune.methods import methods_exporting
-    from cliptune.models import load_model
-
     config = load_config(RunFolder(run_dir).config)
     mergeable = methods_exporting("merged")
     if config.method not in mergeable:
         raise CliptuneError(f"WiSE-FT needs a run whose weights merge into CLIP ({', '.join(mergeable)}); "
                             f"{run_dir} is a '{config.method}' run")
-    finetuned = merged_state_dict(run_dir)
-    model = load_model(config.model, config.pretrained, config.model_config, device=device, seed=config.seed)
+    finetuned = load_run_method(run_dir).merged_state_dict()
+    model = model_from_config(config, device)
     return config, model.clip.state_dict(), finetuned
 
 
@@ -84,10 +84,6 @@ def parse_alphas(text: str) -> list:
 
 def wise_sweep(run_dir: str | Path, data_dir: Optional[str] = None, alphas: Sequence[float] = (0, 0.25, 0.5, 0.75, 1)) -> Dict:
     """Evaluate each mixture on val and test; write RUN/wise.json and RUN/wise.png (best alpha chosen on val)."""
-    from cliptune.api import Session, make_accelerator
-    from cliptune.engine import Trainer
-    from cliptune.methods import build_method
-    from cliptune.methods.full import FullFineTune
 
     alphas = [check_alpha(a) for a in alphas]
     run = RunFolder(run_dir)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from cliptune import api
+from cliptune import session as session_lib
 from cliptune.config import build_config
 from cliptune.data import eval_transform, load_imagefolder
 from cliptune.engine import Trainer
@@ -57,8 +58,8 @@ def test_finetune_metrics_and_run_folder(tiny_config, colour_data, tmp_path):
 
 def test_frozen_backbone_is_bit_identical(tiny_config, colour_data, tmp_path):
     config = _config(colour_data, tiny_config)
-    accelerator = api.make_accelerator()
-    session = api.Session.open(config, accelerator)
+    accelerator = session_lib.make_accelerator()
+    session = session_lib.Session.open(config, accelerator)
     before = {k: v.clone() for k, v in session.model.clip.state_dict().items()}
     method = build_method("linear-probe", session.model, session.data.classnames, session.templates)
     head_before = method.head.weight.detach().clone()
@@ -85,7 +86,7 @@ def test_aug_views_are_cached_once_and_drawn_per_epoch(tiny_config, colour_data,
     model = load_model(model_config=tiny_config)
     data = load_imagefolder(colour_data)
     config = _config(colour_data, tiny_config, aug_views=3)
-    session = api.Session(config, model, data, ["a {}."], api.make_accelerator(), tmp_path)
+    session = session_lib.Session(config, model, data, ["a {}."], session_lib.make_accelerator(), tmp_path)
     views = session.features("train", augmented=True)
     assert views.shape[:2] == (3, len(data.splits["train"]))
     assert not torch.allclose(views[0], views[1])  # views differ: augmentation is not dropped

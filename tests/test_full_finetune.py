@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from open_clip.loss import ClipLoss
 
 from cliptune import api
+from cliptune import session as session_lib
 from cliptune.cli import cli
 from cliptune.config import build_config
 from cliptune.engine import Trainer
@@ -121,8 +122,8 @@ def test_tower_and_logit_scale_selection(tiny_config):
 def test_unlock_last_one_leaves_every_other_block_bit_identical(tiny_config, split_data):
     config = build_config(None, {"data": str(split_data), "model_config": tiny_config, "method": "full", "epochs": 1,
                                  "lr": 0.01, "batch_size": 8}, method_values={"unlock_last": 1})
-    accelerator = api.make_accelerator()
-    session = api.Session.open(config, accelerator)
+    accelerator = session_lib.make_accelerator()
+    session = session_lib.Session.open(config, accelerator)
     method = build_method("full", session.model, session.data.classnames, session.templates, config.method_options())
     before = {k: v.clone() for k, v in method.clip.state_dict().items()}
     Trainer(method, config, None, accelerator).fit(session.inputs("train", False, train=True), None, session.data.classes)

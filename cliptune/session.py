@@ -1,0 +1,122 @@
+"""What every command sets up before it works: the accelerator, the model, the data and the templates.
+
+`api`, `export`, `wise` and `continual` build on this module and not on each other, so the library
+has no import cycles (tests/test_imports.py walks them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from cliptune.config import RunConfig, load_config
+from cliptune.data import ImageDataset, ImageFolderData, eval_transform, labels_tensor, load_imagefolder, train_transform
+from cliptune.engine import Inputs, load_method_state
+from cliptune.errors import CliptuneError
+from cliptune.features import image_features
+from cliptune.methods import build_method
+from cliptune.methods.base import Method
+from cliptune.metrics import classification_metrics
+from cliptune.models import LoadedModel, load_model
+from cliptune.runfolder import RunFolder, read_json
+from cliptune.templates import load_templates
+from cliptune.zeroshot import zeroshot_weights
+
+
+def model_from_config(config: RunConfig, device: str | torch.device = "cpu") -> LoadedModel:
+    """The base model a run config names (what every command that rebuilds a run starts from)."""
+    return load_model(config.model, config.pretrained, config.model_config, device=device, seed=config.seed)
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """An Accelerator for this process; resets accelerate's singleton state between library calls."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # several runs in one Python process (tests, notebooks)
+    mps = getattr(torch.backends, "mps", None)
+    has_accelerator = torch.cuda.is_available() or bool(mps and mps.is_available())
+    try:
+        # cpu=True on CPU-only machines is what makes accelerate use gloo under torchrun
+        return Accelerator(mixed_precision=mixed_precision, cpu=not has_accelerator)
+    except ValueError as exc:
+        raise CliptuneError(f"mixed precision '{mixed_precision}' is not available here: {exc}") from None
+
+
+@dataclass
+class Session:
+    """Model, data and templates of one command, on the accelerator's device."""
+
+    config: RunConfig
+    model: LoadedModel
+    data: ImageFolderData
+    templates: list
+    accelerator: object
+    cache_dir: Optional[Path]
+
+    @classmethod
+    def open(cls, config: RunConfig, accelerator, cache_dir: Optional[Path] = None, data_dir: Optional[str] = None) -> "Session":
+        data_dir = data_dir or config.data
+        if not data_dir:
+            raise CliptuneError("no data given: pass --data DIR (an ImageFolder root)")
+        data = load_imagefolder(
+            data_dir, config.val_fraction, config.test_fraction, config.seed, config.shots, config.classnames, config.strict
+        )
+        templates = load_templates(config.templates)
+        model = model_from_config(config, accelerator.device)
+        return cls(config, model, data, templates, accelerator, cache_dir)
+
+    @property
+    def eval_transform(self):
+        m = self.model
+        return eval_transform(m.image_size, m.mean, m.std, m.interpolation)
+
+    @property
+    def train_transform(self):
+        c, m = self.config, self.model
+        return train_transform(m.image_size, m.mean, m.std, c.aug_crop_scale, c.aug_hflip, c.aug_color_jitter, m.interpolation)
+
+    def features(self, split: str, augmented: bool = False) -> torch.Tensor:
+        c = self.config
+        views = c.aug_views if augmented else 0
+        transform = self.train_transform if views > 0 else self.eval_transform
+        return image_features(
+            self.model, self.data.split(split), transform, views=views, seed=c.seed, cache_dir=self.cache_dir,
+            batch_size=c.eval_batch_size, num_workers=c.num_workers, accelerator=self.accelerator, desc=f"{split} features",
+        )
+
+    def inputs(self, split: str, use_features: bool, train: bool = False) -> Inputs:
+        labels = labels_tensor(self.data.split(split))
+        if use_features:
+            return Inputs(labels=labels, features=self.features(split, augmented=train))
+        transform = self.train_transform if train else self.eval_transform
+        return Inputs(labels=labels, images=ImageDataset(self.data.split(split), transform))
+
+    def zeroshot_metrics(self, split: str) -> Dict:
+        weights = zeroshot_weights(self.model.text, self.data.classnames, self.templates)
+        features = F.normalize(self.features(split).to(weights.device), dim=-1)
+        logits = self.model.logit_scale * features @ weights.T
+        return classification_metrics(logits, labels_tensor(self.data.split(split)), self.data.classes)
+
+
+def finished_run(run_dir: str | Path) -> tuple:
+    """A finished run's config, its best-weights folder and that folder's method.json."""
+    run = RunFolder(run_dir)
+    config = load_config(run.config)
+    best = run.checkpoints / "best"
+    if not (best / "method.json").is_file():
+        raise CliptuneError(f"{run.root} has no trained weights (checkpoints/best is missing)")
+    return config, best, read_json(best / "method.json")
+
+
+def load_run_method(run_dir: str | Path, device: str | torch.device = "cpu") -> Method:
+    """The run's method with its best weights, on the base model the run was trained from."""
+    config, best, sidecar = finished_run(run_dir)
+    model = model_from_config(config, device)
+    method = build_method(sidecar["method"], model, sidecar["classes"], load_templates(config.templates), sidecar["config"])
+    load_method_state(method, best)
+    return method.to(device).eval()
