@@ -84,12 +84,11 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
         use_features = method.uses_image_features
         train = session.inputs("train", use_features, train=True)
         val = session.inputs("val", use_features) if len(data.splits["val"]) else None
-        trainable = sum(p.numel() for p in method.trainable_parameters())
-        log.info("method %s: %d trainable parameters, %d training images, %d classes",
-                 config.method, trainable, len(train), len(data.classes))
+        log.info("method %s: %d training images, %d classes", config.method, len(train), len(data.classes))
         trainer = Trainer(method, config, run, accelerator)
         summary = trainer.fit(train, val, data.classes, resume=resume)
         method = accelerator.unwrap_model(trainer.model)
+        trainable = sum(p.numel() for p in method.trainable_parameters())  # after prepare(): some methods size them there
         load_method_state(method, run.checkpoints / "best")
         test = trainer.evaluate(session.inputs("test", use_features), data.classes)
         log.info(_line(f"{config.method} test", test))

@@ -105,16 +105,22 @@ data_options = option_group([
 
 TRAINING_OPTIONS = [
     click.option("--shots", type=int, help="Images per class sampled from train (seeded)."),
-    click.option("--epochs", type=int),
-    click.option("--lr", type=float),
+    click.option("--epochs", type=int, help="Training epochs [the method's default]."),
+    click.option("--steps", type=int, help="Optimizer-step budget instead of --epochs; the schedule scales to it."),
+    click.option("--lr", type=float, help="Learning rate [the method's default]."),
     click.option("--batch-size", type=int, help="Global batch size (split across processes)."),
     click.option("--optimizer", help="adamw | sgd | lion"),
     click.option("--weight-decay", type=float),
-    click.option("--warmup-steps", type=int),
+    click.option("--warmup-steps", type=int, help="Linear warm-up to --lr over this many optimizer steps."),
+    click.option("--warmup-epochs", type=int, help="Constant warm-up epochs at --warmup-lr first (Dassl) [method default]."),
+    click.option("--warmup-lr", type=float, help="Learning rate of the constant warm-up [1e-5]."),
+    click.option("--select", type=click.Choice(["last", "best-val"]), help="Checkpoint evaluated at the end [method default]."),
+    click.option("--val-shots", type=int, help="Validation images per class [min(--shots, 4) with --shots, else all]."),
     click.option("--grad-accum", type=int, help="Gradient accumulation steps."),
     click.option("--mixed-precision", help="no | fp16 | bf16"),
     click.option("--label-smoothing", type=float, help="Label smoothing added to any loss [0]."),
     click.option("--aug-views", type=int, help="Augmented views cached per training image when the image tower is frozen (0 = none)."),
+    click.option("--aug-per-step/--no-aug-per-step", default=None, help="Frozen image tower: re-augment and re-encode every step (exact, slower) instead of a view bank."),
     click.option("--num-workers", type=int, help="DataLoader workers for image decoding."),
     click.option("--recipe", help="Recipe name (recipes/NAME.yaml) or YAML path."),
     click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE", help="Override any config key (highest precedence)."),
@@ -131,37 +137,65 @@ def _cli_values(**values):
     return {key: value for key, value in values.items() if value is not None}
 
 
-# Method options as CLI flags: each goes into the `<method>:` section of the run's method, e.g.
-# `--n-ctx 4` with `--method coop` sets `coop.n_ctx`. Methods add their flags here.
-METHOD_FLAGS = [
-    click.option("--linear-probe-init", "init", help="linear-probe head initialisation: zeroshot | random."),
-    click.option("--lora-r", "lora_r", type=int, help="lora: rank of each update [2]."),
-    click.option("--lora-alpha", "lora_alpha", type=float, help="lora: scaling numerator (update x alpha/r) [1]."),
-    click.option("--lora-dropout", "lora_dropout", type=float, help="lora: dropout on the LoRA branch [0.25]."),
-    click.option("--lora-towers", "lora_towers", help="lora: towers to adapt, comma list of vision,text [vision,text]."),
-    click.option("--lora-targets", "lora_targets", help="lora: attention projections, comma list of q,k,v,out [q,k,v]."),
-    click.option("--lora-layers", "lora_layers", help="lora: blocks to adapt: all, or indices/ranges like 6-11 [all]."),
-    click.option("--train-towers", "train_towers", help="full: towers to fine-tune, comma list of vision,text [vision,text]."),
-    click.option("--unlock-last", "unlock_last", type=int, help="full: train only the last N blocks of each tower (+ final norms/projections) [all]."),
-    click.option("--lock-logit-scale/--no-lock-logit-scale", "lock_logit_scale", default=None, help="full: keep the logit scale fixed [lock]."),
-    click.option("--loss", "loss", type=click.Choice(["ce", "contrastive", "soft-target"]), help="full: ce | contrastive (FLYP) | soft-target [ce]."),
-    click.option("--soft-epsilon", "soft_epsilon", type=float, help="full: soft-target share moved to similar classes [0.1]."),
-    click.option("--soft-tau", "soft_tau", type=float, help="full: soft-target class-similarity temperature [0.05]."),
-    click.option("--n-ctx", "n_ctx", type=int, help="coop/cocoop/maple: learned context tokens [16/4/2]."),
-    click.option("--ctx-init", "ctx_init", help="coop/cocoop/maple: initialise the context from this phrase, e.g. 'a photo of a'."),
-    click.option("--class-specific/--no-class-specific", "class_specific", default=None, help="coop: one context per class (CSC) [off]."),
-    click.option("--class-token-position", "class_token_position", type=click.Choice(["end", "middle", "front"]), help="coop: where the class name goes [end]."),
-    click.option("--prompt-depth", "prompt_depth", type=int, help="maple: layers carrying prompts, input included [9]."),
-]
-METHOD_FLAG_NAMES = ["init", "lora_r", "lora_alpha", "lora_dropout", "lora_towers", "lora_targets", "lora_layers", "train_towers", "unlock_last", "lock_logit_scale", "loss", "soft_epsilon", "soft_tau", "n_ctx", "ctx_init", "class_specific", "class_token_position", "prompt_depth"]
+class MethodOptionsCommand(click.Command):
+    """A command whose method flags (`--n-ctx`, `--lora-r`, ...) are generated from the methods' config
+    dataclasses on first use (parsing or --help), so that `cliptune --help` never imports a method.
+
+    The parsed flag values reach the callback as one `method_values` mapping, keyed by option name.
+    """
+
+    def __init__(self, *args, methods=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.select_methods = methods  # callable -> method names whose flags apply; None = all
+        self._method_params = None
+
+    def method_params(self):
+        if self._method_params is None:
+            from cliptune.methods import METHODS
+
+            names = self.select_methods() if self.select_methods else sorted(METHODS)
+            self._method_params = method_flag_options([METHODS[name] for name in names])
+        return self._method_params
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        return params[:-1] + self.method_params() + params[-1:]  # before --help
+
+    def invoke(self, ctx):
+        ctx.params["method_values"] = {p.name: ctx.params.pop(p.name, None) for p in self.method_params()}
+        return super().invoke(ctx)
 
 
-method_flags = option_group(METHOD_FLAGS)
+def method_flag_options(method_classes) -> list:
+    """One click option per distinct method flag; a flag shared by several methods names one option field."""
+    import typing
+    from dataclasses import fields
 
+    from cliptune.options import default_of, flag_name
 
-def _split_method_values(options: dict) -> tuple[dict, dict]:
-    method_values = {name: options.pop(name) for name in METHOD_FLAG_NAMES if name in options}
-    return options, method_values
+    by_flag: dict = {}
+    for cls in method_classes:
+        hints = typing.get_type_hints(cls.config_class)
+        for spec in fields(cls.config_class):
+            by_flag.setdefault(flag_name(spec), []).append((cls.name, spec, hints[spec.name]))
+    options = []
+    for flag, users in by_flag.items():
+        names = {spec.name for _, spec, _ in users}
+        if len(names) > 1:
+            raise TypeError(f"method flag {flag} names different options: {sorted(names)}")
+        _, spec, annotation = users[0]
+        defaults = "/".join("unset" if default_of(s) is None else str(default_of(s)) for _, s, _ in users)
+        text = f"{'/'.join(name for name, _, _ in users)}: {spec.metadata.get('help', '')} [{defaults}]"
+        args = typing.get_args(annotation)
+        base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+        if base is bool:
+            options.append(click.Option([f"{flag}/--no-{flag[2:]}", spec.name], default=None, help=text))
+            continue
+        # choices are checked by the config dataclass (one-line error), not by click (a usage block)
+        choices = spec.metadata.get("choices")
+        metavar = "[" + "|".join(map(str, choices)) + "]" if choices else None
+        options.append(click.Option([flag, spec.name], type={int: int, float: float}.get(base, str), metavar=metavar, help=text))
+    return options
 
 
 @cli.command()
@@ -180,16 +214,14 @@ def zeroshot(split, recipe, set_values, out, overwrite, **options):
     click.echo(f"zero-shot {split}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  n={result['n']}")
 
 
-@cli.command()
+@cli.command(cls=MethodOptionsCommand)
 @model_options
 @data_options
-@click.option("--method", help="Adaptation method [linear-probe].")
+@click.option("--method", help="Adaptation method [linear-probe]; `cliptune methods` lists them.")
 @click.option("--base-novel/--no-base-novel", default=None, help="Base-to-novel protocol: train on the first half of the classes, test on base and novel.")
 @training_options
-@method_flags
-def finetune(recipe, set_values, out, resume, overwrite, **options):
+def finetune(recipe, set_values, out, resume, overwrite, method_values, **options):
     """Adapt the model with a method, then evaluate on the test split."""
-    options, method_values = _split_method_values(options)
     config = None if resume else build_config(recipe, _cli_values(**options), list(set_values), method_values)
     metrics = api.finetune(config, out, overwrite=overwrite, resume=resume)
     zs, test = metrics["zeroshot"], metrics["test"]
@@ -245,7 +277,13 @@ def export_command(run, fmt, output, overwrite, wise_alpha):
     click.echo(f"wrote {fmt} export to {path}")
 
 
-@cli.command()
+def _mergeable_methods() -> list:
+    from cliptune.methods import methods_exporting
+
+    return methods_exporting("merged")
+
+
+@cli.command(cls=MethodOptionsCommand, methods=_mergeable_methods)
 @model_options
 @click.option("--task", "tasks", multiple=True, help="Task ImageFolder (repeat, in order); DIR:class,class selects classes.")
 @click.option("--control", "controls", multiple=True, help="Control ImageFolder evaluated zero-shot after each task (repeat).")
@@ -260,22 +298,39 @@ def export_command(run, fmt, output, overwrite, wise_alpha):
 @click.option("--avg-every", type=int, help="zscl: weight-average snapshot every N optimizer steps [100].")
 @click.option("--wise-alpha", type=float, help="wise: weight of the fine-tuned model after each task [0.5].")
 @training_options
-@method_flags
-def continual(recipe, set_values, out, resume, overwrite, tasks, controls, **options):
+def continual(recipe, set_values, out, resume, overwrite, tasks, controls, method_values, **options):
     """Learn a sequence of tasks, measuring forgetting and zero-shot transfer (MTIL metrics)."""
-    from cliptune.continual import continual as run_continual
+    from cliptune.continual import DEFAULT_METHOD, continual as run_continual
 
     config = None
     if not resume:
-        options, method_values = _split_method_values(options)
         values = _cli_values(**options, tasks=list(tasks) or None, controls=list(controls) or None)
-        if "method" not in values and build_config(recipe, values, list(set_values)).method == "linear-probe":
-            # continual learning needs a mergeable method; its default is full fine-tuning
-            values["method"] = "full"
-        config = build_config(recipe, values, list(set_values), method_values)
+        config = build_config(recipe, values, list(set_values), method_values, default_method=DEFAULT_METHOD)
     result = run_continual(config, out, overwrite=overwrite, resume=resume)
     click.echo(f"{result['strategy']} ({result['method']}): transfer {result['transfer']:.4f}  avg {result['avg']:.4f}  last {result['last']:.4f}")
     click.echo(f"run folder: {out}  (continual.json, continual.png)")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def methods(ctx):
+    """List the methods (name, what trains, paper); `methods show NAME` prints one's defaults and options."""
+    if ctx.invoked_subcommand is None:
+        from cliptune.methods import METHODS
+
+        width = max(len(name) for name in METHODS)
+        for name, cls in METHODS.items():
+            click.echo(f"{name.ljust(width)}  {cls.trains}  [{cls.paper}]")
+
+
+@methods.command("show")
+@click.argument("name")
+@click.option("--shots", type=int, default=16, show_default=True, help="Shot count the defaults are shown for.")
+def methods_show(name, shots):
+    """A method's training defaults (for --shots) and its options with their help text."""
+    from cliptune.methods import describe_method
+
+    click.echo(describe_method(name, shots), nl=False)
 
 
 @cli.group()

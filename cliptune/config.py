@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from cliptune.errors import CliptuneError
+from cliptune.options import coerce
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 RECIPE_META_KEYS = ("extends", "name", "domain", "summary", "description", "fallback")
@@ -41,13 +42,21 @@ class RunConfig:
     # method and optimisation
     method: str = "linear-probe"
     epochs: int = 10
+    steps: Optional[int] = None  # optimizer-step budget instead of epochs (the schedule scales to it)
+    # raise a default lr when --steps cuts the method's default budget (see engine.budget_lr_factor);
+    # unset = on exactly when the steps come from you and the lr from the defaults
+    scale_lr: Optional[bool] = None
+    select: str = "best-val"  # checkpoint evaluated at the end: best-val (best validation top-1) or last
+    val_shots: Optional[int] = None  # validation images per class; with --shots K default min(K, 4) (Dassl)
     lr: float = 1e-3
     batch_size: int = 32
     eval_batch_size: int = 128
     optimizer: str = "adamw"
     weight_decay: float = 0.01
     momentum: float = 0.9
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warm-up to lr over this many optimizer steps
+    warmup_epochs: int = 0  # Dassl's constant warm-up: this many epochs at warmup_lr, then the schedule
+    warmup_lr: float = 1e-5
     grad_accum: int = 1
     max_grad_norm: Optional[float] = None
     label_smoothing: float = 0.0
@@ -57,6 +66,7 @@ class RunConfig:
     base_novel: bool = False
     # augmentation (and how many augmented views to cache when the image tower is frozen)
     aug_views: int = 0
+    aug_per_step: bool = False  # frozen image tower: re-augment and re-encode every step instead of a view bank
     aug_crop_scale: List[float] = field(default_factory=lambda: [0.5, 1.0])
     aug_hflip: bool = True
     aug_color_jitter: float = 0.0
@@ -91,44 +101,8 @@ CHOICES = {
     "optimizer": ("adamw", "sgd", "lion"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "strategy": ("naive", "lwf", "lwf-vr", "zscl", "wise"),
+    "select": ("best-val", "last"),
 }
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def coerce(value: Any, annotation, key: str) -> Any:
-    """Check a value against a dataclass field annotation; ints are accepted for floats."""
-    origin = typing.get_origin(annotation)
-    if origin is Union:
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return coerce(value, option, key)
-            except CliptuneError:
-                continue
-        raise CliptuneError(f"'{key}' must be {' or '.join(_type_name(o) for o in options)}, got {value!r}")
-    if origin in (list, List):
-        (item,) = typing.get_args(annotation) or (Any,)
-        if not isinstance(value, list):
-            raise CliptuneError(f"'{key}' must be a list, got {value!r}")
-        return [coerce(v, item, key) for v in value]
-    if annotation is Any:
-        return value
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if annotation in (bool, str) and isinstance(value, annotation):
-        return value
-    if origin in (dict, Dict) and isinstance(value, dict):
-        return value
-    raise CliptuneError(f"'{key}' must be {_type_name(annotation)}, got {value!r}")
 
 
 def _method_registry():
@@ -139,8 +113,8 @@ def _method_registry():
 
 def valid_keys() -> List[str]:
     keys = list(CONFIG_KEYS)
-    for name, entry in sorted(_method_registry().items()):
-        keys += [f"{name}.{f.name}" for f in fields(entry.config_class)]
+    for name, cls in sorted(_method_registry().items()):
+        keys += [f"{name}.{f.name}" for f in fields(cls.config_class)]
     return keys
 
 
@@ -165,6 +139,7 @@ def apply_values(config: RunConfig, values: Dict[str, Any], where: str = "", lin
             if not isinstance(value, dict):
                 raise CliptuneError(f"'{key}'{location} must be a mapping of {key} options")
             section_hints = typing.get_type_hints(registry[key].config_class)
+            section_hints.pop("section", None)
             section = config.methods.setdefault(key, {})
             for option, option_value in value.items():
                 full = f"{key}.{option}"
@@ -271,46 +246,95 @@ def parse_set(assignments: List[str]) -> Dict[str, Any]:
     return values
 
 
+def _set_values(values: Dict[str, Any]) -> set:
+    """The top-level keys a layer sets (a method section counts as its name)."""
+    return {key for key in values if key not in RECIPE_META_KEYS}
+
+
 def build_config(
     recipe: Optional[str] = None,
     cli_values: Optional[Dict[str, Any]] = None,
     set_values: Optional[List[str]] = None,
     method_values: Optional[Dict[str, Any]] = None,
+    default_method: str = "linear-probe",
 ) -> RunConfig:
     """Merge the layers in precedence order and validate them, naming the bad key and its file/line.
 
+    engine defaults (RunConfig) < the method's training defaults < recipe < CLI flags < `--set`.
     `method_values` are CLI flags of method options (e.g. `--n-ctx` -> `n_ctx`); they go into the
-    section of whichever method the run uses.
+    section of whichever method the run uses. A layer that sets `epochs` but not `steps` replaces a
+    lower layer's step budget (and the other way round). The returned config's `sources` attribute
+    names the layer that set each key (logged with the run).
     """
-    config = RunConfig()
-    if recipe:
-        for values, path, lines in read_recipe(recipe):
-            apply_values(config, values, where=str(path), lines=lines)
-    apply_values(config, {k: v for k, v in (cli_values or {}).items() if v is not None})
+    recipe_layers = read_recipe(recipe) if recipe else []
+    cli = {k: v for k, v in (cli_values or {}).items() if v is not None}
+    overrides = {}
+    if set_values:
+        overrides = parse_set(set_values)
+    registry = _method_registry()
+
+    # the method and shot count decide the method defaults, so find them first (highest layer wins)
+    probe = RunConfig(method=default_method)
+    for values, path, lines in recipe_layers:
+        apply_values(probe, values, where=str(path), lines=lines)
+    apply_values(probe, cli)
+    _apply_set(probe, overrides)
+    if probe.method not in registry:
+        raise CliptuneError(f"unknown method '{probe.method}' (available: {', '.join(sorted(registry))})")
+
+    config = RunConfig(method=default_method)
+    sources: Dict[str, str] = {}
+    layers = [("method defaults", registry[probe.method].training_defaults(probe.shots), None, None)]
+    layers += [(f"recipe {path.name}", values, str(path), lines) for values, path, lines in recipe_layers]
+    layers += [("CLI flags", cli, None, None)]
+    for name, values, where, lines in layers:
+        _apply_layer(config, values, name, sources, where=where or "", lines=lines)
+    if overrides:
+        _apply_layer(config, overrides, "--set", sources, set_layer=True)
     flags = {k: v for k, v in (method_values or {}).items() if v is not None}
     if flags:
-        entry = _method_registry().get(config.method)
-        accepted = {f.name for f in fields(entry.config_class)} if entry else set()
+        accepted = {f.name for f in fields(registry[config.method].config_class)}
         for option in flags:
             if option not in accepted:
                 flag = "--" + option.replace("_", "-")
                 raise CliptuneError(f"{flag} does not apply to method '{config.method}'")
+        config.methods.setdefault(config.method, {})
         apply_values(config, {config.method: flags})
-    if set_values:
-        overrides = parse_set(set_values)
-        try:
-            apply_values(config, overrides)
-        except CliptuneError as exc:
-            raise CliptuneError(f"--set: {exc}") from None
-    registry = _method_registry()
-    if config.method not in registry:
-        raise CliptuneError(f"unknown method '{config.method}' (available: {', '.join(sorted(registry))})")
+        # --set still wins over a method flag
+        if config.method in overrides:
+            apply_values(config, {config.method: overrides[config.method]})
+    registry[config.method].config_class.from_options(config.method_options())  # validates before any work
+    if config.scale_lr is None:
+        defaults = ("method defaults", None)
+        config.scale_lr = sources.get("lr") in defaults and sources.get("steps") not in defaults
+    config.sources = sources
     return config
+
+
+def _apply_set(config: RunConfig, overrides: Dict[str, Any]) -> None:
+    try:
+        apply_values(config, overrides)
+    except CliptuneError as exc:
+        raise CliptuneError(f"--set: {exc}") from None
+
+
+def _apply_layer(config: RunConfig, values: Dict[str, Any], name: str, sources: Dict[str, str], where: str = "",
+                 lines=None, set_layer: bool = False) -> None:
+    keys = _set_values(values)
+    if set_layer:
+        _apply_set(config, values)
+    else:
+        apply_values(config, values, where=where, lines=lines)
+    if "epochs" in keys and "steps" not in keys:
+        config.steps = None  # an epoch budget replaces a lower layer's step budget
+    for key in keys:
+        sources[key] = name
 
 
 def config_from_dict(values: Dict[str, Any]) -> RunConfig:
     config = RunConfig()
     apply_values(config, values)
+    config.sources = {}
     return config
 
 

@@ -33,7 +33,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cliptune.config import RunConfig, load_config, save_config
+from cliptune.config import CHOICES, RunConfig, load_config, save_config
 from cliptune.data import IMAGE_EXTENSIONS, ImageFolderData, eval_transform, load_imagefolder
 from cliptune.engine import Trainer, load_method_state
 from cliptune.errors import CliptuneError
@@ -47,7 +47,8 @@ from cliptune.zeroshot import zeroshot_weights
 
 log = logging.getLogger("cliptune")
 DEFAULT_REFERENCE_TEXTS = Path(__file__).parent / "assets" / "reference_texts.txt"
-STRATEGIES = ("naive", "lwf", "lwf-vr", "zscl", "wise")
+STRATEGIES = CHOICES["strategy"]
+DEFAULT_METHOD = "full"  # continual learning needs a method whose weights merge into CLIP
 
 
 # ----- losses and weight averaging (pure functions, tested directly) -----
@@ -207,8 +208,23 @@ class ContinualLearner(nn.Module):
     def trainable_state_dict(self):
         return self.method.trainable_state_dict()
 
-    def load_trainable_state_dict(self, state):
-        self.method.load_trainable_state_dict(state)
+    def learned_state_dict(self):
+        return self.method.learned_state_dict()
+
+    def load_learned_state_dict(self, state):
+        self.method.load_learned_state_dict(state)
+
+    def prepare(self, train, val=None) -> None:
+        self.method.prepare(train, val)
+
+    def after_epoch(self, epoch: int) -> None:
+        self.method.after_epoch(epoch)
+
+    def final_state(self, val=None):
+        """ZSCL: the running weight average is the task's result; the other strategies keep the method's."""
+        if self.average is not None and self.average.count:
+            return {**self.method.learned_state_dict(), **self.average.mean}
+        return self.method.final_state(val)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -237,19 +253,12 @@ class ContinualLearner(nn.Module):
         if self.average is not None and self.steps % self.settings.avg_every == 0:
             self.average.add(self.trainable_state_dict())
 
-    def finish_task(self) -> bool:
-        """Detach from the model (hook, per-step tensors); for ZSCL load the running weight average.
-
-        Returns True when the weight average became the task's result (else the best epoch is used).
-        """
+    def release(self) -> None:
+        """Detach from the model (forward hook, per-step tensors) once the task is learned."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         self._student_images = self._regulariser = None
-        if self.average is not None and self.average.count:
-            self.load_trainable_state_dict(self.average.mean)
-            return True
-        return False
 
     # distillation terms
     def _student_text(self, texts: Sequence[str]) -> torch.Tensor:
@@ -395,9 +404,9 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
             trainer = Trainer(learner, config, task_run, accelerator)
             trainer.fit(train, val, data.classes)
             learner = accelerator.unwrap_model(trainer.model)
-            averaged = learner.finish_task() if isinstance(learner, ContinualLearner) else False
-            if not averaged:  # ZSCL keeps its weight average; the others their best epoch
-                load_method_state(learner, task_run.checkpoints / "best")
+            if isinstance(learner, ContinualLearner):
+                learner.release()
+            load_method_state(learner, task_run.checkpoints / "best")  # the selected epoch, or ZSCL's weight average
             state = method.merged_state_dict()
             if config.strategy == "wise":
                 state = interpolate(initial_state, state, config.wise_alpha)

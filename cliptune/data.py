@@ -161,8 +161,13 @@ def load_imagefolder(
     shots: Optional[int] = None,
     classnames_file: Optional[str] = None,
     strict: bool = False,
+    val_shots: Optional[int] = None,
 ) -> ImageFolderData:
-    """Scan an ImageFolder root (with or without train/val/test) into seeded, stratified splits."""
+    """Scan an ImageFolder root (with or without train/val/test) into seeded, stratified splits.
+
+    `shots`/`val_shots` keep that many images per class of train/val (few-shot protocols validate on a
+    few-shot split too: Dassl samples min(K, 4) validation images per class).
+    """
     root = Path(root)
     if not root.is_dir():
         raise CliptuneError(f"data directory not found: {root}")
@@ -203,6 +208,8 @@ def load_imagefolder(
         splits["test"].add(test, label)
     if shots is not None:
         splits["train"] = _few_shot(splits["train"], classes, shots, seed)
+    if val_shots is not None:
+        splits["val"] = _few_shot(splits["val"], classes, val_shots, seed, split_name="val")
     if skipped:
         log.warning("skipped %d file(s) that are not readable images (use --strict to make this an error)", skipped)
 
@@ -213,16 +220,18 @@ def load_imagefolder(
     return ImageFolderData(root, classes, names, descriptions, splits, skipped)
 
 
-def _few_shot(train: Split, classes: Sequence[str], shots: int, seed: int) -> Split:
+def _few_shot(split: Split, classes: Sequence[str], shots: int, seed: int, split_name: str = "train") -> Split:
     """K images per class, the same images for the same seed; a class with fewer keeps all (warned)."""
+    flag = "--shots" if split_name == "train" else "--val-shots"
     if shots < 1:
-        raise CliptuneError(f"--shots must be at least 1 (got {shots})")
-    rng = random.Random(f"shots-{seed}")
+        raise CliptuneError(f"{flag} must be at least 1 (got {shots})")
+    rng = random.Random(f"shots-{seed}" if split_name == "train" else f"{split_name}-shots-{seed}")
     sampled = Split()
     for label, cls in enumerate(classes):
-        files = [f for f, y in zip(train.files, train.labels) if y == label]
+        files = [f for f, y in zip(split.files, split.labels) if y == label]
         if len(files) < shots:
-            log.warning("class '%s' has only %d training images (< %d shots); using all of them", cls, len(files), shots)
+            if split_name == "train":
+                log.warning("class '%s' has only %d training images (< %d shots); using all of them", cls, len(files), shots)
             chosen = files
         else:
             chosen = sorted(rng.sample(files, shots))

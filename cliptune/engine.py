@@ -52,30 +52,68 @@ class TrainSummary:
     history: List[Dict] = field(default_factory=list)
 
 
-def build_optimizer(config: RunConfig, parameters):
+def build_optimizer(config: RunConfig, parameters, lr: Optional[float] = None):
     if not parameters:
         raise CliptuneError(f"method '{config.method}' has no trainable parameters")
+    lr = config.lr if lr is None else lr
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(parameters, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "lion":
         from lion_pytorch import Lion
 
-        return Lion(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        return Lion(parameters, lr=lr, weight_decay=config.weight_decay)
     raise CliptuneError(f"unknown optimizer '{config.optimizer}' (available: adamw, sgd, lion)")
 
 
-def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
-    """Linear warmup to the base lr, then cosine decay to zero."""
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int, constant_steps: int = 0, constant_factor: float = 0.0):
+    """Cosine decay to zero after a warm-up: `constant_steps` at `constant_factor` x lr (Dassl's
+    WARMUP_TYPE constant), then `warmup_steps` of linear warm-up to the base lr.
+
+    As in Dassl (ConstantWarmupScheduler around CosineAnnealingLR(T_max=max_epoch), WARMUP_RECOUNT), the
+    cosine starts counting after the constant warm-up but keeps the whole budget as its period, so it
+    does not quite reach zero when the constant warm-up is used.
+    """
 
     def factor(step: int) -> float:
+        if step < constant_steps:
+            return constant_factor
+        step -= constant_steps
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def budget_lr_factor(config: RunConfig, updates_per_epoch: int) -> float:
+    """How much a default lr is raised when `--steps` cuts the method's default budget.
+
+    A step budget B below the method's default budget B0 (its default steps, or default epochs x
+    updates per epoch) gets lr x min(10, sqrt(B0 / B)): fewer, larger steps, so that a CPU-sized
+    budget still adapts (e.g. CLIP-LoRA's 2e-4 over 8000 steps becomes ~1.8e-3 over 100). Only when
+    `config.scale_lr` (by default: the steps are yours, the lr is the method's default).
+    """
+    if not config.scale_lr or not config.steps:
+        return 1.0
+    from cliptune.methods import method_class
+
+    defaults = method_class(config.method).training_defaults(config.shots)
+    reference = defaults.get("steps") or defaults.get("epochs", RunConfig.epochs) * updates_per_epoch
+    return min(10.0, math.sqrt(reference / config.steps)) if reference > config.steps else 1.0
+
+
+def training_length(config: RunConfig, train_size: int) -> tuple:
+    """(epochs, micro-batches in the last epoch, optimizer updates in all) for `--epochs` or a `--steps` budget."""
+    batches = math.ceil(train_size / config.batch_size)
+    updates_per_epoch = math.ceil(batches / config.grad_accum)
+    if not config.steps:
+        return config.epochs, batches, updates_per_epoch * config.epochs
+    epochs = math.ceil(config.steps / updates_per_epoch)
+    last_updates = config.steps - (epochs - 1) * updates_per_epoch
+    return epochs, min(batches, last_updates * config.grad_accum), config.steps
 
 
 class Trainer:
@@ -136,7 +174,7 @@ class Trainer:
         if not self.accelerator.is_main_process or self.run is None:
             return
         staging = self.run.checkpoints / ".last-staging"
-        atomic_save_safetensors(staging / "trainable.safetensors", self._unwrapped().trainable_state_dict())
+        atomic_save_safetensors(staging / "trainable.safetensors", self._unwrapped().learned_state_dict())
         atomic_torch_save(staging / "state.pt", state)
         replace_dir(staging, self.run.checkpoints / "last")
 
@@ -146,15 +184,31 @@ class Trainer:
         save_method(self._unwrapped(), self.run.checkpoints / "best")
 
     def _unwrapped(self) -> Method:
-        return self.accelerator.unwrap_model(self.model)
+        return self.accelerator.unwrap_model(self.model) if hasattr(self, "model") else self.method
 
     # ----- training -----
     def fit(self, train: Inputs, val: Optional[Inputs], classes, resume: bool = False) -> TrainSummary:
         config, accelerator = self.config, self.accelerator
-        steps_per_epoch = math.ceil(len(train) / config.batch_size)
-        updates_per_epoch = math.ceil(steps_per_epoch / config.grad_accum)
-        optimizer = build_optimizer(config, self.method.trainable_parameters())
-        scheduler = cosine_with_warmup(optimizer, config.warmup_steps, updates_per_epoch * config.epochs)
+        self.method.prepare(train, val)
+        parameters = self.method.trainable_parameters()
+        if not parameters:  # nothing to train (e.g. Tip-Adapter, an L-BFGS linear probe): fitted in prepare()
+            self.model = self.method
+            return self._finish(TrainSummary(), val, trained=False)
+        epochs, last_epoch_batches, total_updates = training_length(config, len(train))
+        updates_per_epoch = math.ceil(math.ceil(len(train) / config.batch_size) / config.grad_accum)
+        lr = config.lr * budget_lr_factor(config, updates_per_epoch)
+        sources = getattr(config, "sources", {})
+        log.info("%d trainable parameters; optimizer %s (set by %s), lr %g (set by %s)%s; %d optimizer steps",
+                 sum(p.numel() for p in parameters), config.optimizer,
+                 sources.get("optimizer", "engine defaults"), config.lr, sources.get("lr", "engine defaults"),
+                 f" raised to {lr:g} for the --steps budget (--set scale_lr=false keeps it)" if lr != config.lr else "",
+                 total_updates)
+        optimizer = build_optimizer(config, parameters, lr)
+        # warm-up epochs keep their share of the epoch budget when a --steps budget replaces it
+        constant_steps = (round(config.steps * config.warmup_epochs / max(1, config.epochs)) if config.steps
+                          else config.warmup_epochs * updates_per_epoch)
+        scheduler = cosine_with_warmup(optimizer, config.warmup_steps, total_updates,
+                                       constant_steps=constant_steps, constant_factor=config.warmup_lr / lr)
         self.model, optimizer = accelerator.prepare(self.method, optimizer)
         summary = TrainSummary()
         start_epoch, start_step, best_top1 = 0, 0, -1.0
@@ -167,7 +221,7 @@ class Trainer:
             partial_loss = tuple(state.get("partial_loss", (0.0, 0)))
             log.info("resuming at epoch %d step %d", start_epoch + 1, start_step)
 
-        for epoch in range(start_epoch, config.epochs):
+        for epoch in range(start_epoch, epochs):
             resuming_mid_epoch = epoch == start_epoch and start_step > 0
             if resuming_mid_epoch:
                 torch.set_rng_state(rng_state)
@@ -175,17 +229,21 @@ class Trainer:
                 torch.manual_seed(config.seed * 1_000_003 + epoch)
             first_step = start_step if epoch == start_epoch else 0
             batches = self._epoch_batches(len(train), epoch)
+            if epoch == epochs - 1:
+                batches = batches[:last_epoch_batches]  # a --steps budget may end mid-epoch
             views = self._view_choice(train, epoch)
             self.model.train()
             began = time.perf_counter()
             loss_sum, seen = (partial_loss if resuming_mid_epoch else (0.0, 0))
             # the last optimizer-step boundary: where a Ctrl-C checkpoint resumes from
             boundary = (first_step, torch.get_rng_state(), loss_sum, seen, summary.images_seen)
-            bar = progress_bar(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}/{config.epochs}",
+            bar = progress_bar(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}/{epochs}",
                                main_process=accelerator.is_local_main_process, leave=False)
             try:
                 stream = self._local_batches(train, batches[first_step:], views)
                 for step, (x, y) in enumerate(stream, start=first_step):
+                    if train.images is not None and self.method.uses_image_features:
+                        x = self._frozen_image_features(x)  # --aug-per-step: re-augmented images, frozen tower
                     group_size = min(config.grad_accum, len(batches) - (step - step % config.grad_accum))
                     sync = (step + 1) % config.grad_accum == 0 or step == len(batches) - 1
                     global_n = len(batches[step])
@@ -225,22 +283,42 @@ class Trainer:
             bar.close()
             summary.seconds += time.perf_counter() - began
             summary.epochs = epoch + 1
+            self._unwrapped().after_epoch(epoch + 1)
             totals = accelerator.reduce(torch.tensor([loss_sum, seen], dtype=torch.float64, device=accelerator.device), "sum")
             record = {"epoch": epoch + 1, "loss": float(totals[0] / totals[1].clamp(min=1))}
             improved = True
             if val is not None and len(val):
                 record["val_top1"] = self.evaluate(val, classes)["top1"]
-                improved = record["val_top1"] > best_top1
+                if config.select == "best-val":
+                    improved = record["val_top1"] > best_top1
                 best_top1 = max(best_top1, record["val_top1"])
             if improved:
                 summary.best_epoch = epoch + 1
                 self.save_best()
             summary.history.append(record)
-            log.info("epoch %d/%d %s%s", epoch + 1, config.epochs,
-                     " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"), " (best)" if improved else "")
+            marker = (" (best)" if config.select == "best-val" else "") if improved else ""
+            log.info("epoch %d/%d %s%s", epoch + 1, epochs,
+                     " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"), marker)
             self._save_last(self._state(optimizer, scheduler, epoch + 1, 0, best_top1, summary, torch.get_rng_state()))
         accelerator.wait_for_everyone()
+        return self._finish(summary, val, trained=True)
+
+    def _finish(self, summary: TrainSummary, val: Optional[Inputs], trained: bool) -> TrainSummary:
+        """Load the selected checkpoint, let the method replace it (`final_state`), and save the result as best."""
+        method = self._unwrapped()
+        if trained and self.run is not None:
+            load_method_state(method, self.run.checkpoints / "best")
+        final = method.final_state(val)
+        if final is not None:
+            method.load_learned_state_dict(final)
+        if final is not None or not trained:
+            self.save_best()
         return summary
+
+    @torch.no_grad()
+    def _frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        with self.accelerator.autocast():
+            return self._unwrapped().model.image.encode(images, normalize=False).float()
 
     def _state(self, optimizer, scheduler, epoch, step_in_epoch, best_top1, summary: TrainSummary, rng) -> Dict:
         return {
@@ -261,7 +339,7 @@ class Trainer:
 
         folder = self.run.checkpoints / "last"
         state = torch.load(folder / "state.pt", weights_only=True)
-        self._unwrapped().load_trainable_state_dict(load_file(str(folder / "trainable.safetensors")))
+        self._unwrapped().load_learned_state_dict(load_file(str(folder / "trainable.safetensors")))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         return state
@@ -278,7 +356,7 @@ def save_method(method: Method, folder: Path) -> None:
         "pretrained": spec.pretrained,
         "model_config": spec.model_config,
     }
-    atomic_save_safetensors(folder / "method.safetensors", method.trainable_state_dict(), metadata={"method": method.name})
+    atomic_save_safetensors(folder / "method.safetensors", method.learned_state_dict(), metadata={"method": method.name})
     atomic_write_json(folder / "method.json", sidecar)
 
 
@@ -289,6 +367,6 @@ def load_method_state(method: Method, folder: Path) -> None:
     if not path.is_file():
         raise CliptuneError(f"no trained weights in {folder} (the run did not finish an epoch)")
     try:
-        method.load_trainable_state_dict(load_file(str(path)))
-    except (ValueError, RuntimeError) as exc:
+        method.load_learned_state_dict(load_file(str(path)))
+    except (CliptuneError, ValueError, RuntimeError) as exc:
         raise CliptuneError(f"saved weights in {folder} do not fit this model/method: {exc}") from None

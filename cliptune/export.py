@@ -6,7 +6,7 @@
   small, reloaded onto the base model with `cliptune eval RUN --adapter DIR`.
 
 A method opts in through `export_formats` and implements, per format: `merged_state_dict()`
-(merged), or `peft_config`, `adapter_state_dict()` and `load_adapter_state_dict(state)` (adapter).
+(merged), or `adapter_config()`, `adapter_state_dict()` and `load_adapter_state_dict(state)` (adapter).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def check_format(method_name: str, fmt: str) -> None:
     """Fail early, before any model is built, when the run's method cannot be written as `fmt`."""
     if fmt not in FORMATS:
         raise CliptuneError(f"unknown export format '{fmt}' (available: {', '.join(FORMATS)})")
-    supported = METHODS[method_name].method_class.export_formats if method_name in METHODS else ()
+    supported = METHODS[method_name].export_formats if method_name in METHODS else ()
     if fmt not in supported:
         able = methods_exporting(fmt)
         can = f"it supports: {', '.join(supported)}" if supported else "it supports no export format"
@@ -83,7 +83,7 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, overwrite: boo
         return output
     method = load_run_method(run_dir)
     output.mkdir(parents=True, exist_ok=True)
-    method.peft_config.save_pretrained(str(output))
+    method.adapter_config().save_pretrained(str(output))
     atomic_save_safetensors(output / ADAPTER_WEIGHTS, method.adapter_state_dict(), metadata={"format": "pt"})
     return output
 
@@ -97,7 +97,7 @@ def load_adapter(method: Method, folder: str | Path) -> None:
     if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
         raise CliptuneError(f"{folder} is not an adapter export (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     saved = json.loads((folder / ADAPTER_CONFIG).read_text())
-    own = method.peft_config.to_dict()
+    own = method.adapter_config().to_dict()
     for key in ("peft_type", "r", "lora_alpha", "target_modules"):
         if own.get(key) != saved.get(key):
             raise CliptuneError(f"adapter in {folder} was made with a different setup than this run ({key} differs)")

@@ -64,7 +64,8 @@ class Session:
         if not data_dir:
             raise CliptuneError("no data given: pass --data DIR (an ImageFolder root)")
         data = load_imagefolder(
-            data_dir, config.val_fraction, config.test_fraction, config.seed, config.shots, config.classnames, config.strict
+            data_dir, config.val_fraction, config.test_fraction, config.seed, config.shots, config.classnames, config.strict,
+            val_shots=config.val_shots if config.val_shots is not None else (min(config.shots, 4) if config.shots else None),
         )
         templates = load_templates(config.templates)
         model = model_from_config(config, accelerator.device)
@@ -91,7 +92,7 @@ class Session:
 
     def inputs(self, split: str, use_features: bool, train: bool = False) -> Inputs:
         labels = labels_tensor(self.data.split(split))
-        if use_features:
+        if use_features and not (train and self.config.aug_per_step):
             return Inputs(labels=labels, features=self.features(split, augmented=train))
         transform = self.train_transform if train else self.eval_transform
         return Inputs(labels=labels, images=ImageDataset(self.data.split(split), transform))

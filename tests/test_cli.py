@@ -58,7 +58,7 @@ def test_finetune_then_eval(tiny_config, split_data, tmp_path):
     # refuse to clobber a finished run, unless asked
     again = run("finetune", "--data", split_data, *model_args(tiny_config), "--epochs", 1, "--out", out)
     assert again.exit_code != 0 and "already holds a finished run" in again.output
-    replaced = run("finetune", "--data", split_data, *model_args(tiny_config), "--epochs", 1, "--out", out, "--overwrite")
+    replaced = run("finetune", "--data", split_data, *model_args(tiny_config), "--solver", "sgd", "--epochs", 1, "--out", out, "--overwrite")
     assert replaced.exit_code == 0, replaced.output
     assert json.loads((out / "metrics.json").read_text())["train"]["epochs"] == 1
 
@@ -112,7 +112,7 @@ def test_bad_inputs_give_one_line_errors(tiny_config, split_data, tmp_path, bad_
         (["finetune", "--model", "ViT-Q-1", "--data", split_data, "--out", out], "unknown model 'ViT-Q-1'"),
         ([*base, "--data", split_data, "--pretrained", tmp_path / "none.pt"], "checkpoint file not found"),
         ([*base, "--data", split_data, "--pretrained", bad_checkpoint], "does not match model"),
-        ([*base, "--data", split_data, "--linear-probe-init", "magic"], "linear-probe.init must be"),
+        ([*base, "--data", split_data, "--linear-probe-init", "magic"], "'linear-probe.init' must be one of zeroshot, random"),
     ]
     for args, message in cases:
         _assert_clean_failure(run(*args), message, out)

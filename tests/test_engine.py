@@ -24,9 +24,10 @@ from cliptune.zeroshot import zeroshot_weights
 
 
 def _config(data, tiny_config, **values):
+    """A linear probe trained by the engine (the sgd solver), on the tiny model."""
     base = {"data": str(data), "model_config": tiny_config, "epochs": 3, "lr": 0.05, "batch_size": 8}
     base.update(values)
-    return build_config(None, base)
+    return build_config(None, base, ["linear-probe.solver=sgd"])
 
 
 def test_linear_probe_starts_as_the_zeroshot_classifier(tiny_config, colour_data):
@@ -136,7 +137,7 @@ def test_bf16_mixed_precision_runs_on_cpu(tiny_config, colour_data, tmp_path):
 
 def test_torchrun_two_processes_match_one(tiny_config, colour_data, tmp_path):
     args = ["finetune", "--data", str(colour_data), "--model-config", tiny_config, "--epochs", "3",
-            "--lr", "0.05", "--batch-size", "8", "--quiet"]
+            "--lr", "0.05", "--batch-size", "8", "--solver", "sgd", "--quiet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
     two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "cliptune", "--quiet",

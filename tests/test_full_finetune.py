@@ -173,8 +173,8 @@ def test_contrastive_text_only_run_evaluates(tiny_config, split_data, tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"loss": "focal"}, "full.loss must be one of"),
-    ({"train_towers": "vision,audio"}, "subset of vision,text"),
+    ({"loss": "focal"}, "'full.loss' must be one of"),
+    ({"train_towers": "vision,audio"}, "'full.train_towers' must be a comma list of vision, text"),
     ({"unlock_last": 5}, "exceeds the 2 blocks"),
     ({"soft_epsilon": 1.5}, "soft_epsilon"),
 ])

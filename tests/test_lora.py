@@ -126,7 +126,7 @@ def test_layer_ranges_and_bad_options(tiny_config):
     with pytest.raises(CliptuneError, match="indices/ranges"):
         parse_layers("six", 12, "text")
     for options, message in [({"lora_towers": "audio"}, "lora_towers"), ({"lora_targets": "q,mlp"}, "lora_targets"),
-                             ({"lora_r": 0}, "lora_r >= 1"), ({"lora_layers": "5"}, "out of range")]:
+                             ({"lora_r": 0}, "'lora.lora_r' must be at least 1"), ({"lora_layers": "5"}, "out of range")]:
         with pytest.raises(CliptuneError, match=message):
             build_method("lora", tiny(tiny_config), CLASSES, TEMPLATES, options)
 

@@ -263,12 +263,3 @@ def test_recipes_load(tmp_path):
     for name, method in (("coop", "coop"), ("cocoop", "cocoop"), ("maple", "maple")):
         config = build_config(name)
         assert config.method == method and config.methods[method]["n_ctx"] >= 1
-
-
-# ----- the demo model: 16-shot prompt learning beats zero-shot -----
-@pytest.mark.parametrize("method, extra", [("coop", dict(epochs=5, lr=0.01)), ("maple", dict(epochs=3, lr=0.05))])
-def test_16_shot_prompt_learning_beats_zero_shot_on_the_demo(tmp_path, method, extra):
-    values = dict(DEMO, data=str(ROOT / "sample_data"), method=method, shots=16, optimizer="sgd", batch_size=32,
-                  weight_decay=0.0005, aug_hflip=False, aug_crop_scale=[0.8, 1.0], **extra)
-    metrics = api.finetune(build_config(None, values), tmp_path / method)
-    assert metrics["test"]["top1"] > metrics["zeroshot"]["top1"] + 0.02, (metrics["test"], metrics["zeroshot"])

@@ -1,41 +1,77 @@
-"""Method registry keyed by the name used in `--method` (peft style: name -> class + config)."""
+"""Method registry keyed by the name used in `--method` (peft style: name -> class + config).
+
+Adding a method is one module under `cliptune/methods/` and one entry in `REGISTERED` below; the
+registry checks that the class declares what the rest of cliptune relies on.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Type
+import inspect
+from dataclasses import fields
+from typing import Dict, Optional, Type
 
+from cliptune.errors import CliptuneError
 from cliptune.methods.base import Method, MethodConfig
+from cliptune.methods.clip_adapter import CLIPAdapter
 from cliptune.methods.cocoop import CoCoOp
 from cliptune.methods.coop import CoOp
 from cliptune.methods.full import FullFineTune
 from cliptune.methods.linear_probe import LinearProbe
 from cliptune.methods.lora import LoRA
 from cliptune.methods.maple import MaPLe
+from cliptune.methods.tip_adapter import TipAdapter, TipAdapterF
+from cliptune.options import default_of, flag_name
+
+# What a method must implement for each export format it declares.
+FORMAT_NEEDS = {"merged": ("merged_state_dict",), "adapter": ("adapter_config", "adapter_state_dict", "load_adapter_state_dict")}
+
+REGISTERED = (LinearProbe, CoOp, CoCoOp, MaPLe, LoRA, FullFineTune, TipAdapter, TipAdapterF, CLIPAdapter)
 
 
-@dataclass(frozen=True)
-class MethodEntry:
-    method_class: Type[Method]
+def _checked(cls: Type[Method]) -> Type[Method]:
+    """A programming error (not a user error) when a method class is incomplete."""
+    if inspect.isabstract(cls) or not cls.name or not issubclass(cls.config_class, MethodConfig):
+        raise TypeError(f"{cls.__name__} is not a complete Method (abstract, unnamed or without a MethodConfig)")
+    if not cls.trains or not cls.paper:
+        raise TypeError(f"{cls.__name__} must say what trains and which paper it follows")
+    for fmt in cls.export_formats:
+        if fmt not in FORMAT_NEEDS:
+            raise TypeError(f"{cls.__name__} declares unknown export format {fmt!r}")
+        missing = [name for name in FORMAT_NEEDS[fmt] if not callable(getattr(cls, name, None))]
+        if missing:
+            raise TypeError(f"{cls.__name__} declares export format {fmt!r} but lacks {', '.join(missing)}")
+    return cls
 
-    @property
-    def config_class(self) -> Type[MethodConfig]:
-        return self.method_class.config_class
+
+METHODS: Dict[str, Type[Method]] = {cls.name: _checked(cls) for cls in REGISTERED}
 
 
-METHODS: Dict[str, MethodEntry] = {cls.name: MethodEntry(cls) for cls in (LinearProbe, LoRA, FullFineTune, CoOp, CoCoOp, MaPLe)}
+def method_class(name: str) -> Type[Method]:
+    if name not in METHODS:
+        raise CliptuneError(f"unknown method '{name}' (available: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
 
 
 def methods_exporting(fmt: str) -> list:
     """Names of the methods whose runs can be written as `fmt` ("merged": weights that fold into CLIP)."""
-    return sorted(name for name, entry in METHODS.items() if fmt in entry.method_class.export_formats)
+    return sorted(name for name, cls in METHODS.items() if fmt in cls.export_formats)
 
 
 def build_method(name, model, classnames, templates, options=None, descriptions=None) -> Method:
-    from cliptune.errors import CliptuneError
+    cls = method_class(name)
+    return cls(model, classnames, templates, cls.config_class.from_options(options), descriptions)
 
-    if name not in METHODS:
-        raise CliptuneError(f"unknown method '{name}' (available: {', '.join(sorted(METHODS))})")
-    entry = METHODS[name]
-    config = entry.config_class(**(options or {}))
-    return entry.method_class(model, classnames, templates, config, descriptions)
+
+def describe_method(name: str, shots: Optional[int] = 16) -> str:
+    """What `cliptune methods show NAME` prints: the method, its training defaults and its options."""
+    cls = method_class(name)
+    lines = [f"{cls.name}: {cls.trains}", f"paper: {cls.paper}", "",
+             f"training defaults (with --shots {shots}; a recipe, CLI flags and --set override them):"]
+    defaults = cls.training_defaults(shots)
+    lines += [f"  {key}: {value}" for key, value in defaults.items()] or ["  (the engine's defaults)"]
+    lines += ["", f"options (flag, or --set {cls.name}.NAME=VALUE, or a '{cls.name}:' recipe section):"]
+    for spec in fields(cls.config_class):
+        choices = spec.metadata.get("choices") or spec.metadata.get("comma_choices")
+        allowed = f" ({'|'.join(map(str, choices))})" if choices else ""
+        lines.append(f"  {flag_name(spec)} / {cls.name}.{spec.name} = {default_of(spec)!r}{allowed}: {spec.metadata.get('help', '')}")
+    return "\n".join(lines) + "\n"

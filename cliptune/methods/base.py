@@ -1,39 +1,72 @@
-"""What every method supplies to the shared training loop: parameters, a forward, a loss.
+"""What every method supplies to the shared training loop, and the hooks the loop calls.
 
 A method is an `nn.Module` holding the (frozen or not) CLIP model plus its own parameters. The
-engine never looks inside: it trains `trainable_parameters()`, feeds `forward()` either cached
-image features (when `uses_image_features`) or image batches, and saves `trainable_state_dict()`.
+engine never looks inside: it calls `prepare()` once, trains `trainable_parameters()` (possibly none),
+feeds `forward()` cached image features (when `uses_image_features`) or image batches, asks `loss()`
+for the batch loss, calls `after_epoch()`, and at the end saves `final_state()` or the selected
+checkpoint (`learned_state_dict()`: trainable parameters plus the buffers the method fitted).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from abc import ABCMeta, abstractmethod
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cliptune.errors import CliptuneError
 from cliptune.models import LoadedModel
+from cliptune.options import validate_fields
 
 
 @dataclass
 class MethodConfig:
-    """Base of the per-method option dataclasses (the `<method>:` section of a recipe)."""
+    """Base of the per-method option dataclasses (the `<method>:` section of a recipe).
+
+    Fields are declared with `cliptune.options.option(...)`; `__post_init__` coerces and checks them
+    (subclasses add cross-field checks after calling it), so a bad value fails before any work.
+    """
+
+    section: ClassVar[str] = ""  # the method name; set by Method.__init_subclass__
+
+    def __post_init__(self) -> None:
+        validate_fields(self, prefix=f"{self.section}." if self.section else "")
+
+    @classmethod
+    def from_options(cls, options: Optional[Dict[str, Any]] = None) -> "MethodConfig":
+        """Build from a mapping of option names, refusing unknown names with the list of valid ones."""
+        options = dict(options or {})
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise CliptuneError(f"unknown option '{cls.section}.{unknown[0]}' (valid: {', '.join(names) or 'none'})")
+        return cls(**options)
 
     def to_dict(self) -> Dict:
         return asdict(self)
 
 
-class Method(nn.Module):
-    name: str = ""
-    config_class = MethodConfig
+class Method(nn.Module, metaclass=ABCMeta):
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = MethodConfig
+    # One line each for `cliptune methods`: what trains, and the paper the method follows.
+    trains: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
     # True when the image tower is frozen: the engine then caches image features and feeds those.
     uses_image_features: bool = True
     # True when learned state only makes sense for the training class list (e.g. a linear head).
-    class_specific: bool = False
-    # Formats `cliptune export` can write for this method.
-    export_formats: tuple = ()
+    class_specific: ClassVar[bool] = False
+    # Formats `cliptune export` can write for this method ("merged" needs `merged_state_dict()`,
+    # "adapter" needs `adapter_config()`, `adapter_state_dict()` and `load_adapter_state_dict()`).
+    export_formats: ClassVar[tuple] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name and cls.config_class is not MethodConfig:
+            cls.config_class.section = cls.name
 
     def __init__(
         self,
@@ -53,36 +86,78 @@ class Method(nn.Module):
         for parameter in self.clip.parameters():
             parameter.requires_grad_(False)
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, classes) for image features or images."""
-        raise NotImplementedError
+    # ----- training defaults (issue: a recipe-less `--method X` must adapt) -----
+    @classmethod
+    def training_defaults(cls, shots: Optional[int]) -> Dict[str, Any]:
+        """RunConfig values this method trains best with (between the engine defaults and a recipe)."""
+        return {}
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    # ----- what the engine calls -----
+    @abstractmethod
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, classes) for image features or images.
+
+        While training, a method may return something else that only its own `loss()` reads (e.g.
+        image features for a contrastive loss): that is the feature-level loss path.
+        """
+
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """Mean loss over the batch."""
-        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        return F.cross_entropy(outputs, labels, label_smoothing=label_smoothing)
+
+    def prepare(self, train, val=None) -> None:
+        """Called once before the optimizer is built, with the engine's training (and validation) inputs;
+        a method may fit buffers from them (e.g. a cache of training features)."""
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step (e.g. for running weight averages)."""
+
+    def after_epoch(self, epoch: int) -> None:
+        """Called after every epoch (1-based), before validation."""
+
+    def final_state(self, val=None) -> Optional[Dict[str, torch.Tensor]]:
+        """Called once after training with the selected checkpoint loaded: the learned state to save and
+        evaluate instead (e.g. after tuning on validation), or None to keep the selected checkpoint."""
+        return None
 
     def set_classes(self, classnames: Sequence[str]) -> None:
         """Switch to another class list for evaluation (only for methods that are not class-specific)."""
         self.classnames = list(classnames)
 
+    # ----- state -----
     def trainable_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The trainable parameters only (what weight averaging averages)."""
         return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
 
-    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        own = dict(self.named_parameters())
-        missing = sorted(set(n for n, p in own.items() if p.requires_grad) - set(state))
-        unexpected = sorted(set(state) - set(own))
+    def _learned_names(self) -> List[str]:
+        """The method's own state (parameters, trained or fitted, and persistent buffers) and whatever
+        trains inside the CLIP model; the rest of CLIP is the base model and never saved."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return [name for name in self.state_dict() if not name.startswith("clip.") or name in trainable]
+
+    def learned_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Everything the method learned (see `_learned_names`)."""
+        state = self.state_dict()
+        return {name: state[name].detach().clone() for name in self._learned_names()}
+
+    def load_learned_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        own = self.state_dict(keep_vars=True)
+        expected = set(self._learned_names())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
-            raise ValueError(f"method state does not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise CliptuneError(f"method state does not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
         with torch.no_grad():
             for name, tensor in state.items():
+                if own[name].shape != tensor.shape:
+                    raise CliptuneError(f"method state '{name}' has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
                 own[name].copy_(tensor.to(own[name].dtype))
+        self.state_changed()
 
-    def after_optimizer_step(self) -> None:
-        """Called by the engine after every optimizer step (e.g. for running weight averages)."""
+    def state_changed(self) -> None:
+        """Drop anything derived from the learned state (e.g. cached class text features)."""
 
     def train(self, mode: bool = True):
         """Keep frozen towers in eval mode (dropout off) whatever the engine asks."""

@@ -14,27 +14,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.errors import CliptuneError
 from cliptune.methods.base import Method, MethodConfig
+from cliptune.methods.coop import dassl_schedule
 from cliptune.methods.prompts import ClassPrompts, initial_context
+from cliptune.options import option
 
 
 @dataclass
 class CoCoOpConfig(MethodConfig):
-    n_ctx: int = 4
-    ctx_init: str = "a photo of a"  # the paper's initialisation; "" = N(0, 0.02)
-    chunk_prompts: int = 512  # class prompts per text-encoder call (bounds memory)
+    n_ctx: int = option(4, "learned context tokens", min=1)
+    ctx_init: str = option("a photo of a", "initialise the context from the first n_ctx tokens of this phrase ('' = N(0, 0.02))")
+    chunk_prompts: int = option(512, "class prompts per text-encoder call (bounds memory)", min=1)
 
 
 class CoCoOp(Method):
     name = "cocoop"
     config_class = CoCoOpConfig
+    trains = "context vectors + a meta-net conditioning them on each image"
+    paper = "CoCoOp (Zhou et al., CVPR'22)"
     uses_image_features = True
+
+    @classmethod
+    def training_defaults(cls, shots):
+        # configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml: SGD 0.002, batch 1, 10 epochs
+        return dassl_schedule(0.002, 1, 10)
 
     def __init__(self, model, classnames, templates, config: CoCoOpConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
-        if config.chunk_prompts < 1:
-            raise CliptuneError(f"cocoop.chunk_prompts must be at least 1, got {config.chunk_prompts}")
         text = model.text
         ctx_init = config.ctx_init.strip()
         self.prompts = ClassPrompts(text, self.classnames, config.n_ctx, ctx_init)
@@ -43,7 +49,7 @@ class CoCoOp(Method):
         hidden = max(1, dim // 16)
         self.meta_net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, text.width))
         self.meta_net.to(text.device)
-        self.register_buffer("scale", model.logit_scale.detach().clone())
+        self.register_buffer("scale", model.logit_scale.detach().clone(), persistent=False)
 
     def set_classes(self, classnames) -> None:
         super().set_classes(classnames)

@@ -17,21 +17,38 @@ from torch import nn
 
 from cliptune.errors import CliptuneError
 from cliptune.methods.base import Method, MethodConfig
-from cliptune.methods.prompts import ClassPrompts, EvalCache, initial_context, phrase_length
+from cliptune.methods.prompts import POSITIONS, ClassPrompts, EvalCache, initial_context, phrase_length
+from cliptune.options import option
 
 
 @dataclass
 class CoOpConfig(MethodConfig):
-    n_ctx: int = 16  # context vectors; set to the token count of ctx_init when that is given
-    ctx_init: str = ""  # e.g. "a photo of a": start from these word embeddings instead of N(0, 0.02)
-    class_specific: bool = False  # CSC: one context per class (cannot be used on other classes)
-    class_token_position: str = "end"  # end | middle | front
+    n_ctx: int = option(16, "learned context tokens (set to the token count of --ctx-init when given)", min=1)
+    ctx_init: str = option("", "initialise the context from this phrase, e.g. 'a photo of a' (default: N(0, 0.02))")
+    class_specific: bool = option(False, "one context per class (CSC; cannot be used on other classes)")
+    class_token_position: str = option("end", "where the class name goes", choices=POSITIONS)
+
+
+def dassl_schedule(lr: float, batch_size: int, epochs: int, optimizer: str = "sgd") -> dict:
+    """The Dassl trainers' optimisation (CoOp, CoCoOp, MaPLe configs): SGD momentum 0.9, weight decay 5e-4,
+    cosine schedule after one warm-up epoch at a constant 1e-5; RandomResizedCrop(0.08-1) + flip; last epoch."""
+    return {"optimizer": optimizer, "lr": lr, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": batch_size,
+            "epochs": epochs, "warmup_epochs": 1, "warmup_lr": 1e-5, "aug_crop_scale": [0.08, 1.0],
+            "aug_hflip": True, "select": "last"}
 
 
 class CoOp(Method):
     name = "coop"
     config_class = CoOpConfig
+    trains = "context vectors of the class prompts (text tower frozen)"
+    paper = "CoOp (Zhou et al., IJCV'22)"
     uses_image_features = True
+
+    @classmethod
+    def training_defaults(cls, shots):
+        # configs/trainers/CoOp/vit_b16{_ep50,_ep100,}.yaml: 50 epochs for 1-2 shots, 100 for 4-8, 200 for 16 (and full data)
+        epochs = 50 if shots is not None and shots <= 2 else 100 if shots is not None and shots <= 8 else 200
+        return dassl_schedule(0.002, 32, epochs)
 
     def __init__(self, model, classnames, templates, config: CoOpConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
@@ -47,7 +64,7 @@ class CoOp(Method):
         else:
             ctx = initial_context(text, config.n_ctx, ctx_init)
         self.ctx = nn.Parameter(ctx.to(text.device))
-        self.register_buffer("scale", model.logit_scale.detach().clone())
+        self.register_buffer("scale", model.logit_scale.detach().clone(), persistent=False)
         self._cache = EvalCache()
 
     def set_classes(self, classnames) -> None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from cliptune.errors import CliptuneError
 from cliptune.losses import class_similarity, contrastive_loss, soft_target_loss
 from cliptune.methods.base import Method, MethodConfig
+from cliptune.options import comma_list, option
 from cliptune.zeroshot import class_embeddings, class_prompts, encode_prompt_grid, prompt_grid_tokens
 
 TOWERS = ("vision", "text")
@@ -24,37 +25,33 @@ LOSSES = ("ce", "contrastive", "soft-target")
 
 @dataclass
 class FullConfig(MethodConfig):
-    train_towers: str = "vision,text"  # comma-separated subset of vision, text
-    unlock_last: Optional[int] = None  # train only the last N blocks (+ final norms/projections); None = all
-    lock_logit_scale: bool = True
-    loss: str = "ce"  # ce | contrastive | soft-target
-    soft_epsilon: float = 0.1  # share of the target moved to classes described alike
-    soft_tau: float = 0.05  # temperature of the class-similarity softmax
-
-
-def parse_towers(value: str) -> List[str]:
-    towers = [t.strip() for t in value.split(",") if t.strip()]
-    if not towers or any(t not in TOWERS for t in towers):
-        raise CliptuneError(f"full.train_towers must be a comma-separated subset of vision,text, got {value!r}")
-    return [t for t in TOWERS if t in towers]
+    train_towers: str = option("vision,text", "towers to fine-tune, comma list of vision,text", comma_choices=TOWERS)
+    unlock_last: Optional[int] = option(None, "train only the last N blocks of each tower (+ final norms/projections); unset = all", min=0)
+    lock_logit_scale: bool = option(True, "keep the logit scale fixed")
+    loss: str = option("ce", "ce | contrastive (FLYP) | soft-target", choices=LOSSES)
+    soft_epsilon: float = option(0.1, "soft-target share moved to similar classes", min=0.0, max=1.0)
+    soft_tau: float = option(0.05, "soft-target class-similarity temperature", above=0.0)
 
 
 class FullFineTune(Method):
     name = "full"
     config_class = FullConfig
+    trains = "whole towers or their last N blocks (CE, FLYP contrastive or soft-target loss)"
+    paper = "WiSE-FT (Wortsman et al., CVPR'22) / FLYP (Goyal et al., CVPR'23)"
     uses_image_features = False
     class_specific = False
     export_formats = ("merged",)
 
+    @classmethod
+    def training_defaults(cls, shots):
+        # FLYP / WiSE-FT end-to-end fine-tuning: AdamW, lr 1e-5, weight decay 0.1, cosine with warm-up, 10 epochs
+        # (their batch of 512 does not fit a CPU: batch 32 here); RandomResizedCrop(0.9-1) as open_clip's training.
+        return {"optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.1, "batch_size": 32, "epochs": 10,
+                "warmup_epochs": 0, "aug_crop_scale": [0.9, 1.0], "aug_hflip": False, "select": "best-val"}
+
     def __init__(self, model, classnames, templates, config: FullConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
-        if config.loss not in LOSSES:
-            raise CliptuneError(f"full.loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
-        if config.unlock_last is not None and config.unlock_last < 0:
-            raise CliptuneError(f"full.unlock_last must be 0 or more, got {config.unlock_last}")
-        if not 0.0 <= config.soft_epsilon <= 1.0 or config.soft_tau <= 0:
-            raise CliptuneError("full.soft_epsilon must be in [0, 1] and full.soft_tau above 0")
-        self.towers = parse_towers(config.train_towers)
+        self.towers = comma_list(config.train_towers, TOWERS, "full.train_towers")
         # A frozen image tower is a fixed feature extractor: let the engine cache its features.
         self.uses_image_features = "vision" not in self.towers
         for parameter in self._unlocked_parameters():
@@ -165,8 +162,7 @@ class FullFineTune(Method):
         super().set_classes(classnames)
         self._prepare_classes()
 
-    def load_trainable_state_dict(self, state) -> None:
-        super().load_trainable_state_dict(state)
+    def state_changed(self) -> None:
         self._eval_class_features = None
 
     def train(self, mode: bool = True):

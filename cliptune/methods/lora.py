@@ -33,6 +33,7 @@ from torch import nn
 
 from cliptune.errors import CliptuneError
 from cliptune.methods.base import Method, MethodConfig
+from cliptune.options import comma_list, option
 from cliptune.zeroshot import class_embeddings, encode_prompt_grid, prompt_grid_tokens
 
 TOWERS = ("vision", "text")
@@ -42,20 +43,14 @@ ADAPTER_NAME = "default"
 
 @dataclass
 class LoRAConfig(MethodConfig):
-    lora_r: int = 2  # rank of each update B·A
-    lora_alpha: float = 1.0  # the update is scaled by alpha / r
-    lora_dropout: float = 0.25  # dropout on the LoRA branch's input (training only)
-    lora_towers: str = "vision,text"  # comma list of: vision, text
-    lora_targets: str = "q,k,v"  # comma list of: q, k, v, out
-    lora_layers: Union[str, int] = "all"  # "all", or block indices / ranges such as "6-11" or "0,2,4-5"
-
-
-def _comma_list(value: str, allowed, key: str) -> List[str]:
-    items = [item.strip() for item in str(value).split(",") if item.strip()]
-    bad = [item for item in items if item not in allowed]
-    if not items or bad:
-        raise CliptuneError(f"lora.{key} must be a comma list of {', '.join(allowed)}, got {value!r}")
-    return list(dict.fromkeys(items))
+    lora_r: int = option(2, "rank of each update B·A", min=1)
+    lora_alpha: float = option(1.0, "scaling numerator: the update is scaled by alpha/sqrt(r) (rslora) or alpha/r", above=0.0)
+    lora_scaling: str = option("rslora", "rslora: alpha/sqrt(r) as CLIP-LoRA's code; standard: alpha/r as the LoRA paper",
+                               choices=("rslora", "standard"))
+    lora_dropout: float = option(0.25, "dropout on the LoRA branch's input (training only)", min=0.0, max=0.99)
+    lora_towers: str = option("vision,text", "towers to adapt, comma list of vision,text", comma_choices=TOWERS)
+    lora_targets: str = option("q,k,v", "attention projections, comma list of q,k,v,out", comma_choices=TARGETS)
+    lora_layers: Union[str, int] = option("all", "blocks to adapt: all, or indices/ranges like 6-11 or 0,2,4-5")
 
 
 def parse_layers(spec: str, depth: int, tower: str) -> List[int]:
@@ -188,18 +183,25 @@ def _attention_linears(block: nn.Module) -> Dict[str, str]:
 class LoRA(Method):
     name = "lora"
     config_class = LoRAConfig
+    trains = "low-rank updates of the attention projections (peft)"
+    paper = "CLIP-LoRA (Zanella & Ben Ayed, CVPRW'24)"
     uses_image_features = False  # per instance: True when only the text tower is adapted
     class_specific = False
     export_formats = ("merged", "adapter")
+
+    @classmethod
+    def training_defaults(cls, shots):
+        # CLIP-LoRA main.py/lora.py: AdamW lr 2e-4, weight decay 0.01, batch 32, cosine, 500 x shots iterations,
+        # RandomResizedCrop(0.08-1) + flip; the last iteration is evaluated.
+        return {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.01, "batch_size": 32, "steps": 500 * (shots or 16),
+                "warmup_epochs": 0, "aug_crop_scale": [0.08, 1.0], "aug_hflip": True, "select": "last"}
 
     def __init__(self, model, classnames, templates, config: LoRAConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
         from peft import LoraConfig, inject_adapter_in_model
 
-        if int(config.lora_r) < 1 or config.lora_alpha <= 0 or not 0 <= config.lora_dropout < 1:
-            raise CliptuneError("lora needs lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
-        towers = _comma_list(config.lora_towers, TOWERS, "lora_towers")
-        targets = _comma_list(config.lora_targets, TARGETS, "lora_targets")
+        towers = comma_list(config.lora_towers, TOWERS, "lora.lora_towers")
+        targets = comma_list(config.lora_targets, TARGETS, "lora.lora_targets")
         self.uses_image_features = "vision" not in towers
         self.text_adapted = "text" in towers
         paths = {id(module): name for name, module in self.clip.named_modules()}
@@ -213,9 +215,9 @@ class LoRA(Method):
         # a regex string is matched against whole module names; a list would also match name suffixes, so the text
         # tower's "transformer.resblocks.0.attn.out_proj" would catch the image tower's "visual.transformer..." too
         pattern = "|".join(re.escape(name) for name in target_modules)
-        self.peft_config = LoraConfig(r=int(config.lora_r), lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                      target_modules=pattern, bias="none")
-        inject_adapter_in_model(self.peft_config, self.clip, adapter_name=ADAPTER_NAME)
+        self._adapter_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                          target_modules=pattern, bias="none", use_rslora=config.lora_scaling == "rslora")
+        inject_adapter_in_model(self._adapter_config, self.clip, adapter_name=ADAPTER_NAME)
         for name, parameter in self.clip.named_parameters():
             parameter.requires_grad_(".lora_" in name)
         self._text_cache: Optional[torch.Tensor] = None
@@ -254,11 +256,14 @@ class LoRA(Method):
             self._text_cache = None
         return self
 
-    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        super().load_trainable_state_dict(state)
+    def state_changed(self) -> None:
         self._text_cache = None
 
     # ----- merge and adapter export -----
+    def adapter_config(self):
+        """The peft `LoraConfig` the adapter was injected with (written beside an adapter export)."""
+        return self._adapter_config
+
     @staticmethod
     def _lora_layers(module: nn.Module):
         from peft.tuners.lora import LoraLayer

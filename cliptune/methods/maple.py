@@ -16,28 +16,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.errors import CliptuneError
 from cliptune.methods.base import Method, MethodConfig
+from cliptune.methods.coop import dassl_schedule
 from cliptune.methods.prompts import ClassPrompts, EvalCache, initial_context
+from cliptune.options import option
 
 
 @dataclass
 class MaPLeConfig(MethodConfig):
-    n_ctx: int = 2
-    ctx_init: str = "a photo of a"  # the input context starts as the first n_ctx tokens of this phrase
-    prompt_depth: int = 9  # layers carrying prompts (input layer included); capped at the towers' depth
+    n_ctx: int = option(2, "learned context tokens per prompted layer", min=1)
+    ctx_init: str = option("a photo of a", "the input context starts as the first n_ctx tokens of this phrase")
+    prompt_depth: int = option(9, "layers carrying prompts, input included (capped at the towers' depth)", min=1)
 
 
 class MaPLe(Method):
     name = "maple"
     config_class = MaPLeConfig
+    trains = "coupled language/vision prompts in the first layers of both towers"
+    paper = "MaPLe (Khattak et al., CVPR'23)"
     uses_image_features = False
+
+    @classmethod
+    def training_defaults(cls, shots):
+        # configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml: SGD 0.0035, batch 4, 5 epochs
+        return dassl_schedule(0.0035, 4, 5)
 
     def __init__(self, model, classnames, templates, config: MaPLeConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
         text, image = model.text, model.image
-        if config.prompt_depth < 1:
-            raise CliptuneError(f"maple.prompt_depth must be at least 1, got {config.prompt_depth}")
         self.depth = min(config.prompt_depth, len(text.blocks), len(image.blocks))
         ctx_init = config.ctx_init.strip()
         self.prompts = ClassPrompts(text, self.classnames, config.n_ctx, ctx_init)
@@ -47,7 +53,7 @@ class MaPLe(Method):
             [nn.Parameter(torch.randn(config.n_ctx, text.width, device=device) * 0.02) for _ in range(self.depth - 1)]
         )
         self.couplings = nn.ModuleList([nn.Linear(text.width, image.width) for _ in range(self.depth)]).to(device)
-        self.register_buffer("scale", model.logit_scale.detach().clone())
+        self.register_buffer("scale", model.logit_scale.detach().clone(), persistent=False)
         self._cache = EvalCache()
 
     def language_prompts(self) -> List[torch.Tensor]:

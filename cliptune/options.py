@@ -1,0 +1,121 @@
+"""Typed, self-validating options: the one place that knows how a config value is checked.
+
+Run settings (`config.RunConfig`) and every method's config dataclass declare their fields with
+`option(...)`, whose metadata (help text, choices, bounds, CLI flag) drives validation, the
+generated CLI flags, `cliptune methods show` and the recipe key check. Importing this module does not
+import torch, so the CLI can read option declarations without paying for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import MISSING, field, fields
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from cliptune.errors import CliptuneError
+
+
+def option(default: Any = MISSING, help: str = "", *, choices: Optional[Sequence] = None, min: Optional[float] = None,
+           max: Optional[float] = None, above: Optional[float] = None, flag: Optional[str] = None,
+           factory: Any = MISSING, comma_choices: Optional[Sequence[str]] = None):
+    """A dataclass field with what validation and the CLI need to know about it.
+
+    `min`/`max` are inclusive bounds, `above` an exclusive lower bound; `comma_choices` makes the value
+    a comma-separated subset of those names; `flag` is the CLI flag (default: `--field-name`).
+    """
+    metadata = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max, "above": above,
+                "flag": flag, "comma_choices": tuple(comma_choices) if comma_choices else None}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def coerce(value: Any, annotation, key: str) -> Any:
+    """Check a value against a dataclass field annotation; ints are accepted for floats."""
+    origin = typing.get_origin(annotation)
+    if origin is Union:
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for choice in options:
+            if choice is type(None):
+                continue
+            try:
+                return coerce(value, choice, key)
+            except CliptuneError:
+                continue
+        raise CliptuneError(f"'{key}' must be {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if origin in (list, List):
+        (item,) = typing.get_args(annotation) or (Any,)
+        if not isinstance(value, list):
+            raise CliptuneError(f"'{key}' must be a list, got {value!r}")
+        return [coerce(v, item, key) for v in value]
+    if annotation is Any:
+        return value
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation in (bool, str) and isinstance(value, annotation):
+        return value
+    if origin in (dict, Dict) and isinstance(value, dict):
+        return value
+    raise CliptuneError(f"'{key}' must be {_type_name(annotation)}, got {value!r}")
+
+
+def comma_list(value: Any, allowed: Sequence[str], key: str) -> List[str]:
+    """`"vision,text"` -> ["vision", "text"]: a non-empty subset of `allowed`, in `allowed`'s order."""
+    items = [item.strip() for item in str(value).split(",") if item.strip()]
+    bad = [item for item in items if item not in allowed]
+    if not items or bad:
+        raise CliptuneError(f"'{key}' must be a comma list of {', '.join(allowed)}, got {value!r}")
+    return [name for name in allowed if name in items]
+
+
+def check_value(value: Any, metadata: Dict, key: str) -> None:
+    """The choices and bounds an `option(...)` declares (None passes: it means "not set")."""
+    if value is None:
+        return
+    if metadata.get("choices") and value not in metadata["choices"]:
+        raise CliptuneError(f"'{key}' must be one of {', '.join(map(str, metadata['choices']))}, got {value!r}")
+    if metadata.get("comma_choices"):
+        comma_list(value, metadata["comma_choices"], key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CliptuneError(f"'{key}' must be a finite number, got {value!r}")
+        low, high, above = metadata.get("min"), metadata.get("max"), metadata.get("above")
+        if low is not None and value < low:
+            raise CliptuneError(f"'{key}' must be at least {low:g}, got {value!r}")
+        if high is not None and value > high:
+            raise CliptuneError(f"'{key}' must be at most {high:g}, got {value!r}")
+        if above is not None and value <= above:
+            raise CliptuneError(f"'{key}' must be above {above:g}, got {value!r}")
+
+
+def validate_fields(instance: Any, prefix: str = "") -> None:
+    """Coerce every field of a dataclass instance to its annotation and check its declared choices/bounds."""
+    hints = typing.get_type_hints(type(instance))
+    for spec in fields(instance):
+        key = f"{prefix}{spec.name}"
+        value = coerce(getattr(instance, spec.name), hints[spec.name], key)
+        check_value(value, spec.metadata, key)
+        object.__setattr__(instance, spec.name, value)
+
+
+def flag_name(spec: dataclasses.Field) -> str:
+    """The CLI flag of a field: its declared `flag`, else `--field-name`."""
+    return spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")
+
+
+def default_of(spec: dataclasses.Field) -> Any:
+    if spec.default is not MISSING:
+        return spec.default
+    if spec.default_factory is not MISSING:  # type: ignore[misc]
+        return spec.default_factory()  # type: ignore[misc]
+    return None
