@@ -41,6 +41,7 @@ class RunConfig:
     # method and optimisation
     method: str = "linear-probe"
     epochs: int = 10
+    steps: Optional[int] = None
     lr: float = 1e-3
     batch_size: int = 32
     eval_batch_size: int = 128
