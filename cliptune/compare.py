@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from cliptune import api
-from cliptune.config import RunConfig, _method_registry, build_config, load_config, parse_set
+from cliptune.config import RunConfig, build_config, load_config, parse_set
 from cliptune.errors import CliptuneError
+from cliptune.methods import METHODS
 from cliptune.progress import progress_bar
 from cliptune.runfolder import RunFolder, atomic_save_figure, atomic_write_json, atomic_write_text, read_json
 from cliptune.session import Session, make_accelerator
@@ -69,16 +70,15 @@ def _one_line(exc: Exception) -> str:
 
 
 def _check_grid(methods: Sequence[str], shots: Sequence[int], seeds: Sequence[int], steps: Optional[int]) -> None:
-    registry = _method_registry()
     for option, values in (("--methods", methods), ("--shots", shots), ("--seeds", seeds)):
         if not values:
             raise CliptuneError(f"{option} needs at least one value")
         repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
         if repeated:
             raise CliptuneError(f"{option} lists {', '.join(repeated)} more than once")
-    unknown = [name for name in methods if name not in registry]
+    unknown = [name for name in methods if name not in METHODS]
     if unknown:
-        raise CliptuneError(f"unknown method '{unknown[0]}' in --methods (available: {', '.join(sorted(registry))})")
+        raise CliptuneError(f"unknown method '{unknown[0]}' in --methods (available: {', '.join(sorted(METHODS))})")
     for option, values in (("--shots", shots), ("--seeds", seeds), ("--steps", [] if steps is None else [steps])):
         for value in values:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

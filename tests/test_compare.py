@@ -77,7 +77,9 @@ def test_grid_summary_matches_the_cells(grid):
         cells = [row.split(" | ")[column].strip(" |") for row in rows[1:4]]
         means = [float(cell.strip("*").split(" ± ")[0]) for cell in cells]
         assert [cell.startswith("**") for cell in cells] == [m == max(means) for m in means]
-    assert "Failed cells:" in md and f"`cells/{cell_name('lora', 2, 2)}`: lora" in md
+    failures = md.split("Failed cells:")[1].strip().splitlines()
+    assert [line.split("`")[1] for line in failures] == [c["run"] for c in failed]
+    assert all("lora_r" in line for line in failures)
     assert md in output  # the table is printed at the end
 
 
@@ -146,3 +148,23 @@ def test_bad_options_are_refused_before_any_folder(tiny_config, colour_data, tmp
     assert result.output.startswith("error: ") and message in result.output and "Traceback" not in result.output
     assert result.output.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_summary_of_partial_groups():
+    """Hand-made cells: a group with one failed seed, zero-shot averaged per seed first, then over seeds."""
+    def cell(method, seed, top1, zeroshot):
+        return {"method": method, "shots": 4, "seed": seed, "run": f"cells/{cell_name(method, 4, seed)}",
+                "status": "finished", "top1": top1, "zeroshot_top1": zeroshot, "train_seconds": 2.0 * seed}
+
+    cells = [cell("coop", 1, 0.6, 0.5), cell("coop", 2, 0.9, 0.7), cell("lora", 1, 0.8, 0.5),
+             {"method": "lora", "shots": 4, "seed": 2, "run": "cells/lora-4shot-seed2", "status": "failed", "error": "boom"}]
+    result = {"data": "d", "methods": ["coop", "lora"], "shots": [4], "seeds": [1, 2], "cells": cells,
+              **compare_module.summarise(cells, ["coop", "lora"], [4])}
+    coop, lora = result["summary"]
+    assert (coop["top1_mean"], coop["top1_std"], coop["train_seconds_mean"]) == pytest.approx((0.75, 0.15, 3.0))
+    assert (lora["top1_mean"], lora["top1_std"], lora["finished"], lora["failed"]) == pytest.approx((0.8, 0.0, 1, 1))
+    # seed 1: both cells saw 0.5; seed 2: only coop finished (0.7): seeds weigh equally, not cells
+    assert (result["zeroshot"][0]["top1_mean"], result["zeroshot"][0]["top1_std"]) == pytest.approx((0.6, 0.1))
+    md = compare_module.render_markdown(result)
+    assert "| lora | **80.0 ± 0.0 (1/2 seeds)** |" in md and "| coop | 75.0 ± 15.0 |" in md
+    assert "| zero-shot | 60.0 ± 10.0 |" in md and "- `cells/lora-4shot-seed2`: boom" in md
