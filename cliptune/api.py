@@ -52,8 +52,13 @@ def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite:
         handler.close()
 
 
-def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False) -> Dict:
-    """Train `config.method`, select the best epoch on val, evaluate on test; returns metrics.json's content."""
+def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False,
+             cache_dir: Optional[str | Path] = None) -> Dict:
+    """Train `config.method`, select the best epoch on val, evaluate on test; returns metrics.json's content.
+
+    Image features are cached in `cache_dir` (default: the run's own `cache/`); runs of the same data and
+    model may share one (as `cliptune compare` does), the cache key tells their features apart.
+    """
     run = RunFolder(out)
     if resume:
         config = load_config(run.config)
@@ -72,9 +77,9 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
     if accelerator.is_main_process:
         run.prepare(overwrite=overwrite, resume=resume)
     accelerator.wait_for_everyone()
-    session.cache_dir = run.cache
+    session.cache_dir = Path(cache_dir) if cache_dir is not None else run.cache
     if novel_session is not None:
-        novel_session.cache_dir = run.cache
+        novel_session.cache_dir = session.cache_dir
     handler = run.attach_log() if accelerator.is_main_process else None
     try:
         if accelerator.is_main_process and not resume:

@@ -92,7 +92,7 @@ model_options = option_group([
     click.option("--model-config", type=click.Path(), help="JSON open_clip model config for a custom architecture."),
 ])
 
-data_options = option_group([
+DATA_OPTIONS = [
     click.option("--data", type=click.Path(), help="ImageFolder root (class folders, or train/ val/ test/ of them)."),
     click.option("--val-fraction", type=float, help="Validation share when the data has no val/ folder [0.1]."),
     click.option("--test-fraction", type=float, help="Test share when the data has no test/ folder [0.2]."),
@@ -100,7 +100,19 @@ data_options = option_group([
     click.option("--templates", type=click.Path(), help="Prompt templates file (one per line, each with '{}')."),
     click.option("--seed", type=int, help="Seed for splits, shots, initialisation and training [0]."),
     click.option("--strict/--no-strict", default=None, help="Fail on unreadable image files instead of skipping them."),
-])
+]
+data_options = option_group(DATA_OPTIONS)
+
+
+def options_named(options, *names):
+    """The options of a shared list with these parameter names, in the list's order (to reuse flags)."""
+
+    def name(option):
+        return option(lambda: None).__click_params__[0].name
+
+    chosen = [option for option in options if name(option) in names]
+    assert len(chosen) == len(names), f"no option for some of {names}"
+    return option_group(chosen)
 
 
 TRAINING_OPTIONS = [
@@ -331,6 +343,30 @@ def methods_show(name, shots):
     from cliptune.methods import describe_method
 
     click.echo(describe_method(name, shots), nl=False)
+
+
+@cli.command()
+@model_options
+@options_named(DATA_OPTIONS, "data", "val_fraction", "test_fraction", "classnames", "templates", "strict")
+@click.option("--methods", required=True, help="Comma list of methods, e.g. linear-probe,coop,lora.")
+@click.option("--shots", "shots_list", required=True, help="Comma list of images per class, e.g. 1,4,16.")
+@click.option("--seeds", default="1", show_default=True, help="Comma list of seeds; every cell runs once per seed.")
+@click.option("--steps", type=int, help="Optimizer-step budget of every cell instead of epochs [each method's default].")
+@options_named(TRAINING_OPTIONS, "epochs", "lr", "batch_size", "optimizer", "weight_decay", "warmup_steps", "grad_accum",
+               "mixed_precision", "label_smoothing", "aug_views", "num_workers", "recipe", "set_values")
+@click.option("--out", required=True, type=click.Path(), help="Compare folder: cells/ (one run folder each), cache/, compare.*")
+def compare(methods, shots_list, seeds, steps, recipe, set_values, out, **options):
+    """Every (method, shots, seed) cell as a run; writes compare.json/.md/.png and prints the table.
+
+    Rerunning the same command skips finished cells and resumes interrupted ones.
+    """
+    from cliptune.compare import compare as run_compare, parse_names, parse_positive_ints, render_markdown
+
+    result = run_compare(out, parse_names(methods, "--methods"), parse_positive_ints(shots_list, "--shots"),
+                         parse_positive_ints(seeds, "--seeds"), steps=steps, recipe=recipe,
+                         options=_cli_values(**options), set_values=list(set_values))
+    click.echo(render_markdown(result), nl=False)
+    click.echo(f"compare folder: {out}  (compare.json, compare.md, compare.png, cells/)")
 
 
 @cli.group()
