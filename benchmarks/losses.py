@@ -54,6 +54,7 @@ RUNS = {
     "ce+ls0.1": ("ce", {"label_smoothing": 0.1}),
     "soft-target": ("soft-target", {}),
     "contrastive": ("contrastive", {}),
+    "soft-contrastive": ("soft-contrastive", {}),
 }
 
 

@@ -144,7 +144,7 @@ METHOD_FLAGS = [
     click.option("--train-towers", "train_towers", help="full: towers to fine-tune, comma list of vision,text [vision,text]."),
     click.option("--unlock-last", "unlock_last", type=int, help="full: train only the last N blocks of each tower (+ final norms/projections) [all]."),
     click.option("--lock-logit-scale/--no-lock-logit-scale", "lock_logit_scale", default=None, help="full: keep the logit scale fixed [lock]."),
-    click.option("--loss", "loss", type=click.Choice(["ce", "contrastive", "soft-target"]), help="full: ce | contrastive (FLYP) | soft-target [ce]."),
+    click.option("--loss", "loss", type=click.Choice(["ce", "contrastive", "soft-target", "soft-contrastive"]), help="full: ce | contrastive (FLYP) | soft-target | soft-contrastive [ce]."),
     click.option("--soft-epsilon", "soft_epsilon", type=float, help="full: soft-target share moved to similar classes [0.1]."),
     click.option("--soft-tau", "soft_tau", type=float, help="full: soft-target class-similarity temperature [0.05]."),
     click.option("--n-ctx", "n_ctx", type=int, help="coop/cocoop/maple: learned context tokens [16/4/2]."),
