@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 from cliptune.cli import cli
@@ -23,10 +24,34 @@ def test_distillation_is_zero_iff_student_equals_teacher():
     assert distillation_kl(logits, logits.clone()).item() == 0.0
     assert distillation_kl(logits, logits + torch.randn(5, 7)).item() > 0
     images, texts = torch.randn(4, 8), torch.randn(6, 8)
-    image_side, text_side = feature_distillation(images, texts, images.clone(), texts.clone(), scale=10.0)
+    image_side, text_side = feature_distillation(images, images.clone(), texts, scale=10.0)
     assert image_side.item() == 0.0 and text_side.item() == 0.0
-    image_side, text_side = feature_distillation(images + 0.5, texts, images, texts, scale=10.0)
+    image_side, text_side = feature_distillation(images + 0.5, images, texts, scale=10.0)
     assert image_side.item() > 0 and text_side.item() > 0
+
+
+def _zscl_distillation(t, s, T=2.0):
+    """ZSCL's `helpers.py::distillation`, verbatim: cross-entropy to the teacher's softened distribution."""
+    p = F.softmax(t / T, dim=1)
+    return F.cross_entropy(s / T, p, reduction="mean") * (T ** 2)
+
+
+def test_zscl_loss_equals_the_reference_code_on_given_features():
+    """ZSCL's finetune.py: both sides scored against the teacher's text features; KL = its CE - H(teacher)."""
+    g = torch.Generator().manual_seed(3)
+    student, teacher, texts = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.randn(7, 8, generator=g)
+    scale, T = 30.0, 2.0
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    logits_current = scale * unit(student) @ unit(texts).t()
+    logits_ref = scale * unit(teacher) @ unit(texts).t()
+
+    def entropy(t):
+        p = F.softmax(t / T, dim=1)
+        return -(p * p.log()).sum(1).mean() * T ** 2
+
+    image_side, text_side = feature_distillation(student, teacher, texts, scale, T)
+    assert image_side.item() == pytest.approx((_zscl_distillation(logits_ref, logits_current) - entropy(logits_ref)).item(), abs=1e-5)
+    assert text_side.item() == pytest.approx((_zscl_distillation(logits_ref.t(), logits_current.t()) - entropy(logits_ref.t())).item(), abs=1e-5)
 
 
 def test_weight_average_of_one_and_two_snapshots():
