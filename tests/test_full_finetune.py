@@ -251,8 +251,6 @@ def test_linear_head_starts_as_wise_fts_zeroshot_head(tiny_config):
     names = set(method.trainable_state_dict())
     assert {"head.weight", "head.bias"} <= names and all(n.startswith(("clip.visual.", "head.")) for n in names)
     assert method.class_specific and not method.uses_image_features
-    assert set(method.head_state_dict()) == {"weight", "bias"}
-    assert build_method("full", model, ["a", "b"], TEMPLATES).head_state_dict() == {}
 
 
 @pytest.mark.parametrize("options, message", [

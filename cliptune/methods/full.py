@@ -213,16 +213,9 @@ class FullFineTune(Method):
     def merged_state_dict(self):
         """The fine-tuned open_clip state_dict (what `export --format merged` and WiSE-FT use).
 
-        With `head: linear` the head is not in it (an open_clip checkpoint has no place for one):
-        `head_state_dict()` gives it.
+        With `head: linear` the head (`self.head`) is not in it: an open_clip checkpoint has no place for one.
         """
         return {key: value.detach().clone().contiguous() for key, value in self.clip.state_dict().items()}
-
-    def head_state_dict(self):
-        """The linear head's `weight` (classes, dim) and `bias`, applied to unit-norm image features; {} without one."""
-        if not self.linear_head:
-            return {}
-        return {key: value.detach().clone().contiguous() for key, value in self.head.state_dict().items()}
 
     def set_classes(self, classnames: Sequence[str]) -> None:
         super().set_classes(classnames)
