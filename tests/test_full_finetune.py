@@ -293,3 +293,8 @@ def test_torchrun_contrastive_two_processes_match_one(loss, tiny_config, colour_
     w1 = load_file(str(tmp_path / "one/checkpoints/best/method.safetensors"))
     assert "clip.logit_scale" in w1  # the logit scale trains, as in FLYP
     assert all(torch.allclose(w2[k], w1[k], atol=1e-5) for k in w1)
+
+
+def test_flyp_recipe_follows_the_original_code():
+    options = build_config("flyp", {"data": "sample_data"}).method_options()
+    assert options["same_class"] == "negative" and options["lock_logit_scale"] is False
