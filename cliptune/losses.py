@@ -114,8 +114,8 @@ def soft_target_loss(
 def soft_contrastive_targets(labels: torch.Tensor, class_cosine: torch.Tensor, epsilon: float, tau: float) -> torch.Tensor:
     """(n, n) targets of the soft-contrastive loss: the image's own caption keeps `1 - epsilon`, the
     batch's other captions share `epsilon` by `softmax(cos(t_{y_i}, t_{y_j}) / tau)` over j != i
-    (SCOLD's soft targets inside CLIP's loss). Symmetric, so it serves both directions; a batch of one
-    has no other caption and gets the hard target."""
+    (SCOLD's soft targets inside CLIP's loss). The class cosines are symmetric, so row i is also caption
+    i's target over the images; a batch of one has no other caption and gets the hard target."""
     n = len(labels)
     eye = torch.eye(n, device=labels.device)
     if n < 2 or epsilon == 0:
