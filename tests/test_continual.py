@@ -118,7 +118,7 @@ def test_wise_strategy_with_alpha_zero_keeps_the_initial_model(tiny_config, spli
     assert result["control_acc"][-1] == pytest.approx(result["zeroshot_control"], abs=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["lwf-vr", "lwf"])
+@pytest.mark.parametrize("strategy", ["lwf-vr", "lwf", "wise"])
 def test_lora_strategies_carry_merged_weights(tiny_config, split_data, colour_data, tmp_path, strategy):
     config = _continual_config(split_data, colour_data, tiny_config, strategy, method="lora")
     result = continual(config, tmp_path / strategy)
