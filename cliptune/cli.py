@@ -308,7 +308,8 @@ def _mergeable_methods() -> list:
 @click.option("--distill-image", type=float, help="zscl: weight of the image-side distillation [1.0].")
 @click.option("--distill-text", type=float, help="zscl: weight of the text-side distillation [1.0].")
 @click.option("--avg-every", type=int, help="zscl: weight-average snapshot every N optimizer steps [100].")
-@click.option("--wise-alpha", type=float, help="wise: weight of the fine-tuned model after each task [0.5].")
+@click.option("--wise-alpha", type=float, help="wise: weight of the fine-tuned model after each task [0.8].")
+@click.option("--l2", type=float, help="any strategy: weight of ZSCL's L2 pull toward the task-start weights [0].")
 @training_options
 def continual(recipe, set_values, out, resume, overwrite, tasks, controls, method_values, **options):
     """Learn a sequence of tasks, measuring forgetting and zero-shot transfer (MTIL metrics)."""

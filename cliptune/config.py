@@ -81,8 +81,12 @@ class RunConfig:
     distill_text: float = 1.0
     distill_temperature: float = 2.0
     avg_every: int = 100
-    wise_alpha: float = 0.5
-    vocab_per_step: int = 64
+    wise_alpha: float = 0.8  # ZSCL's WiSE-FT baseline
+    wise_anchor: str = "task-start"  # wise: interpolate with the task-start weights (ZSCL) or the initial ones
+    vocab_per_step: Optional[int] = None  # zscl/lwf-vr: all reference texts every step (ZSCL); N: a random N
+    l2: float = 0.0  # ZSCL's --l2: weight of sum((θ - θ_task_start)²) over the trained weights
+    vocab_size: int = 1000  # lwf-vr: random token sequences in the virtual vocabulary (ZSCL's virtual_vocab)
+    vocab_length: int = 10  # lwf-vr: random tokens per sequence
     # per-method options, keyed by method name
     methods: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
@@ -102,6 +106,7 @@ CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "strategy": ("naive", "lwf", "lwf-vr", "zscl", "wise"),
     "select": ("best-val", "last"),
+    "wise_anchor": ("task-start", "initial"),
 }
 
 

@@ -4,17 +4,25 @@ Each task is learned with a mergeable method (`full` or `lora`) on the shared en
 a regulariser to that method's loss and/or post-processes the weights after the task:
 
 - `naive`: sequential fine-tuning.
-- `lwf`: distil the previous model's class logits on the current images (Li & Hoiem, LwF).
-- `lwf-vr`: LwF with replayed vocabulary ("Don't Stop Learning", Ding et al. 2022): the distillation is
-  over a random sample of a large vocabulary (the reference texts) instead of the current classes.
-- `zscl`: ZSCL (Zheng et al., ICCV'23): distillation in feature space against the *initial* model on
-  reference images and reference texts (image->text and text->image similarity distributions), plus
-  a running average of the weights every `avg_every` steps, used as the task's result.
-- `wise`: after each task, interpolate with the initial weights (WiSE-FT).
+- `lwf`: distil the previous model's class logits on the current images (Li & Hoiem, LwF), image->text
+  and text->image (the transposed logits).
+- `lwf-vr`: LwF with a virtual vocabulary ("Don't Stop Learning", Ding et al. 2022), as ZSCL's code runs it
+  (Thunderbeee/ZSCL `mtil/src/models/helpers.py::virtual_vocab`, `finetune.py` with `--ref-sentences
+  random`): `vocab_size` fixed random token sequences of `vocab_length` tokens, all of them every step,
+  scored by the previous model on a separate stream of current-task images (eval transform).
+- `zscl`: ZSCL (Zheng et al., ICCV'23; `mtil/src/models/finetune.py::finetune`): distillation in feature
+  space against the *initial* model on reference images and all reference texts, plus the weight
+  ensemble of the task-start weights and a snapshot every `avg_every` steps from the first, used as
+  the task's result.
+- `wise`: after each task, interpolate with the task-start (or initial) weights (WiSE-FT).
 
-All distillation terms are KL divergences, so they are exactly zero when student equals teacher.
-After each task every task's test split (with its own classes) and every control set are evaluated
-with the current model's zero-shot head; the MTIL metrics (Transfer, Avg, Last) follow ZSCL.
+Feature distillation (zscl, lwf-vr) follows ZSCL: the teacher's text features on both sides, student
+and teacher image features, KL of the image->text and of the text->image distributions. Every strategy
+can add ZSCL's `l2` pull toward the task-start weights. All distillation terms are KL divergences
+(ZSCL's cross-entropy minus the teacher's entropy: same gradient), so they are exactly zero when
+student equals teacher. After each task every task's test split (with its own classes) and every
+control set are evaluated with the current model's zero-shot head; the MTIL metrics (Transfer, Avg,
+Last) follow ZSCL.
 """
 
 from __future__ import annotations
@@ -22,7 +30,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import random
 import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -42,12 +49,14 @@ from cliptune.models import LoadedModel
 from cliptune.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json
 from cliptune.session import Session, make_accelerator, model_from_config
 from cliptune.templates import load_templates
+from cliptune.towers import TextTower
 from cliptune.wise import interpolate
 from cliptune.zeroshot import zeroshot_weights
 
 log = logging.getLogger("cliptune")
 DEFAULT_REFERENCE_TEXTS = Path(__file__).parent / "assets" / "reference_texts.txt"
 STRATEGIES = CHOICES["strategy"]
+DISTILLING = ("lwf", "lwf-vr", "zscl")
 DEFAULT_METHOD = "full"  # continual learning needs a method whose weights merge into CLIP
 
 
@@ -59,11 +68,25 @@ def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, 
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
-def feature_distillation(student_images, student_texts, teacher_images, teacher_texts, scale, temperature=2.0):
-    """ZSCL's two terms: image->text and text->image similarity distributions, student vs teacher."""
-    student = scale * F.normalize(student_images, dim=-1) @ F.normalize(student_texts, dim=-1).T
-    teacher = scale * F.normalize(teacher_images, dim=-1) @ F.normalize(teacher_texts, dim=-1).T
-    return distillation_kl(teacher, student, temperature), distillation_kl(teacher.T, student.T, temperature)
+def symmetric_distillation(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 2.0):
+    """(image->text, text->image) distillation of (images, texts) logits: the rows, then the columns."""
+    return (distillation_kl(teacher_logits, student_logits, temperature),
+            distillation_kl(teacher_logits.T, student_logits.T, temperature))
+
+
+def feature_distillation(student_images, teacher_images, teacher_texts, scale, temperature=2.0):
+    """ZSCL's two terms on reference images: logits `scale * image @ text.T` of the student's and the
+    teacher's image features, both against the *teacher's* text features (`finetune.py`: `logits_current
+    = logit_scale.exp() * ref_out_current @ ref_embeddings.t()`, `logits_ref = ... ref_out @ ...`)."""
+    texts = F.normalize(teacher_texts, dim=-1)
+    student = scale * F.normalize(student_images, dim=-1) @ texts.T
+    teacher = scale * F.normalize(teacher_images, dim=-1) @ texts.T
+    return symmetric_distillation(teacher, student, temperature)
+
+
+def l2_to_anchor(parameters: Dict[str, torch.Tensor], anchor: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """ZSCL's `helpers.py::l2_loss`: the sum over weights of `(θ - θ_task_start)²`."""
+    return sum(F.mse_loss(parameters[name], value, reduction="sum") for name, value in anchor.items())
 
 
 class WeightAverage:
@@ -81,6 +104,33 @@ class WeightAverage:
                 self.mean[name] = value.clone()
             else:
                 self.mean[name] += (value - self.mean[name]) / self.count
+
+
+def virtual_vocabulary(text: TextTower, size: int = 1000, length: int = 10, seed: int = 0) -> torch.Tensor:
+    """(size, context) token ids of random "sentences": start token, `length` random tokens, end token, padding.
+
+    ZSCL's `helpers.py::virtual_vocab(length=10, n_class=1000)`, seeded. Unlike the original the random
+    tokens never are the start, end or pad token (the original draws from the whole vocabulary, so a
+    drawn end token could end a sentence early).
+    """
+    layout = text.tokenize([""])[0].cpu()  # [start, end, pad, ...]
+    start, end, pad = int(layout[0]), int(layout[1]), text.pad_id
+    if length + 2 > text.context_length:
+        raise CliptuneError(f"vocab_length {length} does not fit the text context of {text.context_length} tokens")
+    special = torch.tensor(sorted({start, end, pad}))
+    ordinary = torch.arange(text.vocab_size)
+    ordinary = ordinary[~torch.isin(ordinary, special)]
+    generator = torch.Generator().manual_seed(seed)
+    drawn = ordinary[torch.randint(len(ordinary), (size, length), generator=generator)]
+    tokens = torch.full((size, text.context_length), pad, dtype=torch.long)
+    tokens[:, 0], tokens[:, 1 : length + 1], tokens[:, length + 1] = start, drawn, end
+    return tokens.to(text.device)
+
+
+@torch.no_grad()
+def encode_texts(text: TextTower, tokens: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Unit-norm features of many token sequences, `chunk` at a time."""
+    return torch.cat([text.encode(piece, normalize=True) for piece in tokens.split(chunk)])
 
 
 def mtil_metrics(acc: Sequence[Sequence[float]]) -> Dict[str, float]:
@@ -156,44 +206,42 @@ def reference_texts(path: Optional[str]) -> List[str]:
 
 # ----- the strategy wrapper the engine trains -----
 class ContinualLearner(nn.Module):
-    """Wraps a task's method: same forward and parameters; the loss adds the strategy's distillation.
+    """Wraps a task's method: same forward and parameters; the loss adds the strategy's regularisers.
 
     Presents the engine's method interface (forward, loss, trainable_*, after_optimizer_step) by
-    delegating to the wrapped method, so the shared training loop is unchanged.
+    delegating to the wrapped method, so the shared training loop is unchanged. `images` are the
+    reference images (zscl) or the current task's training images (lwf-vr), read with the eval
+    transform as a stream of their own; `texts` are the reference texts (zscl) or the virtual
+    vocabulary's token ids (lwf-vr).
     """
 
     def __init__(self, method, strategy: str, config: RunConfig, teacher: Optional[LoadedModel] = None,
-                 ref_images: Optional[List[Path]] = None, vocabulary: Optional[List[str]] = None):
+                 images: Optional[List[Path]] = None, texts: Optional[List[str] | torch.Tensor] = None):
         super().__init__()
         self.method = method
         self.strategy = strategy
         self.settings = config
         self.teacher = teacher
-        self.vocabulary = vocabulary or []
-        self.average = WeightAverage() if strategy == "zscl" else None
-        self.steps = 0
         self._regulariser = None
-        self._student_images = None
-        self._rng = random.Random(config.seed)
-        self._reference = None
+        self._generator = torch.Generator().manual_seed(config.seed)
+        # ZSCL's `l2_model` and weight ensemble both start from the task-start weights
+        self.anchor = method.trainable_state_dict() if config.l2 > 0 else None
+        self.average = None
+        self.steps = 0
         if strategy == "zscl":
+            self.average = WeightAverage()
+            self.average.add(method.trainable_state_dict())
+        self._stream = None
+        if strategy in ("zscl", "lwf-vr"):
             model = method.model
             transform = eval_transform(model.image_size, model.mean, model.std, model.interpolation)
-            loader = DataLoader(UnlabelledImages(ref_images, transform), batch_size=config.batch_size, shuffle=True,
-                                generator=torch.Generator().manual_seed(config.seed), drop_last=len(ref_images) > config.batch_size)
-            self._reference = loader
-            self._reference_iter = iter(loader)
-        self._hook = None
-        if strategy == "lwf-vr" and not method.uses_image_features:
-            # capture the student's image features during the wrapped forward (no second image pass)
-            self._hook = method.clip.visual.register_forward_hook(self._capture_image_features)
-        if teacher is not None:
-            with torch.no_grad():
-                if strategy == "lwf":
-                    self._teacher_classes = zeroshot_weights(teacher.text, method.classnames, method.templates)
-                elif strategy == "lwf-vr":
-                    self._teacher_vocab = torch.cat([teacher.text.encode(teacher.text.tokenize(self.vocabulary[i:i + 256]))
-                                                     for i in range(0, len(self.vocabulary), 256)])
+            self._stream = DataLoader(UnlabelledImages(images, transform), batch_size=config.batch_size, shuffle=True,
+                                      generator=torch.Generator().manual_seed(config.seed), drop_last=len(images) > config.batch_size)
+            self._stream_iter = iter(self._stream)
+            tokens = texts if isinstance(texts, torch.Tensor) else teacher.text.tokenize(texts)
+            self._teacher_texts = encode_texts(teacher.text, tokens)
+        elif strategy == "lwf":
+            self._teacher_classes = zeroshot_weights(teacher.text, method.classnames, method.templates)
 
     # engine interface
     name = property(lambda self: self.method.name)
@@ -233,75 +281,64 @@ class ContinualLearner(nn.Module):
             self.teacher.clip.eval()
         return self
 
-    def _capture_image_features(self, _module, _inputs, output):
-        self._student_images = output
-
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        self._student_images = None
         logits = self.method(inputs)
-        if self.training and self.strategy in ("lwf", "lwf-vr", "zscl"):
+        if self.training and self.strategy in DISTILLING:
             self._regulariser = self._distillation(inputs, logits)
         return logits
 
     def loss(self, logits, labels, label_smoothing: float = 0.0):
         loss = self.method.loss(logits, labels, label_smoothing)
+        if self.anchor is not None:
+            own = dict(self.method.named_parameters())
+            loss = loss + self.settings.l2 * l2_to_anchor(own, self.anchor)
         return loss + self._regulariser if self._regulariser is not None else loss
 
     def after_optimizer_step(self) -> None:
+        """ZSCL's ensemble adds a snapshot at iterations 0, avg_every, 2·avg_every, ... (each after its update)."""
         self.method.after_optimizer_step()
         self.steps += 1
-        if self.average is not None and self.steps % self.settings.avg_every == 0:
+        if self.average is not None and (self.steps - 1) % self.settings.avg_every == 0:
             self.average.add(self.trainable_state_dict())
 
     def release(self) -> None:
-        """Detach from the model (forward hook, per-step tensors) once the task is learned."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        self._student_images = self._regulariser = None
+        """Drop per-step tensors once the task is learned."""
+        self._regulariser = None
 
     # distillation terms
-    def _student_text(self, texts: Sequence[str]) -> torch.Tensor:
-        text = self.method.model.text
-        return text.encode(text.tokenize(texts), normalize=False)
-
     def _distillation(self, inputs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        teacher, settings = self.teacher, self.settings
+        settings, teacher = self.settings, self.teacher
         scale = teacher.logit_scale
-        if self.strategy == "zscl":
-            return self._zscl_terms(inputs.device, scale)
-        features_fed = self.method.uses_image_features  # cached features: the image tower is frozen
-        student_images = inputs if features_fed else self._student_images
-        with torch.no_grad():
-            teacher_images = inputs if features_fed else teacher.image.encode(inputs, normalize=False)
-            teacher_images = F.normalize(teacher_images.float(), dim=-1)
         if self.strategy == "lwf":
             if logits.shape[-1] != len(self.method.classnames):
                 raise CliptuneError("lwf distils class logits: use it with a classification loss (e.g. --set full.loss=ce)")
-            teacher_logits = scale * teacher_images @ self._teacher_classes.T
-            return distillation_kl(teacher_logits, logits, settings.distill_temperature)
-        chosen = self._rng.sample(range(len(self.vocabulary)), min(settings.vocab_per_step, len(self.vocabulary)))
-        teacher_logits = scale * teacher_images @ F.normalize(self._teacher_vocab[chosen], dim=-1).T
-        student_texts = F.normalize(self._student_text([self.vocabulary[i] for i in chosen]), dim=-1)
-        student_logits = scale * F.normalize(student_images, dim=-1) @ student_texts.T
-        return distillation_kl(teacher_logits, student_logits, settings.distill_temperature)
-
-    def _zscl_terms(self, device, scale) -> torch.Tensor:
-        settings, teacher = self.settings, self.teacher
-        try:
-            ref = next(self._reference_iter)
-        except StopIteration:
-            self._reference_iter = iter(self._reference)
-            ref = next(self._reference_iter)
-        ref = ref.to(device)
-        texts = self._rng.sample(self.vocabulary, min(settings.vocab_per_step, len(self.vocabulary)))
-        student_images = self.method.model.image.encode(ref, normalize=False)
-        with torch.no_grad():
-            teacher_images = teacher.image.encode(ref, normalize=False)
-            teacher_texts = teacher.text.encode(teacher.text.tokenize(texts), normalize=False)
-        image_side, text_side = feature_distillation(student_images, self._student_text(texts), teacher_images,
-                                                     teacher_texts, scale, settings.distill_temperature)
+            with torch.no_grad():
+                # cached features come from the frozen image tower, which is the previous model's
+                teacher_images = inputs if self.method.uses_image_features else teacher.image.encode(inputs)
+                teacher_logits = scale * F.normalize(teacher_images.float(), dim=-1) @ self._teacher_classes.T
+            image_side, text_side = symmetric_distillation(teacher_logits, logits, settings.distill_temperature)
+        else:
+            image_side, text_side = self._feature_terms(inputs.device, scale)
         return settings.distill_image * image_side + settings.distill_text * text_side
+
+    def _next_images(self, device) -> torch.Tensor:
+        try:
+            batch = next(self._stream_iter)
+        except StopIteration:
+            self._stream_iter = iter(self._stream)
+            batch = next(self._stream_iter)
+        return batch.to(device)
+
+    def _feature_terms(self, device, scale):
+        images = self._next_images(device)
+        texts = self._teacher_texts
+        per_step = self.settings.vocab_per_step
+        if per_step is not None and per_step < len(texts):  # a random subset per step (cliptune <= 0.x)
+            texts = texts[torch.randperm(len(texts), generator=self._generator)[:per_step].to(texts.device)]
+        student_images = self.method.model.image.encode(images, normalize=True)
+        with torch.no_grad():
+            teacher_images = self.teacher.image.encode(images, normalize=True)
+        return feature_distillation(student_images, teacher_images, texts, scale, self.settings.distill_temperature)
 
 
 # ----- the task loop -----
@@ -357,12 +394,16 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
         raise CliptuneError(f"continual learning carries merged weights from task to task: use --method {' or '.join(mergeable)}")
     if config.strategy == "zscl" and not config.reference:
         raise CliptuneError("zscl needs reference images: pass --reference DIR (any folder of images, unlabelled)")
+    if config.method_options().get("head", "zeroshot") != "zeroshot":
+        raise CliptuneError("continual learning evaluates every task with the zero-shot head: use full.head=zeroshot")
+    if config.l2 < 0 or config.vocab_size < 2 or config.vocab_length < 1 or (config.vocab_per_step or 1) < 1:
+        raise CliptuneError("l2 must be 0 or more, vocab_size at least 2, vocab_length and vocab_per_step at least 1")
     run.check_reusable(overwrite=overwrite, resume=resume)
     tasks = [load_task(spec, config, config.shots) for spec in config.tasks]
     controls = [load_task(spec, config, None) for spec in config.controls]
     templates = load_templates(config.templates)
     ref_images = reference_images(config.reference) if config.strategy == "zscl" else None
-    vocabulary = reference_texts(config.reference_texts) if config.strategy in ("lwf-vr", "zscl") else None
+    ref_texts = reference_texts(config.reference_texts) if config.strategy == "zscl" else None
     accelerator = make_accelerator(config.mixed_precision)
     model = model_from_config(config, accelerator.device)
     if accelerator.is_main_process:
@@ -393,8 +434,14 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
             previous = dataclasses.replace(model, clip=copy.deepcopy(model.clip))
             teacher = initial if config.strategy == "zscl" else previous
             method = build_method(config.method, model, data.classnames, templates, config.method_options(), data.named_descriptions)
-            learner = method if config.strategy in ("naive", "wise") else ContinualLearner(
-                method, config.strategy, config, teacher, ref_images, vocabulary)
+            learner = method
+            if config.strategy == "zscl":
+                learner = ContinualLearner(method, config.strategy, config, teacher, ref_images, ref_texts)
+            elif config.strategy == "lwf-vr":
+                vocabulary = virtual_vocabulary(teacher.text, config.vocab_size, config.vocab_length, config.seed)
+                learner = ContinualLearner(method, config.strategy, config, teacher, data.split("train").files, vocabulary)
+            elif config.strategy == "lwf" or config.l2 > 0:
+                learner = ContinualLearner(method, config.strategy, config, teacher)
             session = Session(config, model, data, templates, accelerator, run.cache)
             train = session.inputs("train", method.uses_image_features, train=True)
             val = session.inputs("val", method.uses_image_features) if len(data.splits["val"]) else None
@@ -408,8 +455,9 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
                 learner.release()
             load_method_state(learner, task_run.checkpoints / "best")  # the selected epoch, or ZSCL's weight average
             state = method.merged_state_dict()
-            if config.strategy == "wise":
-                state = interpolate(initial_state, state, config.wise_alpha)
+            if config.strategy == "wise":  # ZSCL's WiSE-FT baseline: with the task-start weights (`--wise_merge`)
+                anchor = previous.clip.state_dict() if config.wise_anchor == "task-start" else initial_state
+                state = interpolate(anchor, state, config.wise_alpha)
             model = _with_weights(pristine, model, state, f"task{index}")
             progress["acc"].append([_evaluate(config, model, d, templates, accelerator, run.cache) for _, d in tasks])
             progress["control_acc"].append([_evaluate(config, model, d, templates, accelerator, run.cache) for _, d in controls])

@@ -250,7 +250,8 @@ class Trainer:
                     with (accelerator.no_sync(self.model) if not sync else nullcontext()):
                         with accelerator.autocast():
                             logits = self.model(x)
-                            if len(y):
+                            # a loss that all-gathers the batch must run on every process, even on an empty slice
+                            if len(y) or getattr(self._unwrapped(), "gathers_across_processes", False):
                                 loss = self._unwrapped().loss(logits, y, config.label_smoothing)
                                 scaled = loss * (len(y) / global_n) * accelerator.num_processes / group_size
                             else:  # an empty slice of a tiny last batch still joins the all-reduce

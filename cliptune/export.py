@@ -1,7 +1,11 @@
 """`cliptune export`: a finished run's learned weights in formats other tools load.
 
 - `merged`: the full open_clip state_dict with the method's weights merged in, as one safetensors
-  file that plain `open_clip.create_model_and_transforms(arch, pretrained=FILE)` loads.
+  file that plain `open_clip.create_model_and_transforms(arch, pretrained=FILE)` loads. A run with a
+  linear head (`full.head: linear`) classifies with that head, which an open_clip checkpoint has no
+  place for: it is written beside the file as `NAME.head.safetensors` (`weight` (classes, dim) and
+  `bias`, applied to unit-norm image features, no logit scale; the class names in its metadata).
+  The open_clip file alone then holds the fine-tuned image tower and the untouched text tower.
 - `adapter`: peft's `save_pretrained` layout (`adapter_config.json` + `adapter_model.safetensors`),
   small, reloaded onto the base model with `cliptune eval RUN --adapter DIR`.
 
@@ -23,7 +27,7 @@ from cliptune.methods import METHODS, methods_exporting
 from cliptune.methods.base import Method
 from cliptune.runfolder import atomic_save_safetensors
 from cliptune.session import finished_run, load_run_method
-from cliptune.wise import check_alpha, wise_state_dict
+from cliptune.wise import check_alpha, interpolable, wise_state_dict
 
 FORMATS = ("merged", "adapter")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -48,11 +52,20 @@ def merged_state_dict(run_dir: str | Path) -> Dict[str, torch.Tensor]:
     return load_run_method(run_dir).merged_state_dict()
 
 
+def head_path(output: Path) -> Path:
+    """Where a merged export puts a linear head: `NAME.head.safetensors` beside `NAME.safetensors`."""
+    return output.with_name(f"{output.stem}.head.safetensors")
+
+
 def _prepare_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not (output.is_dir() and not any(output.iterdir())):
         if not overwrite:
             raise CliptuneError(f"{output} already exists (pass --overwrite to replace it)")
         shutil.rmtree(output) if output.is_dir() else output.unlink()
+    if output.suffix == ".safetensors" and head_path(output).exists():
+        if not overwrite:
+            raise CliptuneError(f"{head_path(output)} already exists (pass --overwrite to replace it)")
+        head_path(output).unlink()
 
 
 def export_run(run_dir: str | Path, fmt: str, output: str | Path, overwrite: bool = False,
@@ -75,11 +88,14 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, overwrite: boo
         arch = config.model or Path(config.model_config or "").stem
         metadata = {"format": "pt", "arch": arch, "cliptune_method": sidecar["method"], "cliptune_run": str(Path(run_dir).resolve())}
         if wise_alpha is None:
-            state = merged_state_dict(run_dir)
+            parts = interpolable(load_run_method(run_dir))
         else:
-            state = wise_state_dict(run_dir, wise_alpha)
+            parts = wise_state_dict(run_dir, wise_alpha)
             metadata["cliptune_wise_alpha"] = str(wise_alpha)
-        atomic_save_safetensors(output, state, metadata=metadata)
+        atomic_save_safetensors(output, parts["clip"], metadata=metadata)
+        if "head" in parts:
+            head_metadata = {**metadata, "classes": json.dumps(sidecar["classes"])}
+            atomic_save_safetensors(head_path(output), parts["head"], metadata=head_metadata)
         return output
     method = load_run_method(run_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,10 @@ class TextTower:
         return self.owner.token_embedding.weight.shape[1]
 
     @property
+    def vocab_size(self) -> int:
+        return self.owner.token_embedding.weight.shape[0]
+
+    @property
     def blocks(self) -> nn.ModuleList:
         return self.owner.transformer.resblocks
 
@@ -167,6 +171,10 @@ class HFTextTower:
     @property
     def width(self) -> int:
         return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
 
     @property
     def blocks(self) -> nn.ModuleList:

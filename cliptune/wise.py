@@ -1,9 +1,15 @@
 """WiSE-FT (Wortsman et al., CVPR 2022): interpolate zero-shot and fine-tuned weights, `(1-a)·θ_0 + a·θ_1`.
 
-Works for every run whose method can give its fine-tuned model as a plain open_clip state_dict
-(`merged_state_dict()`: full fine-tuning, LoRA with its updates merged). A mixture is evaluated as a
-zero-shot classifier of the mixed model, which for full fine-tuning is exactly how the run itself
-classifies, so `a = 1` reproduces the run's accuracy and `a = 0` the zero-shot accuracy.
+What is interpolated depends on the run (mlfoundations/wise-ft `wise_ft.py` interpolates the whole
+classifier, encoder and head):
+- `clip`: the open_clip state_dict, for runs whose method gives its model as one (`merged_state_dict()`:
+  full fine-tuning, LoRA with its updates merged);
+- `head`: a linear head's `weight` and `bias` (full fine-tuning with `head: linear`, whose zero-shot
+  head is the zero-shot weights × logit scale; linear-probe runs, whose zero-shot head is the zero-shot
+  weights, bias 0, under the run's fixed scale).
+A mixture is evaluated as the run classifies: full runs with their own head, linear-probe runs as a
+probe, LoRA runs as a zero-shot classifier of the mixed model; `a = 1` reproduces the run's accuracy
+and `a = 0` the zero-shot accuracy.
 """
 
 from __future__ import annotations
@@ -14,17 +20,27 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
-from cliptune.config import RunConfig, load_config
+from cliptune.config import RunConfig
 from cliptune.engine import Trainer
 from cliptune.errors import CliptuneError
 from cliptune.methods import build_method, methods_exporting
+from cliptune.methods.base import Method
 from cliptune.methods.full import FullFineTune
-from cliptune.runfolder import RunFolder, atomic_write_json, read_json
-from cliptune.session import Session, load_run_method, make_accelerator, model_from_config
+from cliptune.methods.linear_probe import LinearProbe
+from cliptune.runfolder import RunFolder, atomic_write_json
+from cliptune.session import Session, finished_run, load_run_method, make_accelerator, model_from_config
+from cliptune.templates import load_templates
 
 log = logging.getLogger("cliptune")
 StateDict = Dict[str, torch.Tensor]
+Parts = Dict[str, StateDict]
+
+
+def wise_methods() -> list:
+    """Methods whose runs WiSE-FT can interpolate: those that merge into CLIP, and the linear probe."""
+    return sorted({*methods_exporting("merged"), LinearProbe.name})
 
 
 def check_alpha(alpha: float) -> float:
@@ -53,23 +69,59 @@ def interpolate(zeroshot: StateDict, finetuned: StateDict, alpha: float) -> Stat
     return mixed
 
 
-def run_weights(run_dir: str | Path, device: str | torch.device = "cpu") -> Tuple[RunConfig, StateDict, StateDict]:
-    """A run's config, its zero-shot (initial) open_clip state_dict and its fine-tuned (merged) one."""
-    config = load_config(RunFolder(run_dir).config)
-    mergeable = methods_exporting("merged")
-    if config.method not in mergeable:
-        raise CliptuneError(f"WiSE-FT needs a run whose weights merge into CLIP ({', '.join(mergeable)}); "
-                            f"{run_dir} is a '{config.method}' run")
-    finetuned = load_run_method(run_dir).merged_state_dict()
+def interpolable(method: Method) -> Parts:
+    """What WiSE-FT mixes for this method: `clip` (when it merges into CLIP) and/or a linear `head`."""
+    parts = {}
+    if "merged" in method.export_formats:
+        parts["clip"] = method.merged_state_dict()
+    head = getattr(method, "head", None)
+    if isinstance(head, nn.Linear):
+        parts["head"] = {key: value.detach().clone() for key, value in head.state_dict().items()}
+    return parts
+
+
+def load_interpolable(method: Method, parts: Parts) -> None:
+    if "clip" in parts:
+        method.clip.load_state_dict(parts["clip"])
+    if "head" in parts:
+        method.head.load_state_dict(parts["head"])
+
+
+def interpolate_parts(zeroshot: Parts, finetuned: Parts, alpha: float) -> Parts:
+    return {name: interpolate(zeroshot[name], finetuned[name], alpha) for name in finetuned}
+
+
+def zeroshot_method(method_name: str, model, classnames, templates, options: Dict) -> Method:
+    """A freshly built method that holds the run's zero-shot endpoint and classifies as the run did.
+
+    Full runs keep their options (the `linear` head starts at its zero-shot value); linear probes start
+    at the zero-shot head whatever their `init`; other runs (LoRA) are evaluated as a fully fine-tuned
+    CLIP, i.e. with the zero-shot head of the mixed model.
+    """
+    if method_name == FullFineTune.name:
+        return build_method(method_name, model, classnames, templates, options)
+    if method_name == LinearProbe.name:
+        return build_method(method_name, model, classnames, templates, {**options, "init": "zeroshot"})
+    return build_method(FullFineTune.name, model, classnames, templates)
+
+
+def run_weights(run_dir: str | Path, device: str | torch.device = "cpu") -> Tuple[RunConfig, Parts, Parts]:
+    """A run's config and its zero-shot and fine-tuned `interpolable` parts."""
+    config, _, sidecar = finished_run(run_dir)
+    if sidecar["method"] not in wise_methods():
+        raise CliptuneError(f"WiSE-FT needs a run whose weights merge into CLIP or a linear probe ({', '.join(wise_methods())}); "
+                            f"{run_dir} is a '{sidecar['method']}' run")
+    finetuned = interpolable(load_run_method(run_dir, device))
     model = model_from_config(config, device)
-    return config, model.clip.state_dict(), finetuned
+    reference = zeroshot_method(sidecar["method"], model, sidecar["classes"], load_templates(config.templates), sidecar["config"])
+    return config, interpolable(reference), finetuned
 
 
-def wise_state_dict(run_dir: str | Path, alpha: float) -> StateDict:
-    """The open_clip state_dict of a run's WiSE-FT mixture (what `export --wise-alpha` writes)."""
+def wise_state_dict(run_dir: str | Path, alpha: float) -> Parts:
+    """A run's WiSE-FT mixture (what `export --wise-alpha` writes): `clip`, and `head` for a linear head."""
     check_alpha(alpha)
     _, zeroshot, finetuned = run_weights(run_dir)
-    return interpolate(zeroshot, finetuned, alpha)
+    return interpolate_parts(zeroshot, finetuned, alpha)
 
 
 def parse_alphas(text: str) -> list:
@@ -88,6 +140,7 @@ def wise_sweep(run_dir: str | Path, data_dir: Optional[str] = None, alphas: Sequ
     alphas = [check_alpha(a) for a in alphas]
     run = RunFolder(run_dir)
     config, zeroshot, finetuned = run_weights(run_dir)
+    _, _, sidecar = finished_run(run_dir)
     if data_dir and Path(data_dir).resolve() != Path(config.data or "").resolve():
         config.classnames = None  # another dataset: its own folder names / classnames.yaml
     config.shots = None
@@ -96,15 +149,15 @@ def wise_sweep(run_dir: str | Path, data_dir: Optional[str] = None, alphas: Sequ
     data = session.data
     if not len(data.splits.get("val", ())):
         raise CliptuneError(f"{data.root} has no val split to choose the WiSE-FT alpha on")
-    # A full run is evaluated exactly as it classified itself; other runs as a fully fine-tuned CLIP.
-    options = read_json(run.checkpoints / "best" / "method.json")["config"] if config.method == FullFineTune.name else {}
-    method = build_method(FullFineTune.name, session.model, data.classnames, session.templates, options)
+    method = zeroshot_method(sidecar["method"], session.model, data.classnames, session.templates, sidecar["config"])
+    if method.class_specific and list(data.classnames) != list(sidecar["classes"]):
+        raise CliptuneError(f"{run_dir} learned a head for its own classes; {data.root} has other classes")
     method.eval()
     trainer = Trainer(method, config, None, accelerator)
     splits = {name: session.inputs(name, method.uses_image_features) for name in ("val", "test")}
     result = {"alphas": alphas, "val_top1": [], "test_top1": []}
     for alpha in alphas:
-        method.clip.load_state_dict(interpolate(zeroshot, finetuned, alpha))
+        load_interpolable(method, interpolate_parts(zeroshot, finetuned, alpha))
         for name, inputs in splits.items():
             result[f"{name}_top1"].append(trainer.evaluate(inputs, data.classes)["top1"])
         log.info("WiSE-FT alpha %.2f: val top-1 %.2f%%  test top-1 %.2f%%", alpha,

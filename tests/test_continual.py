@@ -6,16 +6,18 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 from cliptune.cli import cli
 from cliptune.config import build_config
 from cliptune.continual import (ContinualLearner, WeightAverage, continual, distillation_kl, feature_distillation,
-                                mtil_metrics, reference_texts)
+                                mtil_metrics, reference_texts, virtual_vocabulary)
 from cliptune.engine import Trainer
 from cliptune.errors import CliptuneError, InterruptedRun
 from cliptune.methods import build_method
 from cliptune.models import load_model
+from cliptune.zeroshot import zeroshot_weights
 
 
 def test_distillation_is_zero_iff_student_equals_teacher():
@@ -23,10 +25,34 @@ def test_distillation_is_zero_iff_student_equals_teacher():
     assert distillation_kl(logits, logits.clone()).item() == 0.0
     assert distillation_kl(logits, logits + torch.randn(5, 7)).item() > 0
     images, texts = torch.randn(4, 8), torch.randn(6, 8)
-    image_side, text_side = feature_distillation(images, texts, images.clone(), texts.clone(), scale=10.0)
+    image_side, text_side = feature_distillation(images, images.clone(), texts, scale=10.0)
     assert image_side.item() == 0.0 and text_side.item() == 0.0
-    image_side, text_side = feature_distillation(images + 0.5, texts, images, texts, scale=10.0)
+    image_side, text_side = feature_distillation(images + 0.5, images, texts, scale=10.0)
     assert image_side.item() > 0 and text_side.item() > 0
+
+
+def _zscl_distillation(t, s, T=2.0):
+    """ZSCL's `helpers.py::distillation`, verbatim: cross-entropy to the teacher's softened distribution."""
+    p = F.softmax(t / T, dim=1)
+    return F.cross_entropy(s / T, p, reduction="mean") * (T ** 2)
+
+
+def test_zscl_loss_equals_the_reference_code_on_given_features():
+    """ZSCL's finetune.py: both sides scored against the teacher's text features; KL = its CE - H(teacher)."""
+    g = torch.Generator().manual_seed(3)
+    student, teacher, texts = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.randn(7, 8, generator=g)
+    scale, T = 30.0, 2.0
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    logits_current = scale * unit(student) @ unit(texts).t()
+    logits_ref = scale * unit(teacher) @ unit(texts).t()
+
+    def entropy(t):
+        p = F.softmax(t / T, dim=1)
+        return -(p * p.log()).sum(1).mean() * T ** 2
+
+    image_side, text_side = feature_distillation(student, teacher, texts, scale, T)
+    assert image_side.item() == pytest.approx((_zscl_distillation(logits_ref, logits_current) - entropy(logits_ref)).item(), abs=1e-5)
+    assert text_side.item() == pytest.approx((_zscl_distillation(logits_ref.t(), logits_current.t()) - entropy(logits_ref.t())).item(), abs=1e-5)
 
 
 def test_weight_average_of_one_and_two_snapshots():
@@ -92,7 +118,7 @@ def test_wise_strategy_with_alpha_zero_keeps_the_initial_model(tiny_config, spli
     assert result["control_acc"][-1] == pytest.approx(result["zeroshot_control"], abs=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["lwf-vr", "lwf"])
+@pytest.mark.parametrize("strategy", ["lwf-vr", "lwf", "wise"])
 def test_lora_strategies_carry_merged_weights(tiny_config, split_data, colour_data, tmp_path, strategy):
     config = _continual_config(split_data, colour_data, tiny_config, strategy, method="lora")
     result = continual(config, tmp_path / strategy)
@@ -151,3 +177,123 @@ def test_lwf_with_a_contrastive_loss_is_refused(tiny_config, split_data, colour_
     config.methods["full"] = {"loss": "contrastive"}
     with pytest.raises(CliptuneError, match="lwf distils class logits"):
         continual(config, tmp_path / "run")
+
+
+def test_virtual_vocabulary_is_1000_seeded_sequences_of_10_random_tokens(tiny_config):
+    text = load_model(model_config=tiny_config).text
+    vocabulary = virtual_vocabulary(text, seed=3)
+    layout = text.tokenize([""])[0]
+    start, end = int(layout[0]), int(layout[1])
+    assert vocabulary.shape == (1000, text.context_length)
+    assert (vocabulary[:, 0] == start).all() and (vocabulary[:, 11] == end).all() and (vocabulary[:, 12:] == text.pad_id).all()
+    words = vocabulary[:, 1:11]
+    assert not torch.isin(words, torch.tensor([start, end, text.pad_id])).any()
+    assert len(words.unique()) > 5000  # drawn from the whole vocabulary
+    assert torch.equal(vocabulary, virtual_vocabulary(text, seed=3))
+    assert not torch.equal(vocabulary, virtual_vocabulary(text, seed=4))
+    assert virtual_vocabulary(text, size=7, length=3, seed=0).shape == (7, text.context_length)
+
+
+def _learner(tiny_config, split_data, strategy, **values):
+    model = load_model(model_config=tiny_config)
+    teacher = dataclasses.replace(model, clip=copy.deepcopy(model.clip))
+    config = build_config(None, {"data": str(split_data), "model_config": tiny_config, "method": "full", "batch_size": 4,
+                                 **values})
+    method = build_method("full", model, ["tomato", "corn"], ["a photo of a {}."])
+    images = sorted((split_data / "val").rglob("*.png"))
+    texts = virtual_vocabulary(teacher.text, 20, 10) if strategy == "lwf-vr" else ["cat", "dog", "leaf", "car"]
+    return ContinualLearner(method, strategy, config, teacher, images, texts).train(), teacher
+
+
+def _perturb(method, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in method.trainable_parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+
+
+def test_zscl_ensemble_holds_the_task_start_and_every_avg_every_th_step_from_the_first(tiny_config, split_data):
+    learner, _ = _learner(tiny_config, split_data, "zscl", avg_every=2)
+    snapshots = [learner.trainable_state_dict()]  # ZSCL's we_model starts as a copy of the task-start model
+    for step in range(1, 5):
+        _perturb(learner.method, seed=step)
+        learner.after_optimizer_step()
+        if step in (1, 3):  # ZSCL's iterations 0 and 2 (a snapshot after each one's update)
+            snapshots.append(learner.trainable_state_dict())
+    assert learner.average.count == 3
+    for name, value in learner.average.mean.items():
+        assert torch.allclose(value, sum(s[name] for s in snapshots) / 3, atol=1e-6)
+
+
+def test_l2_pull_toward_the_task_start_weights(tiny_config, split_data):
+    learner, _ = _learner(tiny_config, split_data, "naive", l2=0.5)
+    start = learner.trainable_state_dict()
+    _perturb(learner.method)
+    logits, labels = torch.randn(3, 2), torch.tensor([0, 1, 1])
+    now = learner.trainable_state_dict()
+    expected = F.cross_entropy(logits, labels) + 0.5 * sum(((now[k] - start[k]) ** 2).sum() for k in start)
+    assert torch.allclose(learner.loss(logits, labels), expected, rtol=1e-5)
+
+
+def test_lwf_distils_both_directions(tiny_config, split_data):
+    learner, teacher = _learner(tiny_config, split_data, "lwf", distill_image=0.3, distill_text=0.7)
+    _perturb(learner.method)
+    images = torch.randn(3, 3, 32, 32)
+    logits = learner(images)
+    with torch.no_grad():
+        teacher_logits = teacher.logit_scale * teacher.image.encode(images) @ zeroshot_weights(teacher.text, ["tomato", "corn"], ["a photo of a {}."]).T
+    expected = (0.3 * distillation_kl(teacher_logits, logits) + 0.7 * distillation_kl(teacher_logits.T, logits.T))
+    assert torch.allclose(learner._regulariser, expected, atol=1e-5)
+
+
+def test_lwf_vr_scores_the_whole_vocabulary_on_its_own_image_stream(tiny_config, split_data):
+    learner, teacher = _learner(tiny_config, split_data, "lwf-vr")
+    assert learner._teacher_texts.shape[0] == 20  # every sequence, every step
+    _perturb(learner.method)
+    drawn = []
+    next_images = learner._next_images
+    learner._next_images = lambda device: drawn.append(next_images(device)) or drawn[-1]
+    learner(torch.randn(2, 3, 32, 32))  # the training batch is not what is distilled
+    (images,) = drawn
+    assert images.shape[0] == 4 and learner._stream.dataset.files == sorted((split_data / "val").rglob("*.png"))
+    with torch.no_grad():
+        texts = teacher.text.encode(virtual_vocabulary(teacher.text, 20, 10))
+        student = learner.method.model.image.encode(images)
+        reference = teacher.image.encode(images)
+    image_side, text_side = feature_distillation(student, reference, texts, teacher.logit_scale)
+    assert torch.allclose(learner._regulariser, image_side + text_side, atol=1e-5)
+
+
+def test_wise_strategy_interpolates_with_the_task_start_weights(tiny_config, split_data, colour_data, tmp_path, monkeypatch):
+    import cliptune.continual as continual_module
+
+    anchors = []
+    original = continual_module.interpolate
+
+    def recording(zeroshot, finetuned, alpha):
+        anchors.append({k: v.clone() for k, v in zeroshot.items()})
+        mixed = original(zeroshot, finetuned, alpha)
+        anchors.append(mixed)
+        return mixed
+
+    monkeypatch.setattr(continual_module, "interpolate", recording)
+    continual(_continual_config(split_data, colour_data, tiny_config, "wise"), tmp_path / "w")
+    first_anchor, after_task_one, second_anchor, _ = anchors
+    assert all(torch.equal(second_anchor[k], after_task_one[k]) for k in after_task_one)
+    assert not all(torch.equal(first_anchor[k], second_anchor[k]) for k in first_anchor)
+    anchors.clear()
+    continual(_continual_config(split_data, colour_data, tiny_config, "wise", wise_anchor="initial"), tmp_path / "i")
+    assert all(torch.equal(anchors[0][k], anchors[2][k]) for k in anchors[0])
+
+
+def test_l2_flag_reaches_the_config_and_is_checked_before_the_run_folder(tiny_config, split_data, tmp_path):
+    result = CliRunner().invoke(cli, ["continual", "--model-config", tiny_config, "--task", str(split_data),
+                                      "--l2", "-1", "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "l2 must be 0 or more" in result.output and not (tmp_path / "o").exists()
+    config = build_config(None, {"l2": 0.5, "wise_anchor": "initial"})
+    assert config.l2 == 0.5 and config.wise_anchor == "initial" and config.vocab_per_step is None
+    with pytest.raises(CliptuneError, match="wise_anchor"):
+        build_config(None, {"wise_anchor": "middle"})
+    result = CliRunner().invoke(cli, ["continual", "--model-config", tiny_config, "--task", str(split_data),
+                                      "--set", "full.head=linear", "--set", "full.train_towers=vision", "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "full.head=zeroshot" in result.output

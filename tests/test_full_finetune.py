@@ -1,6 +1,10 @@
 """Full/partial fine-tuning: the three losses, tower/block unlocking, calibration metrics, CLI flags."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +12,7 @@ import torch.nn.functional as F
 import yaml
 from click.testing import CliRunner
 from open_clip.loss import ClipLoss
+from safetensors.torch import load_file
 
 from cliptune import api
 from cliptune import session as session_lib
@@ -15,7 +20,7 @@ from cliptune.cli import cli
 from cliptune.config import build_config
 from cliptune.engine import Trainer
 from cliptune.errors import CliptuneError
-from cliptune.losses import class_similarity, contrastive_loss, soft_target_loss, soft_targets
+from cliptune.losses import class_similarity, contrastive_loss, soft_contrastive_targets, soft_target_loss, soft_targets
 from cliptune.methods import build_method
 from cliptune.models import load_model
 
@@ -38,6 +43,19 @@ def test_soft_target_with_epsilon_zero_is_cross_entropy():
     assert not torch.allclose(soft_target_loss(logits, labels, similarity, 0.3), F.cross_entropy(logits, labels))
 
 
+def test_soft_targets_put_exactly_epsilon_on_the_other_classes():
+    features = _unit(5, 16, seed=6)
+    labels, epsilon, tau = torch.tensor([0, 3, 3, 4, 1]), 0.2, 0.3
+    targets = soft_targets(labels, class_similarity(features, tau), epsilon)
+    for row, y in zip(targets, labels.tolist()):
+        others = [c for c in range(5) if c != y]
+        assert row[y] == pytest.approx(1 - epsilon, abs=1e-6)
+        assert float(row[others].sum()) == pytest.approx(epsilon, abs=1e-6)
+        # in proportion to exp(cos / tau) over the other classes only (computed independently)
+        weights = torch.tensor([float(torch.exp(features[y] @ features[c] / tau)) for c in others])
+        assert torch.allclose(row[others], epsilon * weights / weights.sum(), atol=1e-6)
+
+
 def test_identical_descriptions_get_equal_soft_mass(tiny_config):
     model = load_model(model_config=tiny_config)
     same = ["a small furry pet", "an animal that purrs"]
@@ -47,30 +65,52 @@ def test_identical_descriptions_get_equal_soft_mass(tiny_config):
                           {"loss": "soft-target", "soft_epsilon": 1.0, "soft_tau": 0.05}, descriptions)
     targets = soft_targets(torch.tensor([0, 1, 2]), method.similarity, 1.0)
     assert torch.allclose(targets.sum(dim=1), torch.ones(3))
-    for row in targets:  # every class's target gives cat and kitten the same mass
-        assert row[0] == row[1]
-    assert targets[0, 0] > targets[0, 2]  # and more to them than to the unrelated class, from a cat
+    assert torch.equal(targets.diagonal(), torch.zeros(3))  # epsilon 1: nothing left on the true class
+    assert targets[2, 0] == targets[2, 1]  # from the car, cat and kitten are alike
+    assert targets[0, 1] > targets[0, 2] and targets[1, 0] > targets[1, 2]  # a cat's mass goes to the kitten
     logits = torch.randn(3, 3)
     expected = -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
     assert torch.allclose(method.loss(logits, torch.tensor([0, 1, 2])), expected, atol=1e-6)
 
 
-def test_contrastive_loss_is_clip_loss_for_unique_classes():
+def test_contrastive_loss_is_flyps_clip_loss_even_with_repeated_classes():
     images, texts = _unit(6, 16, seed=2), _unit(6, 16, seed=3)
     scale = torch.tensor(20.0)
-    labels = torch.tensor([4, 0, 5, 1, 3, 2])
-    assert torch.allclose(contrastive_loss(images, texts, scale, labels), ClipLoss()(images, texts, scale), rtol=0, atol=1e-6)
+    for labels in (torch.tensor([4, 0, 5, 1, 3, 2]), torch.tensor([1, 1, 0, 1, 0, 2])):
+        assert torch.allclose(contrastive_loss(images, texts, scale, labels), ClipLoss()(images, texts, scale), rtol=0, atol=1e-6)
 
 
-def test_contrastive_loss_counts_same_class_pairs_as_positives():
+def test_same_class_positive_counts_same_class_pairs_as_positives():
     images, texts = _unit(4, 16, seed=4), _unit(4, 16, seed=5)
     scale, labels = torch.tensor(10.0), torch.tensor([1, 0, 1, 2])
     logits = scale * images @ texts.T
     targets = torch.tensor([[0.5, 0, 0.5, 0], [0, 1, 0, 0], [0.5, 0, 0.5, 0], [0, 0, 0, 1]])
     expected = (-(targets * logits.log_softmax(1)).sum(1).mean() - (targets * logits.T.log_softmax(1)).sum(1).mean()) / 2
-    loss = contrastive_loss(images, texts, scale, labels)
+    loss = contrastive_loss(images, texts, scale, labels, same_class="positive")
     assert torch.allclose(loss, expected, atol=1e-6)
-    assert not torch.allclose(loss, ClipLoss()(images, texts, scale))  # ClipLoss would treat them as negatives
+    assert not torch.allclose(loss, ClipLoss()(images, texts, scale))  # ClipLoss treats them as negatives
+    # with unique classes both choices are CLIP's loss
+    unique = torch.tensor([3, 0, 1, 2])
+    assert torch.allclose(contrastive_loss(images, texts, scale, unique, same_class="positive"), ClipLoss()(images, texts, scale), atol=1e-6)
+
+
+def test_soft_contrastive_loss_by_hand():
+    images, texts = _unit(4, 8, seed=8), _unit(4, 8, seed=9)
+    classes = _unit(3, 8, seed=10)
+    labels, scale, epsilon, tau = torch.tensor([2, 0, 2, 1]), torch.tensor(10.0), 0.3, 0.5
+    targets = soft_contrastive_targets(labels, classes @ classes.T, epsilon, tau)
+    expected_targets = torch.zeros(4, 4)
+    for i in range(4):
+        weights = {j: float(torch.exp(classes[labels[i]] @ classes[labels[j]] / tau)) for j in range(4) if j != i}
+        for j, w in weights.items():
+            expected_targets[i, j] = epsilon * w / sum(weights.values())
+        expected_targets[i, i] = 1 - epsilon
+    assert torch.allclose(targets, expected_targets, atol=1e-6)
+    logits = scale * images @ texts.T
+    expected = (-(expected_targets * logits.log_softmax(1)).sum(1).mean()
+                - (expected_targets * logits.T.log_softmax(1)).sum(1).mean()) / 2
+    assert torch.allclose(contrastive_loss(images, texts, scale, labels, targets=targets), expected, atol=1e-6)
+    assert torch.equal(soft_contrastive_targets(labels, classes @ classes.T, 0.0, tau), torch.eye(4))
 
 
 def test_contrastive_method_pairs_each_image_with_a_caption_of_its_class(tiny_config):
@@ -194,3 +234,67 @@ def test_recipes_select_the_full_method_and_loss(recipe, loss):
     config = build_config(recipe, {"data": "sample_data"})
     assert config.method == "full" and config.method_options()["loss"] == loss
     assert config.weight_decay == 0.1 and config.warmup_steps == 500 and config.lr <= 3e-5
+
+
+# ----- WiSE-FT's linear head -----
+def test_linear_head_starts_as_wise_fts_zeroshot_head(tiny_config):
+    from cliptune.zeroshot import zeroshot_weights
+
+    model = load_model(model_config=tiny_config)
+    method = build_method("full", model, ["a", "b", "c"], TEMPLATES, {"head": "linear", "train_towers": "vision"})
+    weights = zeroshot_weights(model.text, ["a", "b", "c"], TEMPLATES)
+    assert torch.allclose(method.head.weight, weights * model.clip.logit_scale.exp()) and not method.head.bias.any()
+    images = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.logit_scale * model.image.encode(images) @ weights.T  # the zero-shot logits
+        assert torch.allclose(method.eval()(images), expected, atol=1e-4)
+    names = set(method.trainable_state_dict())
+    assert {"head.weight", "head.bias"} <= names and all(n.startswith(("clip.visual.", "head.")) for n in names)
+    assert method.class_specific and not method.uses_image_features
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"same_class": "maybe"}, "'full.same_class' must be one of negative, positive"),
+    ({"head": "mlp"}, "'full.head' must be one of zeroshot, linear"),
+    ({"head": "linear"}, "set full.train_towers=vision"),
+    ({"head": "linear", "train_towers": "vision", "loss": "contrastive"}, "full.loss to ce or soft-target"),
+])
+def test_bad_head_and_pairing_options(tiny_config, options, message):
+    with pytest.raises(CliptuneError, match=message):
+        build_method("full", load_model(model_config=tiny_config), ["a", "b"], TEMPLATES, options)
+
+
+# ----- several processes -----
+@pytest.mark.parametrize("loss", ["contrastive", "soft-contrastive"])
+def test_torchrun_contrastive_two_processes_match_one(loss, tiny_config, colour_data, tmp_path):
+    """Features all-gathered with their gradient: 2 processes compute the 1-process loss and update.
+
+    27 training images in batches of 13: the last batch has one image, so one process gets an empty slice.
+    SGD, because Adam turns float noise in gradients that are zero in exact arithmetic (attention key
+    biases) into full-size steps, which would hide what this compares.
+    """
+    args = ["finetune", "--data", str(colour_data), "--model-config", tiny_config, "--method", "full", "--loss", loss,
+            "--train-towers", "text", "--no-lock-logit-scale", "--epochs", "2", "--lr", "0.05", "--batch-size", "13",
+            "--optimizer", "sgd"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", "-m", "cliptune", "--quiet",
+                          *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "cliptune", "--quiet", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    m2 = json.loads((tmp_path / "two/metrics.json").read_text())
+    m1 = json.loads((tmp_path / "one/metrics.json").read_text())
+    assert (m2["processes"], m1["processes"]) == (2, 1)
+    for h2, h1 in zip(m2["train"]["history"], m1["train"]["history"]):
+        assert h2["loss"] == pytest.approx(h1["loss"], abs=1e-5)
+    w2 = load_file(str(tmp_path / "two/checkpoints/best/method.safetensors"))
+    w1 = load_file(str(tmp_path / "one/checkpoints/best/method.safetensors"))
+    assert "clip.logit_scale" in w1  # the logit scale trains, as in FLYP
+    assert all(torch.allclose(w2[k], w1[k], atol=1e-5) for k in w1)
+
+
+def test_flyp_recipe_follows_the_original_code():
+    options = build_config("flyp", {"data": "sample_data"}).method_options()
+    assert options["same_class"] == "negative" and options["lock_logit_scale"] is False

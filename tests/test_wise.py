@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from cliptune.cli import cli
 from cliptune.errors import CliptuneError
+from cliptune.templates import load_templates
 from cliptune.wise import interpolate, parse_alphas, run_weights
 
 
@@ -54,18 +55,20 @@ def test_wise_sweep_reproduces_zeroshot_and_finetuned_accuracy(full_run):
 
 def test_run_weights_differ_only_where_training_happened(full_run):
     _, zeroshot, finetuned = run_weights(full_run)
+    assert set(zeroshot) == set(finetuned) == {"clip"}  # the zero-shot head has no weights of its own
+    zeroshot, finetuned = zeroshot["clip"], finetuned["clip"]
     changed = {k for k in zeroshot if not torch.equal(zeroshot[k], finetuned[k])}
     assert changed and "logit_scale" not in changed  # locked by default
     assert any(k.startswith("visual.") for k in changed) and any(k.startswith("transformer.") for k in changed)
 
 
-def test_wise_needs_mergeable_weights(tiny_config, split_data, tmp_path):
-    out = tmp_path / "probe"
+def test_wise_needs_mergeable_weights_or_a_linear_head(tiny_config, split_data, tmp_path):
+    out = tmp_path / "coop"
     result = CliRunner().invoke(cli, ["finetune", "--model-config", tiny_config, "--data", str(split_data),
-                                      "--epochs", "1", "--out", str(out)])
+                                      "--method", "coop", "--n-ctx", "2", "--epochs", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(cli, ["wise", str(out)])
-    assert result.exit_code == 2 and "needs a run whose weights merge into CLIP" in result.output
+    assert result.exit_code == 2 and "needs a run whose weights merge into CLIP or a linear probe" in result.output
 
 
 def _zeroshot_top1(tiny_config, data, pretrained, out):
@@ -87,6 +90,8 @@ def test_export_wise_alpha_endpoints(full_run, tiny_config, split_data, tmp_path
     merged = tmp_path / "merged.safetensors"
     assert CliRunner().invoke(cli, ["export", str(full_run), "--format", "merged", "--output", str(merged)]).exit_code == 0
     _, zeroshot, finetuned = run_weights(full_run)
+    zeroshot, finetuned = zeroshot["clip"], finetuned["clip"]
+    assert not any(path.name.endswith(".head.safetensors") for path in tmp_path.iterdir())
     mixes = {alpha: load_file(str(path)) for alpha, path in files.items()}
     assert all(torch.equal(mixes["0"][k], zeroshot[k]) for k in zeroshot)
     assert all(torch.equal(mixes["1"][k], v) for k, v in load_file(str(merged)).items())
@@ -117,3 +122,71 @@ def test_export_wise_alpha_of_a_lora_run_mixes_its_merged_weights(tiny_config, s
     result = CliRunner().invoke(cli, ["export", str(run), "--format", "adapter", "--wise-alpha", "0.5",
                                       "--output", str(tmp_path / "adapter")])
     assert result.exit_code == 2 and "only applies to --format merged" in result.output
+
+
+def _wise_endpoints(run):
+    result = CliRunner().invoke(cli, ["wise", str(run), "--alphas", "0,0.5,1"])
+    assert result.exit_code == 0, result.output
+    return json.loads((run / "wise.json").read_text()), json.loads((run / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def linear_head_run(tmp_path_factory, tiny_config, split_data):
+    out = tmp_path_factory.mktemp("wise-linear") / "run"
+    result = CliRunner().invoke(cli, ["finetune", "--model-config", tiny_config, "--data", str(split_data),
+                                      "--method", "full", "--set", "full.head=linear", "--train-towers", "vision",
+                                      "--epochs", "2", "--batch-size", "8", "--lr", "0.002", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_wise_of_a_linear_head_run_interpolates_the_head_too(linear_head_run, tiny_config):
+    from cliptune.models import load_model
+    from cliptune.zeroshot import zeroshot_weights
+
+    _, zeroshot, finetuned = run_weights(linear_head_run)
+    assert set(zeroshot) == set(finetuned) == {"clip", "head"}
+    model = load_model(model_config=tiny_config)
+    classes = json.loads((linear_head_run / "checkpoints/best/method.json").read_text())["classes"]
+    # WiSE-FT's zero-shot head: zero-shot weights x logit scale, bias 0
+    expected = zeroshot_weights(model.text, classes, load_templates(None)) * model.clip.logit_scale.exp()
+    assert torch.allclose(zeroshot["head"]["weight"], expected, atol=1e-5) and not zeroshot["head"]["bias"].any()
+    assert not torch.equal(zeroshot["head"]["weight"], finetuned["head"]["weight"])
+    wise, metrics = _wise_endpoints(linear_head_run)
+    assert wise["test_top1"][0] == metrics["zeroshot"]["top1"] and wise["test_top1"][-1] == metrics["test"]["top1"]
+
+
+def test_export_of_a_linear_head_run_writes_the_head_beside_the_checkpoint(linear_head_run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    _, zeroshot, finetuned = run_weights(linear_head_run)
+    for alpha in ("0.5", None):
+        output = tmp_path / f"mix-{alpha}.safetensors"
+        extra = ["--wise-alpha", alpha] if alpha else []
+        result = CliRunner().invoke(cli, ["export", str(linear_head_run), "--format", "merged", "--output", str(output), *extra])
+        assert result.exit_code == 0, result.output
+        head = load_file(str(tmp_path / f"mix-{alpha}.head.safetensors"))
+        a = 0.5 if alpha else 1.0
+        for key in ("weight", "bias"):
+            assert torch.allclose(head[key], (1 - a) * zeroshot["head"][key] + a * finetuned["head"][key], atol=1e-6)
+        clip = load_file(str(output))
+        assert torch.allclose(clip["visual.proj"], (1 - a) * zeroshot["clip"]["visual.proj"] + a * finetuned["clip"]["visual.proj"], atol=1e-6)
+        with safe_open(str(tmp_path / f"mix-{alpha}.head.safetensors"), "pt") as f:
+            assert json.loads(f.metadata()["classes"]) == json.loads((linear_head_run / "checkpoints/best/method.json").read_text())["classes"]
+    result = CliRunner().invoke(cli, ["export", str(linear_head_run), "--format", "merged", "--output", str(tmp_path / "mix-None.safetensors")])
+    assert result.exit_code == 2 and "already exists" in result.output
+
+
+def test_wise_of_a_linear_probe_run_mixes_the_probe_with_the_zeroshot_head(tiny_config, split_data, tmp_path):
+    run = tmp_path / "probe"
+    result = CliRunner().invoke(cli, ["finetune", "--model-config", tiny_config, "--data", str(split_data),
+                                      "--linear-probe-init", "random", "--epochs", "3", "--lr", "0.05", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    _, zeroshot, finetuned = run_weights(run)
+    assert set(zeroshot) == {"head"} and not zeroshot["head"]["bias"].any()  # zero-shot head whatever the init
+    wise, metrics = _wise_endpoints(run)
+    assert wise["test_top1"][0] == metrics["zeroshot"]["top1"] and wise["test_top1"][-1] == metrics["test"]["top1"]
+    result = CliRunner().invoke(cli, ["export", str(run), "--format", "merged", "--wise-alpha", "0.5",
+                                      "--output", str(tmp_path / "x.safetensors")])
+    assert result.exit_code == 2 and "cannot be exported as 'merged'" in result.output

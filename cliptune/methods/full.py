@@ -1,8 +1,12 @@
 """Full and partial fine-tuning of CLIP's towers with a CE, contrastive (FLYP) or soft-target loss.
 
-The classifier is always the zero-shot head of the current towers (class text features, templates
-averaged, recomputed from the text tower while it trains), so the result stays a plain CLIP model:
-it can be exported, WiSE-FT interpolated with the zero-shot weights, and used on other classes.
+Two heads:
+- `zeroshot` (default): the zero-shot head of the current towers (class text features, templates
+  averaged, recomputed from the text tower while it trains), so the result stays a plain CLIP model:
+  it can be exported, WiSE-FT interpolated with the zero-shot weights, and used on other classes.
+- `linear`: WiSE-FT's fine-tuning (mlfoundations/wise-ft `src/models/zeroshot.py::get_zeroshot_classifier`
+  and `src/models/modeling.py::ClassificationHead`): a linear head on the normalised image features,
+  initialised to the zero-shot weights × the logit scale with zero bias, trained with the image tower.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from cliptune.errors import CliptuneError
-from cliptune.losses import class_similarity, contrastive_loss, soft_target_loss
+from cliptune.losses import (SAME_CLASS, class_similarity, contrastive_loss, gather_with_grad, soft_contrastive_targets,
+                             soft_target_loss)
 from cliptune.methods.base import Method, MethodConfig
 from cliptune.options import comma_list, option
-from cliptune.zeroshot import class_embeddings, class_prompts, encode_prompt_grid, prompt_grid_tokens
+from cliptune.zeroshot import class_embeddings, class_prompts, encode_prompt_grid, prompt_grid_tokens, zeroshot_weights
 
 TOWERS = ("vision", "text")
-LOSSES = ("ce", "contrastive", "soft-target")
+LOSSES = ("ce", "contrastive", "soft-target", "soft-contrastive")
+CAPTION_LOSSES = ("contrastive", "soft-contrastive")  # losses over (image, caption) pairs of the batch
+HEADS = ("zeroshot", "linear")
 
 
 @dataclass
@@ -28,9 +35,14 @@ class FullConfig(MethodConfig):
     train_towers: str = option("vision,text", "towers to fine-tune, comma list of vision,text", comma_choices=TOWERS)
     unlock_last: Optional[int] = option(None, "train only the last N blocks of each tower (+ final norms/projections); unset = all", min=0)
     lock_logit_scale: bool = option(True, "keep the logit scale fixed")
-    loss: str = option("ce", "ce | contrastive (FLYP) | soft-target", choices=LOSSES)
-    soft_epsilon: float = option(0.1, "soft-target share moved to similar classes", min=0.0, max=1.0)
+    loss: str = option("ce", "ce | contrastive (FLYP) | soft-target | soft-contrastive (soft targets inside FLYP's loss)",
+                       choices=LOSSES)
+    soft_epsilon: float = option(0.1, "soft-target share moved to the other classes", min=0.0, max=1.0)
     soft_tau: float = option(0.05, "soft-target class-similarity temperature", above=0.0)
+    same_class: str = option("negative", "contrastive: captions of the image's class other than its own are negatives "
+                             "(FLYP's arange targets) or positives", choices=SAME_CLASS)
+    head: str = option("zeroshot", "zeroshot: the text tower's class features; linear: WiSE-FT's head from zero-shot "
+                       "weights x logit scale", choices=HEADS)
 
 
 class FullFineTune(Method):
@@ -52,15 +64,29 @@ class FullFineTune(Method):
     def __init__(self, model, classnames, templates, config: FullConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
         self.towers = comma_list(config.train_towers, TOWERS, "full.train_towers")
+        self.linear_head = config.head == "linear"
+        if self.linear_head and (self.text_trains or config.loss in CAPTION_LOSSES):
+            raise CliptuneError("full.head=linear trains the image tower and a linear head with a classification loss: "
+                                "set full.train_towers=vision and full.loss to ce or soft-target")
+        self.class_specific = self.linear_head  # a linear head only knows the training classes
         # A frozen image tower is a fixed feature extractor: let the engine cache its features.
         self.uses_image_features = "vision" not in self.towers
         for parameter in self._unlocked_parameters():
             parameter.requires_grad_(True)
-        self.clip.logit_scale.requires_grad_(not config.lock_logit_scale)
         self._eval_class_features: Optional[torch.Tensor] = None
-        self._prepare_classes()
-        if config.loss == "soft-target":
-            self.register_buffer("similarity", class_similarity(self._description_features(), config.soft_tau), persistent=False)
+        if self.linear_head:
+            weights = zeroshot_weights(model.text, self.classnames, self.templates)
+            self.head = torch.nn.Linear(weights.shape[1], len(self.classnames))
+            with torch.no_grad():
+                self.head.weight.copy_(weights * self.clip.logit_scale.exp())
+                self.head.bias.zero_()
+        else:
+            self.clip.logit_scale.requires_grad_(not config.lock_logit_scale)
+            self._prepare_classes()
+        if config.loss in ("soft-target", "soft-contrastive"):
+            descriptions = self._description_features()
+            self.register_buffer("similarity", class_similarity(descriptions, config.soft_tau), persistent=False)
+            self.register_buffer("class_cosine", descriptions @ descriptions.T, persistent=False)
 
     # ----- what trains -----
     def _unlocked_parameters(self) -> List[torch.nn.Parameter]:
@@ -123,31 +149,55 @@ class FullFineTune(Method):
         return scale if self.config.lock_logit_scale else scale.clamp(max=100)  # CLIP's cap when it trains
 
     # ----- forward and loss -----
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Class logits; while training with the contrastive loss, the unit-norm image features instead.
+    @property
+    def gathers_across_processes(self) -> bool:
+        """True while the loss all-gathers the batch (the engine then calls it even on an empty slice)."""
+        return self.training and self.config.loss in CAPTION_LOSSES
 
-        The contrastive loss needs the captions of the batch's labels, which only `loss()` sees;
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Class logits; while training with a caption loss, the unit-norm image features instead.
+
+        The contrastive losses need the captions of the batch's labels, which only `loss()` sees;
         evaluation always gets class logits.
         """
         if self.uses_image_features:
             image = F.normalize(inputs, dim=-1)
         else:
             image = self.model.image.encode(inputs, normalize=True)
-        if self.training and self.config.loss == "contrastive":
+        if self.gathers_across_processes:
             return image
+        if self.linear_head:
+            return self.head(image)
         return self.logit_scale() * image @ self.class_features().T
 
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        if self.config.loss == "contrastive" and self.training:
-            captions = self._caption_features(labels)
-            return contrastive_loss(outputs, captions, self.logit_scale(), labels, label_smoothing)
+        if self.gathers_across_processes:
+            return self._caption_loss(outputs, labels, label_smoothing)
         if self.config.loss == "soft-target":
             return soft_target_loss(outputs, labels, self.similarity, self.config.soft_epsilon, label_smoothing)
         return F.cross_entropy(outputs, labels, label_smoothing=label_smoothing)
 
-    def _caption_features(self, labels: torch.Tensor) -> torch.Tensor:
-        """One caption per image: a random template (engine-seeded RNG) filled with its class name."""
-        choice = torch.randint(len(self.templates), (len(labels),)).to(labels.device)
+    def _caption_loss(self, images: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        """CLIP's loss over the whole global batch: every process's images and captions, gathered with
+        their gradient (open_clip's `ClipLoss(gather_with_grad=True)`), so N processes compute what one
+        process computes on the same global batch."""
+        all_labels = gather_with_grad(labels)
+        images = gather_with_grad(images)
+        captions = gather_with_grad(self._caption_features(labels, len(all_labels)))
+        config = self.config
+        targets = None
+        if config.loss == "soft-contrastive":
+            targets = soft_contrastive_targets(all_labels, self.class_cosine, config.soft_epsilon, config.soft_tau)
+        return contrastive_loss(images, captions, self.logit_scale(), all_labels, label_smoothing, config.same_class, targets)
+
+    def _caption_features(self, labels: torch.Tensor, global_size: int) -> torch.Tensor:
+        """One caption per image: a random template (engine-seeded RNG) filled with its class name.
+
+        The template draw covers the global batch and each process keeps its slice (`rank::world`, as
+        the engine slices batches), so the captions do not depend on the number of processes.
+        """
+        rank, world = _rank_and_world()
+        choice = torch.randint(len(self.templates), (global_size,))[rank::world].to(labels.device)
         if not self.text_trains:
             return self.prompt_features[labels, choice]
         tokens = self.prompt_tokens[labels * len(self.templates) + choice]
@@ -155,12 +205,16 @@ class FullFineTune(Method):
 
     # ----- state -----
     def merged_state_dict(self):
-        """The fine-tuned open_clip state_dict (what `export --format merged` and WiSE-FT use)."""
+        """The fine-tuned open_clip state_dict (what `export --format merged` and WiSE-FT use).
+
+        With `head: linear` the head (`self.head`) is not in it: an open_clip checkpoint has no place for one.
+        """
         return {key: value.detach().clone().contiguous() for key, value in self.clip.state_dict().items()}
 
     def set_classes(self, classnames: Sequence[str]) -> None:
         super().set_classes(classnames)
-        self._prepare_classes()
+        if not self.linear_head:
+            self._prepare_classes()
 
     def state_changed(self) -> None:
         self._eval_class_features = None
@@ -168,3 +222,11 @@ class FullFineTune(Method):
     def train(self, mode: bool = True):
         self._eval_class_features = None  # weights may change between evaluation passes
         return super().train(mode)
+
+
+def _rank_and_world() -> tuple:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
