@@ -54,13 +54,17 @@ def onnx_logits(path: str | Path, images: torch.Tensor) -> torch.Tensor:
 def _trace(classifier: Classifier, path: Path) -> None:
     network = classifier.network.to("cpu").eval()
     example = probe_images(classifier, batch=2, seed=1)
-    with torch.no_grad():
-        network(example)  # fills per-class-list caches, so the trace sees them as constants
-        with warnings.catch_warnings():
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernel has no ONNX form
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            network(example)  # fills per-class-list caches, so the trace sees them as constants
             warnings.simplefilter("ignore")  # tracer and legacy-exporter notices
             torch.onnx.export(network, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                               opset_version=OPSET, dynamo=False)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def export_onnx(source: str | Path, output: str | Path) -> Path:
