@@ -38,7 +38,7 @@ from cliptune.methods.base import Method
 from cliptune.models import LoadedModel, _resolve_local_text_paths, load_model
 from cliptune.progress import progress_bar
 from cliptune.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json, replace_dir
-from cliptune.session import load_run_method, model_from_config
+from cliptune.session import finished_run, load_run_method, model_from_config
 from cliptune.templates import load_templates
 from cliptune.zeroshot import zeroshot_weights
 
@@ -294,8 +294,8 @@ def export_classifier(run_dir: str | Path, output: str | Path) -> Path:
         _write_model_config(spec, staging)
         if merges:
             state = method.merged_state_dict()
-        elif not _is_published_tag(spec):
-            state = load_model(spec.model, spec.pretrained, spec.model_config).clip.state_dict()
+        elif not _is_published_tag(spec):  # a local or random base (seeded like the run): its weights travel along
+            state = model_from_config(load_config(RunFolder(run_dir).config)).clip.state_dict()
         else:
             state = None
         if state is not None:
@@ -305,8 +305,8 @@ def export_classifier(run_dir: str | Path, output: str | Path) -> Path:
             exported = _load_model_from(staging, sidecar["model"])
             head = ZeroShotHead.of(exported, run_classifier.classnames, run_classifier.templates)
             atomic_save_safetensors(staging / HEAD_WEIGHTS, {"class_features": head.class_features, "logit_scale": head.logit_scale})
-        else:
-            atomic_save_safetensors(staging / METHOD_WEIGHTS, method.trainable_state_dict(), metadata={"method": method.name})
+        else:  # the run's own checkpoint file: exactly what `load_method_state` reads back
+            shutil.copyfile(finished_run(run_dir)[1] / METHOD_WEIGHTS, staging / METHOD_WEIGHTS)
         atomic_write_json(staging / SIDECAR, sidecar)
         _check_same_logits(run_classifier, _load_export(staging), f"classifier export of {run_dir}")
     except BaseException:
