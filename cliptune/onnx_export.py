@@ -52,7 +52,7 @@ def onnx_logits(path: str | Path, images: torch.Tensor) -> torch.Tensor:
 
 
 def _trace(classifier: Classifier, path: Path) -> None:
-    network = classifier.network.to("cpu").eval()
+    network = classifier.network.eval()
     example = probe_images(classifier, batch=2, seed=1)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernel has no ONNX form

@@ -49,9 +49,8 @@ def render(classifier: Classifier, predictions: List[Tuple[Path, list]], unreada
         return buffer.getvalue()
     if fmt != "table":
         raise CliptuneError(f"unknown format '{fmt}' (available: {', '.join(FORMATS)})")
-    width = max(len("FILE"), *(len(str(path)) for path, _ in predictions))
     k = len(predictions[0][1])
-    lines = ["FILE".ljust(width) + "  " + "  ".join(f"TOP-{rank}" for rank in range(1, k + 1))]
-    for path, top in predictions:
-        lines.append(str(path).ljust(width) + "  " + "  ".join(f"{c} ({p:.1%})" for c, p in top))
-    return "\n".join(lines) + "\n"
+    rows = [["FILE", *(f"TOP-{rank}" for rank in range(1, k + 1))]]
+    rows += [[str(path), *(f"{c} ({p:.1%})" for c, p in top)] for path, top in predictions]
+    widths = [max(len(row[i]) for row in rows) for i in range(k + 1)]
+    return "".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n" for row in rows)
