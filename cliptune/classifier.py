@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,6 @@ from cliptune.data import IMAGE_EXTENSIONS, eval_transform
 from cliptune.engine import load_method_state
 from cliptune.errors import CliptuneError
 from cliptune.methods import build_method
-from cliptune.methods.base import Method
 from cliptune.models import LoadedModel, _resolve_local_text_paths, load_model
 from cliptune.progress import progress_bar
 from cliptune.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json, replace_dir

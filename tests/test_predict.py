@@ -192,3 +192,12 @@ def test_predict_refuses_bad_sources_in_one_line(runs, tmp_path):
     result = run("predict", tmp_path, tmp_path / "bad.png")
     assert result.exit_code != 0 and "neither a cliptune run folder" in result.output
     assert "Traceback" not in result.output
+
+
+def test_onnx_export_without_the_extra_says_how_to_get_it(runs, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    result = run("export", runs["coop"], "--format", "onnx", "--output", tmp_path / "m.onnx")
+    assert result.exit_code != 0 and 'pip install "cliptune[onnx]"' in result.output
+    assert not (tmp_path / "m.onnx").exists()
