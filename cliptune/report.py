@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -23,6 +24,7 @@ from cliptune.metrics import calibration_bins, expected_calibration_error
 from cliptune.runfolder import RunFolder, atomic_save_safetensors, atomic_write_text, read_json
 
 REPORT = "report.html"
+NUMBER = re.compile(r"[\d.,]+%?|–")
 PER_CLASS_SHOWN = 40  # above this many classes, the per-class chart shows the largest gains and losses
 
 STYLE = """
@@ -236,13 +238,14 @@ def _percent(value: Optional[float]) -> str:
 
 
 def _row(cells: Sequence[str], header: bool = False) -> str:
-    tag = "th" if header else "td"
-    return "<tr>" + "".join(f"<{tag}{'' if header or not cell[:1].isdigit() else ' class=num'}>{cell}</{tag}>"
-                            for cell in cells) + "</tr>"
+    """One table row; number cells ("12.5%", "0.0412", "1,024", "–") are right-aligned."""
+    if header:
+        return "<tr>" + "".join(f"<th>{cell}</th>" for cell in cells) + "</tr>"
+    return "<tr>" + "".join(f"<td class=num>{cell}</td>" if NUMBER.fullmatch(cell) else f"<td>{cell}</td>" for cell in cells) + "</tr>"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    return "<table>" + _row(header, header=True) + "".join(_row(row) for row in rows) + "</table>"
+def _table(header: Optional[Sequence[str]], rows: Sequence[Sequence[str]]) -> str:
+    return "<table>" + (_row(header, header=True) if header else "") + "".join(_row(row) for row in rows) + "</table>"
 
 
 def _page(title: str, body: str) -> str:
@@ -276,7 +279,7 @@ def run_report_html(run_dir: str | Path) -> str:
     method, classes = m["method"], m["classes"]
     parts = [f"<h1>cliptune run {html.escape(summary['name'])}</h1>",
              f"<p class=note>{html.escape(str(Path(summary['root']).resolve()))}</p>",
-             _table(("", ""), _headline(summary))]
+             _table(None, _headline(summary))]
     predictions = load_predictions(run_dir, split)
     figures = []
     if predictions is not None:
