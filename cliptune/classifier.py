@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -266,9 +266,17 @@ def _write_model_config(spec, folder: Path) -> None:
     atomic_write_json(folder / MODEL_CONFIG, config)
 
 
-def export_classifier(run_dir: str | Path, output: str | Path) -> Path:
-    """Write a self-contained classifier folder for a finished run, then check it reproduces the run's logits."""
-    run_classifier = load(run_dir)
+def merges(classifier: Classifier) -> bool:
+    """True when the classifier's method folds into CLIP's weights (it has `merged_state_dict()`: lora, full)."""
+    return callable(getattr(getattr(classifier.network, "method", None), "merged_state_dict", None))
+
+
+def export_classifier(run_dir: str | Path, output: str | Path, run_classifier: Optional[Classifier] = None) -> Path:
+    """Write a self-contained classifier folder for a finished run, then check it reproduces the run's logits.
+
+    `run_classifier`: the run's classifier when the caller has loaded it already.
+    """
+    run_classifier = run_classifier or load(run_dir)
     network = run_classifier.network
     output = Path(output)
     staging = output.parent / f".{output.name}.staging"
@@ -279,19 +287,19 @@ def export_classifier(run_dir: str | Path, output: str | Path) -> Path:
         model = network.model if isinstance(network, ZeroShotHead) else network.method.model
         spec = model.spec
         method = getattr(network, "method", None)
-        merges = callable(getattr(method, "merged_state_dict", None))
+        merged = merges(run_classifier)
         sidecar = {
             "format": "cliptune-classifier", "version": FORMAT_VERSION, "method": run_classifier.method,
             "options": method.config.to_dict() if method is not None else None,
             "classes": run_classifier.classes, "classnames": run_classifier.classnames, "templates": run_classifier.templates,
             "preprocessing": run_classifier.preprocessing,
             "model": {"model": spec.model, "pretrained": spec.pretrained if _is_published_tag(spec) else None},
-            "weights": "merged" if merges else "base",
-            "head": "zeroshot" if merges or method is None else "method",
+            "weights": "merged" if merged else "base",
+            "head": "zeroshot" if merged or method is None else "method",
             "run": run_classifier.info["source"],
         }
         _write_model_config(spec, staging)
-        if merges:
+        if merged:
             state = method.merged_state_dict()
         elif not _is_published_tag(spec):  # a local or random base (seeded like the run): its weights travel along
             state = model_from_config(load_config(RunFolder(run_dir).config)).clip.state_dict()

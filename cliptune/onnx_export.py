@@ -2,8 +2,9 @@
 
 The classifier of any run (or classifier export) is traced once in evaluation mode after one forward
 pass, so whatever the method computes once per class list (learned prompts' text features, a linear
-head, a merged zero-shot head) is baked in as constants, and what depends on the image (the image
-tower, LoRA updates, CoCoOp's per-image prompts) stays in the graph. The batch axis is dynamic.
+head, a zero-shot head) is baked in as constants, and what depends on the image (the image tower,
+CoCoOp's per-image prompts, MaPLe's vision prompts) stays in the graph. A method that folds into CLIP's
+weights (lora, full) is traced merged: a plain image tower and a fixed head. The batch axis is dynamic.
 `FILE.json` beside it holds the classes and the preprocessing. Needs the `onnx` extra
 (`pip install "cliptune[onnx]"`); after writing, onnxruntime must reproduce PyTorch's logits, at a
 batch size other than the traced one, or nothing is kept.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cliptune.classifier import SELF_CHECK_TOLERANCE, Classifier, load, probe_images
+from cliptune.classifier import SELF_CHECK_TOLERANCE, Classifier, export_classifier, load, merges, probe_images
 from cliptune.errors import CliptuneError
 from cliptune.runfolder import _atomic, atomic_write_json
 
@@ -75,8 +76,9 @@ def export_onnx(source: str | Path, output: str | Path) -> Path:
     classifier = load(source)
     with tempfile.TemporaryDirectory(dir=output.parent if output.parent.is_dir() else None) as tmp:
         traced = Path(tmp) / "model.onnx"
+        merged = load(export_classifier(source, Path(tmp) / "merged", classifier)) if merges(classifier) else None
         try:
-            _trace(classifier, traced)
+            _trace(merged or classifier, traced)
         except Exception as exc:  # noqa: BLE001 - the tracer's errors name internals; say what failed
             raise CliptuneError(f"method '{classifier.method}' could not be traced to ONNX: {type(exc).__name__}: {exc}") from None
         images = probe_images(classifier, batch=5)

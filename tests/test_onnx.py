@@ -1,6 +1,7 @@
 """`cliptune export --format onnx`: onnxruntime gives PyTorch's logits (skipped without the onnx extra)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -42,6 +43,13 @@ def test_onnx_logits_match_pytorch_at_any_batch_size(method, tiny_config, split_
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     (batch_axis, *_), = [i.shape for i in session.get_inputs()]
     assert isinstance(batch_axis, str)  # dynamic batch
+    import onnx
+
+    names = [initializer.name for initializer in onnx.load(str(target)).graph.initializer]
+    assert not any("lora_" in name for name in names)  # LoRA is traced merged into the weights
+    # class text features are constants: the text tower is in the graph only where prompts depend on the image
+    text_tower = [name for name in names if re.match(r"(.*\.)?clip\.transformer\.", name)]  # not clip.visual.transformer
+    assert bool(text_tower) == (method == "cocoop")
     for batch in (1, 7, 130):  # 130: more images than CoCoOp evaluates per chunk (512 prompts / 4 classes)
         images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
         got = torch.from_numpy(session.run(None, {sidecar["input"]: images.numpy()})[0])
