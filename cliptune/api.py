@@ -13,8 +13,8 @@ from typing import Dict, Optional
 import torch
 
 from cliptune.config import RunConfig, load_config, save_config
-from cliptune.engine import Trainer, load_method_state
 from cliptune.data import labels_tensor
+from cliptune.engine import Trainer, load_method_state
 from cliptune.errors import CliptuneError
 from cliptune.methods import build_method
 from cliptune.metrics import classification_metrics

@@ -119,6 +119,9 @@ class Classifier:
     def method(self) -> str:
         return self.info["method"]
 
+    def __repr__(self) -> str:
+        return f"Classifier(method={self.method!r}, classes={len(self.classes)}, source={self.info['source']!r})"
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """(3, H, W) input tensor for one PIL image, as at evaluation."""
         return self._transform(image.convert("RGB"))
