@@ -328,8 +328,15 @@ def export_classifier(run_dir: str | Path, output: str | Path, run_classifier: O
 
 def _load_model_from(folder: Path, base: Dict) -> LoadedModel:
     weights, config_file = folder / MODEL_WEIGHTS, folder / MODEL_CONFIG
-    return load_model(base["model"], str(weights) if weights.is_file() else base["pretrained"],
-                      str(config_file) if config_file.is_file() else None)
+    config = str(config_file) if config_file.is_file() else None
+    if weights.is_file() and str(base["model"]).startswith("hf-hub:"):
+        # open_clip ignores `pretrained` for hub models: build from the hub (or its cache), then load the export's weights
+        from safetensors.torch import load_file
+
+        model = load_model(base["model"], None, config)
+        model.clip.load_state_dict(load_file(str(weights)))
+        return model
+    return load_model(base["model"], str(weights) if weights.is_file() else base["pretrained"], config)
 
 
 def probe_images(classifier: Classifier, batch: int = 3, seed: int = 0) -> torch.Tensor:
