@@ -55,12 +55,10 @@ ImageInput = Union[str, Path, Image.Image]
 class ZeroShotHead(nn.Module):
     """Images -> logits against fixed class text features (zero-shot runs and merged methods)."""
 
-    uses_image_features = False
-
     def __init__(self, model: LoadedModel, class_features: torch.Tensor, logit_scale: torch.Tensor):
         super().__init__()
         self.model = model
-        self.clip = model.clip
+        self.clip = model.clip  # registered, so that .to(device) moves it
         self.register_buffer("class_features", class_features.detach().clone())
         self.register_buffer("logit_scale", logit_scale.detach().clone().reshape(()))
 
