@@ -13,9 +13,12 @@ from typing import Dict, Optional
 import torch
 
 from cliptune.config import RunConfig, load_config, save_config
+from cliptune.data import labels_tensor
 from cliptune.engine import Trainer, load_method_state
 from cliptune.errors import CliptuneError
 from cliptune.methods import build_method
+from cliptune.metrics import classification_metrics
+from cliptune.report import save_predictions, write_run_report
 from cliptune.runfolder import RunFolder, atomic_write_json, read_json
 from cliptune.session import Session, make_accelerator
 
@@ -43,9 +46,12 @@ def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite:
         save_config(config, run.config)
         metrics = {"method": "zeroshot", **_model_fields(config), "classes": session.data.classes,
                    "classnames": session.data.classnames, "split": split, "templates": session.templates}
-        metrics[split] = session.zeroshot_metrics(split)
+        logits, labels = session.zeroshot_logits(split), labels_tensor(session.data.split(split))
+        metrics[split] = classification_metrics(logits, labels, session.data.classes)
         log.info(_line(f"zero-shot {split}", metrics[split]))
+        save_predictions(run.root, split, logits, labels)
         atomic_write_json(run.metrics, metrics)
+        write_run_report(run.root)
         return metrics
     finally:
         logging.getLogger("cliptune").removeHandler(handler)
@@ -95,7 +101,9 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
         method = accelerator.unwrap_model(trainer.model)
         trainable = sum(p.numel() for p in method.trainable_parameters())  # after prepare(): some methods size them there
         load_method_state(method, run.checkpoints / "best")
-        test = trainer.evaluate(session.inputs("test", use_features), data.classes)
+        test_inputs = session.inputs("test", use_features)
+        test_logits = trainer.predict(test_inputs)
+        test = classification_metrics(test_logits, test_inputs.labels, data.classes)
         log.info(_line(f"{config.method} test", test))
         metrics = {
             "method": config.method, **_model_fields(config), "classes": data.classes, "classnames": data.classnames,
@@ -110,7 +118,9 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
         if novel_session is not None:
             metrics.update(base_novel_metrics(trainer, method, test, zeroshot_test, novel_session))
         if accelerator.is_main_process:
+            save_predictions(run.root, "test", test_logits, test_inputs.labels)
             atomic_write_json(run.metrics, metrics)
+            write_run_report(run.root)
         return metrics
     finally:
         if handler is not None:

@@ -279,14 +279,51 @@ def wise(run, data, alphas):
 @cli.command("export")
 @click.argument("run", type=click.Path())
 @click.option("--format", "fmt", required=True, type=click.Choice(FORMATS),
-              help="merged: whole open_clip model with the method merged (.safetensors); adapter: peft adapter folder.")
-@click.option("--output", required=True, type=click.Path(), help="File (merged) or folder (adapter) to write.")
+              help="merged: whole open_clip model with the method merged (.safetensors); adapter: peft adapter folder; "
+                   "classifier: self-contained classifier folder (any method); onnx: image -> logits graph (.onnx, any method).")
+@click.option("--output", required=True, type=click.Path(), help="File (merged, onnx) or folder (adapter, classifier) to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
 @click.option("--wise-alpha", type=float, help="merged only: write the WiSE-FT mixture (1-A)*zero-shot + A*fine-tuned.")
 def export_command(run, fmt, output, overwrite, wise_alpha):
-    """Export a finished run's best weights for use outside cliptune."""
+    """Export a finished run's best weights (or, as onnx, a classifier export) for use outside cliptune."""
     path = export_run(run, fmt, output, overwrite=overwrite, wise_alpha=wise_alpha)
     click.echo(f"wrote {fmt} export to {path}")
+
+
+@cli.command()
+@click.argument("source", metavar="RUN_OR_EXPORT", type=click.Path())
+@click.argument("images", metavar="IMAGE_OR_DIR...", nargs=-1, required=True, type=click.Path())
+@click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes listed per image.")
+@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "csv", "json"]))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write the predictions to this file instead of stdout.")
+def predict(source, images, topk, fmt, batch_size, output):
+    """Top-k classes of images (folders are walked recursively) with a run's or export's classifier."""
+    import torch
+
+    from cliptune.predict import predict_paths, render
+    from cliptune.runfolder import atomic_write_text
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    classifier, predictions, unreadable = predict_paths(source, images, topk, batch_size, device)
+    text = render(classifier, predictions, unreadable, fmt)
+    if output:
+        atomic_write_text(output, text)
+        click.echo(f"wrote {len(predictions)} prediction(s) to {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+    if unreadable:
+        click.echo(f"skipped {len(unreadable)} unreadable file(s): {', '.join(map(str, unreadable))}", err=True)
+
+
+@cli.command()
+@click.argument("runs", metavar="RUN...", nargs=-1, required=True, type=click.Path())
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
+def report(runs, output):
+    """Compare runs side by side in one self-contained HTML page (each run also has RUN/report.html)."""
+    from cliptune.report import write_comparison
+
+    click.echo(f"wrote {write_comparison(runs, output)}")
 
 
 def _mergeable_methods() -> list:

@@ -8,6 +8,8 @@
   The open_clip file alone then holds the fine-tuned image tower and the untouched text tower.
 - `adapter`: peft's `save_pretrained` layout (`adapter_config.json` + `adapter_model.safetensors`),
   small, reloaded onto the base model with `cliptune eval RUN --adapter DIR`.
+- `classifier` (cliptune/classifier.py) and `onnx` (cliptune/onnx_export.py): a ready classifier, for
+  every method and zero-shot runs (also from a classifier export).
 
 A method opts in through `export_formats` and implements, per format: `merged_state_dict()`
 (merged), or `adapter_config()`, `adapter_state_dict()` and `load_adapter_state_dict(state)` (adapter).
@@ -29,7 +31,8 @@ from cliptune.runfolder import atomic_save_safetensors
 from cliptune.session import finished_run, load_run_method
 from cliptune.wise import check_alpha, interpolable, wise_state_dict
 
-FORMATS = ("merged", "adapter")
+ANY_RUN_FORMATS = ("classifier", "onnx")  # every method, zero-shot runs too
+FORMATS = ("merged", "adapter") + ANY_RUN_FORMATS
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -38,6 +41,8 @@ def check_format(method_name: str, fmt: str) -> None:
     """Fail early, before any model is built, when the run's method cannot be written as `fmt`."""
     if fmt not in FORMATS:
         raise CliptuneError(f"unknown export format '{fmt}' (available: {', '.join(FORMATS)})")
+    if fmt in ANY_RUN_FORMATS:
+        return
     supported = METHODS[method_name].export_formats if method_name in METHODS else ()
     if fmt not in supported:
         able = methods_exporting(fmt)
@@ -74,6 +79,17 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, overwrite: boo
 
     `wise_alpha` (merged only) writes the WiSE-FT mixture `(1-A)·zero-shot + A·fine-tuned` instead.
     """
+    if fmt in ANY_RUN_FORMATS:
+        if wise_alpha is not None:
+            raise CliptuneError("--wise-alpha only applies to --format merged")
+        from cliptune.classifier import export_classifier
+        from cliptune.onnx_export import check_output, export_onnx
+
+        output = Path(output)
+        if fmt == "onnx":
+            check_output(output)
+        _prepare_output(output, overwrite)
+        return export_classifier(run_dir, output) if fmt == "classifier" else export_onnx(run_dir, output)
     config, _, sidecar = finished_run(run_dir)
     check_format(sidecar["method"], fmt)
     if wise_alpha is not None:

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """ECE with equal-width confidence bins (Guo et al., 2017)."""
+def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> List[Tuple[float, float, float, float]]:
+    """Per equal-width confidence bin (lower, upper]: (lower, share of samples, mean confidence, accuracy).
+
+    Empty bins are left out. The reliability diagram of a run's report plots these.
+    """
     confidence, predicted = probs.max(dim=1)
     correct = predicted.eq(labels).float()
     edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
+    rows = []
     for lower, upper in zip(edges[:-1], edges[1:]):
         in_bin = (confidence > lower) & (confidence <= upper)
         if in_bin.any():
-            ece += in_bin.float().mean() * (confidence[in_bin].mean() - correct[in_bin].mean()).abs()
+            rows.append((lower, in_bin.float().mean(), confidence[in_bin].mean(), correct[in_bin].mean()))
+    return rows
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE with equal-width confidence bins (Guo et al., 2017)."""
+    ece = torch.zeros(())
+    for _, share, confidence, accuracy in calibration_bins(probs, labels, bins):
+        ece += share * (confidence - accuracy).abs()
     return float(ece)
 
 

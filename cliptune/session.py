@@ -97,11 +97,13 @@ class Session:
         transform = self.train_transform if train else self.eval_transform
         return Inputs(labels=labels, images=ImageDataset(self.data.split(split), transform))
 
-    def zeroshot_metrics(self, split: str) -> Dict:
+    def zeroshot_logits(self, split: str) -> torch.Tensor:
         weights = zeroshot_weights(self.model.text, self.data.classnames, self.templates)
         features = F.normalize(self.features(split).to(weights.device), dim=-1)
-        logits = self.model.logit_scale * features @ weights.T
-        return classification_metrics(logits, labels_tensor(self.data.split(split)), self.data.classes)
+        return self.model.logit_scale * features @ weights.T
+
+    def zeroshot_metrics(self, split: str) -> Dict:
+        return classification_metrics(self.zeroshot_logits(split), labels_tensor(self.data.split(split)), self.data.classes)
 
 
 def finished_run(run_dir: str | Path) -> tuple:

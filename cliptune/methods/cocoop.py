@@ -59,9 +59,11 @@ class CoCoOp(Method):
         image = F.normalize(image_features, dim=-1)
         ctx = self.ctx + self.meta_net(image.to(self.ctx.dtype)).unsqueeze(1)  # (batch, n_ctx, width)
         per_chunk = max(1, self.config.chunk_prompts // len(self.prompts))
+        if torch.jit.is_tracing():  # a traced graph (ONNX export) fixes loop counts and slices: one chunk, any batch
+            per_chunk = None
         logits = []
-        for start in range(0, len(image), per_chunk):
-            text = F.normalize(self.prompts.encode(ctx[start : start + per_chunk].unsqueeze(1)), dim=-1)
-            chunk = image[start : start + per_chunk].to(text.dtype)
-            logits.append(torch.einsum("bd,bcd->bc", chunk, text))
+        for start in range(0, len(image), per_chunk or len(image)):
+            end = start + per_chunk if per_chunk else None
+            text = F.normalize(self.prompts.encode(ctx[start:end].unsqueeze(1)), dim=-1)
+            logits.append(torch.einsum("bd,bcd->bc", image[start:end].to(text.dtype), text))
         return self.scale * torch.cat(logits)
