@@ -18,6 +18,7 @@ from cliptune.errors import CliptuneError
 from cliptune.methods import build_method
 from cliptune.runfolder import RunFolder, atomic_write_json, read_json
 from cliptune.session import Session, make_accelerator
+from cliptune.timing import PhaseClock, command_started, describe
 
 log = logging.getLogger("cliptune")
 
@@ -54,6 +55,7 @@ def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite:
 
 def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False) -> Dict:
     """Train `config.method`, select the best epoch on val, evaluate on test; returns metrics.json's content."""
+    started = command_started()
     run = RunFolder(out)
     if resume:
         config = load_config(run.config)
@@ -69,21 +71,29 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
                           config.method_options(), data.named_descriptions)
     if novel_session is not None and method.class_specific:
         raise CliptuneError(f"--base-novel needs a method that works on unseen classes; '{config.method}' learns class-specific state")
+    if config.grad_checkpointing:
+        session.model.clip.set_grad_checkpointing(True)
+    session.images_for_features = not method.uses_image_features
     if accelerator.is_main_process:
         run.prepare(overwrite=overwrite, resume=resume)
     accelerator.wait_for_everyone()
     session.cache_dir = run.cache
     if novel_session is not None:
         novel_session.cache_dir = run.cache
+        novel_session.images_for_features = session.images_for_features
+    clock = PhaseClock(started, session.stats)
     handler = run.attach_log() if accelerator.is_main_process else None
     try:
         if accelerator.is_main_process and not resume:
             save_config(config, run.config)
-        zeroshot_test = session.zeroshot_metrics("test")
+        clock.mark_startup()
+        with clock.phase("zeroshot"):
+            zeroshot_test = session.zeroshot_metrics("test")
         log.info(_line("zero-shot test", zeroshot_test))
         use_features = method.uses_image_features
-        train = session.inputs("train", use_features, train=True)
-        val = session.inputs("val", use_features) if len(data.splits["val"]) else None
+        with clock.phase("inputs"):
+            train = session.inputs("train", use_features, train=True)
+            val = session.inputs("val", use_features) if len(data.splits["val"]) else None
         trainable = sum(p.numel() for p in method.trainable_parameters())
         log.info("method %s: %d trainable parameters, %d training images, %d classes",
                  config.method, trainable, len(train), len(data.classes))
@@ -91,20 +101,25 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
         summary = trainer.fit(train, val, data.classes, resume=resume)
         method = accelerator.unwrap_model(trainer.model)
         load_method_state(method, run.checkpoints / "best")
-        test = trainer.evaluate(session.inputs("test", use_features), data.classes)
+        with clock.phase("final_eval"):
+            test = trainer.evaluate(session.inputs("test", use_features), data.classes)
         log.info(_line(f"{config.method} test", test))
         metrics = {
             "method": config.method, **_model_fields(config), "classes": data.classes, "classnames": data.classnames,
             "test": test, "zeroshot": zeroshot_test,
-            "train": {"seconds": round(summary.seconds, 3), "images_seen": summary.images_seen, "epochs": summary.epochs,
+            "train": {"seconds": round(summary.seconds, 3), "eval_seconds": round(summary.eval_seconds, 3),
+                      "images_seen": summary.images_seen, "epochs": summary.epochs,
                       "best_epoch": summary.best_epoch, "trainable_params": trainable, "n": len(train),
                       "history": summary.history},
             "processes": accelerator.num_processes,
         }
-        if val is not None:
-            metrics["val"] = trainer.evaluate(val, data.classes)
-        if novel_session is not None:
-            metrics.update(base_novel_metrics(trainer, method, test, zeroshot_test, novel_session))
+        with clock.phase("final_eval"):
+            if val is not None:
+                metrics["val"] = trainer.evaluate(val, data.classes)
+            if novel_session is not None:
+                metrics.update(base_novel_metrics(trainer, method, test, zeroshot_test, novel_session))
+        metrics["time"] = clock.report(accelerator.device, train=summary.seconds, eval=summary.eval_seconds)
+        log.info(describe(metrics["time"]))
         if accelerator.is_main_process:
             atomic_write_json(run.metrics, metrics)
         return metrics

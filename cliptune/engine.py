@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cliptune.config import RunConfig
-from cliptune.data import ImageDataset
+from cliptune.data import ImageDataset, loader_settings
 from cliptune.errors import CliptuneError, InterruptedRun
 from cliptune.methods.base import Method
 from cliptune.metrics import classification_metrics
@@ -50,6 +50,7 @@ class TrainSummary:
     epochs: int = 0
     best_epoch: Optional[int] = None
     history: List[Dict] = field(default_factory=list)
+    eval_seconds: float = 0.0  # validation passes between epochs
 
 
 def build_optimizer(config: RunConfig, parameters):
@@ -78,12 +79,44 @@ def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+EVAL_SHARE = 0.2  # auto --eval-every keeps validation under about this share of training time
+
+
+def eval_interval(config: RunConfig, train: Inputs, val: Optional[Inputs]) -> int:
+    """Epochs between validation passes: `config.eval_every`, or the smallest N that keeps validation under ~20 %.
+
+    Cost model: on cached features a validation pass is one small matrix product, so every epoch. On
+    images a training image costs a forward and a backward (about 3 forwards) and a validation image one
+    forward, so validating every N epochs costs n_val / (3 * n_train * N) of training:
+    N = ceil(n_val / (3 * EVAL_SHARE * n_train)). The last epoch is always validated.
+    """
+    if config.eval_every is not None:
+        return config.eval_every
+    if val is None or val.features is not None or len(train) == 0:
+        return 1
+    return max(1, math.ceil(len(val) / (3 * EVAL_SHARE * len(train))))
+
+
+class _EpochBatches:
+    """A batch sampler whose batches are set per epoch, so one DataLoader (and its persistent workers) serves every epoch."""
+
+    def __init__(self):
+        self.batches: List[List[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class Trainer:
     def __init__(self, method: Method, config: RunConfig, run: Optional[RunFolder], accelerator):
         self.method = method
         self.config = config
         self.run = run
         self.accelerator = accelerator
+        self._loaders: Dict[int, tuple] = {}  # id(dataset) -> (dataset, DataLoader with persistent workers)
 
     # ----- batching -----
     def _epoch_batches(self, n: int, epoch: int) -> List[torch.Tensor]:
@@ -97,7 +130,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.seed * 7_919 + epoch)
         return torch.randint(inputs.features.shape[0], (len(inputs),), generator=generator)
 
-    def _local_batches(self, inputs: Inputs, batches: List[torch.Tensor], views: Optional[torch.Tensor]):
+    def _local_batches(self, inputs: Inputs, batches: List[torch.Tensor], views: Optional[torch.Tensor], epoch: int = 0):
         """Yield (x, y) for this process's slice of each global batch."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         local = [b[rank::world] for b in batches]
@@ -107,9 +140,33 @@ class Trainer:
                 x = inputs.features[views[index], index] if views is not None else inputs.features[index]
                 yield x.to(device), inputs.labels[index].to(device)
             return
-        loader = DataLoader(inputs.images, batch_sampler=[b.tolist() for b in local], num_workers=self.config.num_workers)
-        for x, y in loader:
-            yield x.to(device), y.to(device)
+        images = inputs.images
+        if not getattr(images, "random", True):  # decoded and deterministic: whole batches at once, no loader
+            for index in local:
+                yield images.batch(index).to(device), inputs.labels[index].to(device)
+            return
+        for x, y in self._loader(images, [b.tolist() for b in local], epoch):
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def _loader(self, images, batches: List[List[int]], epoch: int) -> DataLoader:
+        """The DataLoader of one epoch's batches, with the device's defaults (`loader_settings`).
+
+        Without workers (CPU default) a fresh loader per epoch with its own generator: starting it draws
+        nothing from the global RNG the augmentation uses, so a resumed epoch augments like the
+        uninterrupted one. With workers, one loader for the whole fit keeps them alive between epochs;
+        their augmentation is seeded once, so the run is reproducible but a mid-run resume is not bitwise.
+        """
+        settings = loader_settings(self.config.num_workers, self.accelerator.device)
+        if settings["num_workers"] == 0:
+            return DataLoader(images, batch_sampler=batches, generator=torch.Generator().manual_seed(self.config.seed * 1_009 + epoch),
+                              **settings)
+        if id(images) not in self._loaders or self._loaders[id(images)][0] is not images:
+            loader = DataLoader(images, batch_sampler=_EpochBatches(), generator=torch.Generator().manual_seed(self.config.seed * 1_009),
+                                **settings)
+            self._loaders[id(images)] = (images, loader)
+        loader = self._loaders[id(images)][1]
+        loader.batch_sampler.batches = batches
+        return loader
 
     # ----- evaluation -----
     @torch.no_grad()
@@ -121,8 +178,12 @@ class Trainer:
         if inputs.features is not None:
             features = inputs.features if inputs.features.dim() == 2 else inputs.features[0]
             chunks = (features[i : i + size] for i in range(0, len(features), size))
+        elif not getattr(inputs.images, "random", True):  # decoded and deterministic: slices, no loader
+            chunks = (inputs.images.batch(slice(i, i + size)) for i in range(0, len(inputs.images), size))
         else:
-            chunks = (x for x, _ in DataLoader(inputs.images, batch_size=size, num_workers=self.config.num_workers))
+            settings = loader_settings(self.config.num_workers, self.accelerator.device)
+            loader = DataLoader(inputs.images, batch_size=size, num_workers=settings["num_workers"], pin_memory=settings["pin_memory"])
+            chunks = (x for x, _ in loader)
         for x in chunks:
             with self.accelerator.autocast():
                 outputs.append(method(x.to(self.accelerator.device)).float().cpu())
@@ -156,13 +217,17 @@ class Trainer:
         optimizer = build_optimizer(config, self.method.trainable_parameters())
         scheduler = cosine_with_warmup(optimizer, config.warmup_steps, updates_per_epoch * config.epochs)
         self.model, optimizer = accelerator.prepare(self.method, optimizer)
+        every = eval_interval(config, train, val)
+        if val is not None and len(val) and every > 1:
+            log.info("validation every %d epochs and after the last (--eval-every)", every)
         summary = TrainSummary()
         start_epoch, start_step, best_top1 = 0, 0, -1.0
         rng_state, partial_loss = None, (0.0, 0)
         if resume and self.run is not None and (self.run.checkpoints / "last" / "state.pt").is_file():
             state = self._load_last(optimizer, scheduler)
             start_epoch, start_step, best_top1 = state["epoch"], state["step_in_epoch"], state["best_top1"]
-            summary = TrainSummary(state["seconds"], state["images_seen"], state["epoch"], state["best_epoch"], state["history"])
+            summary = TrainSummary(state["seconds"], state["images_seen"], state["epoch"], state["best_epoch"], state["history"],
+                                   state.get("eval_seconds", 0.0))
             rng_state = state["rng"]
             partial_loss = tuple(state.get("partial_loss", (0.0, 0)))
             log.info("resuming at epoch %d step %d", start_epoch + 1, start_step)
@@ -184,7 +249,7 @@ class Trainer:
             bar = progress_bar(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}/{config.epochs}",
                                main_process=accelerator.is_local_main_process, leave=False)
             try:
-                stream = self._local_batches(train, batches[first_step:], views)
+                stream = self._local_batches(train, batches[first_step:], views, epoch)
                 for step, (x, y) in enumerate(stream, start=first_step):
                     group_size = min(config.grad_accum, len(batches) - (step - step % config.grad_accum))
                     sync = (step + 1) % config.grad_accum == 0 or step == len(batches) - 1
@@ -229,9 +294,13 @@ class Trainer:
             record = {"epoch": epoch + 1, "loss": float(totals[0] / totals[1].clamp(min=1))}
             improved = True
             if val is not None and len(val):
-                record["val_top1"] = self.evaluate(val, classes)["top1"]
-                improved = record["val_top1"] > best_top1
-                best_top1 = max(best_top1, record["val_top1"])
+                improved = False  # the best is chosen among validated epochs
+                if (epoch + 1) % every == 0 or epoch + 1 == config.epochs:
+                    evaluating = time.perf_counter()
+                    record["val_top1"] = self.evaluate(val, classes)["top1"]
+                    summary.eval_seconds += time.perf_counter() - evaluating
+                    improved = record["val_top1"] > best_top1
+                    best_top1 = max(best_top1, record["val_top1"])
             if improved:
                 summary.best_epoch = epoch + 1
                 self.save_best()
@@ -249,6 +318,7 @@ class Trainer:
             "best_top1": best_top1,
             "best_epoch": summary.best_epoch,
             "seconds": summary.seconds,
+            "eval_seconds": summary.eval_seconds,
             "images_seen": summary.images_seen,
             "history": json.loads(json.dumps(summary.history)),
             "optimizer": optimizer.state_dict(),
