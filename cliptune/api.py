@@ -71,8 +71,6 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
                           config.method_options(), data.named_descriptions)
     if novel_session is not None and method.class_specific:
         raise CliptuneError(f"--base-novel needs a method that works on unseen classes; '{config.method}' learns class-specific state")
-    if config.grad_checkpointing:
-        session.model.clip.set_grad_checkpointing(True)
     session.images_for_features = not method.uses_image_features
     if accelerator.is_main_process:
         run.prepare(overwrite=overwrite, resume=resume)

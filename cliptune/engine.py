@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from cliptune.config import RunConfig
-from cliptune.data import ImageDataset, loader_settings
+from cliptune.data import loader_settings
 from cliptune.errors import CliptuneError, InterruptedRun
 from cliptune.methods.base import Method
 from cliptune.metrics import classification_metrics
@@ -37,7 +37,7 @@ class Inputs:
 
     labels: torch.Tensor
     features: Optional[torch.Tensor] = None
-    images: Optional[ImageDataset] = None
+    images: Optional[Dataset] = None  # ImageDataset (files) or DecodedImages (the decoded-image cache)
 
     def __len__(self) -> int:
         return int(self.labels.numel())

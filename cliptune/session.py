@@ -35,7 +35,10 @@ from cliptune.zeroshot import zeroshot_weights
 
 def model_from_config(config: RunConfig, device: str | torch.device = "cpu") -> LoadedModel:
     """The base model a run config names (what every command that rebuilds a run starts from)."""
-    return load_model(config.model, config.pretrained, config.model_config, device=device, seed=config.seed)
+    model = load_model(config.model, config.pretrained, config.model_config, device=device, seed=config.seed)
+    if config.grad_checkpointing:  # only acts while gradients flow, so evaluation-only commands are unaffected
+        model.clip.set_grad_checkpointing(True)
+    return model
 
 
 def make_accelerator(mixed_precision: str = "no"):

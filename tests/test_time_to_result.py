@@ -178,9 +178,9 @@ def test_grad_checkpointing_gives_the_same_weights(tiny_config, odd_sizes, monke
     import torch.utils.checkpoint as checkpoint_module
 
     def fit(checkpointing):
-        session = _session(odd_sizes, tiny_config, epochs=1, image_cache="memory")
+        session = _session(odd_sizes, tiny_config, epochs=1, image_cache="memory", grad_checkpointing=checkpointing)
+        assert session.model.clip.visual.transformer.grad_checkpointing == checkpointing
         method = build_method(method_name, session.model, session.data.classnames, TEMPLATES)
-        session.model.clip.set_grad_checkpointing(checkpointing)
         Trainer(method, session.config, None, session.accelerator).fit(
             session.inputs("train", use_features=False, train=True), None, session.data.classes)
         return method.trainable_state_dict()
@@ -192,3 +192,18 @@ def test_grad_checkpointing_gives_the_same_weights(tiny_config, odd_sizes, monke
     checkpointed = fit(True)
     assert calls  # the towers' blocks did run under checkpointing
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
+def test_cli_options_and_bad_values(tiny_config, colour_data, tmp_path):
+    from click.testing import CliRunner
+
+    from cliptune.cli import cli
+
+    base = ["finetune", "--data", str(colour_data), "--model-config", tiny_config, "--method", "full", "--epochs", "1"]
+    bad = CliRunner().invoke(cli, [*base, "--eval-every", "0", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "'eval_every' must be at least 1" in bad.output and not (tmp_path / "bad").exists()
+    good = CliRunner().invoke(cli, [*base, "--eval-every", "1", "--image-cache", "disk", "--grad-checkpointing", "--out", str(tmp_path / "ok")])
+    assert good.exit_code == 0, good.output
+    assert list((tmp_path / "ok" / "cache").glob("images-*.npy"))  # train, val and test decoded to the run's cache
+    saved = (tmp_path / "ok" / "config.yaml").read_text()
+    assert "image_cache: disk" in saved and "grad_checkpointing: true" in saved and "eval_every: 1" in saved
