@@ -116,7 +116,9 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
                 metrics["val"] = trainer.evaluate(val, data.classes)
             if novel_session is not None:
                 metrics.update(base_novel_metrics(trainer, method, test, zeroshot_test, novel_session))
-        metrics["time"] = clock.report(accelerator.device, train=summary.seconds, eval=summary.eval_seconds)
+        earlier_train, earlier_eval = trainer.earlier_seconds
+        metrics["time"] = clock.report(accelerator.device, train=summary.seconds - earlier_train,
+                                       eval=summary.eval_seconds - earlier_eval)
         log.info(describe(metrics["time"]))
         if accelerator.is_main_process:
             atomic_write_json(run.metrics, metrics)

@@ -227,10 +227,11 @@ class Trainer:
             state = self._load_last(optimizer, scheduler)
             start_epoch, start_step, best_top1 = state["epoch"], state["step_in_epoch"], state["best_top1"]
             summary = TrainSummary(state["seconds"], state["images_seen"], state["epoch"], state["best_epoch"], state["history"],
-                                   state.get("eval_seconds", 0.0))
+                                   eval_seconds=state.get("eval_seconds", 0.0))
             rng_state = state["rng"]
             partial_loss = tuple(state.get("partial_loss", (0.0, 0)))
             log.info("resuming at epoch %d step %d", start_epoch + 1, start_step)
+        self.earlier_seconds = (summary.seconds, summary.eval_seconds)  # spent before a resume (for this process's timings)
 
         for epoch in range(start_epoch, config.epochs):
             resuming_mid_epoch = epoch == start_epoch and start_step > 0

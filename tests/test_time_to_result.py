@@ -207,3 +207,33 @@ def test_cli_options_and_bad_values(tiny_config, colour_data, tmp_path):
     assert list((tmp_path / "ok" / "cache").glob("images-*.npy"))  # train, val and test decoded to the run's cache
     saved = (tmp_path / "ok" / "config.yaml").read_text()
     assert "image_cache: disk" in saved and "grad_checkpointing: true" in saved and "eval_every: 1" in saved
+
+
+def test_resume_on_augmented_cached_images_gives_the_same_weights(tiny_config, odd_sizes, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from cliptune.errors import InterruptedRun
+
+    config = build_config(None, {"data": str(odd_sizes), "model_config": tiny_config, "method": "lora", "epochs": 2,
+                                 "lr": 0.01, "batch_size": 4, "image_cache": "memory"})
+    reference = api.finetune(config, tmp_path / "straight")
+    original = Trainer._local_batches
+    count = {"steps": 0}
+
+    def interrupting(self, *args):
+        for item in original(self, *args):
+            count["steps"] += 1
+            if count["steps"] == 8:  # in the second epoch (6 steps per epoch)
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(Trainer, "_local_batches", interrupting)
+    with pytest.raises(InterruptedRun):
+        api.finetune(config, tmp_path / "interrupted")
+    monkeypatch.setattr(Trainer, "_local_batches", original)
+    resumed = api.finetune(None, tmp_path / "interrupted", resume=True)
+    assert [h["loss"] for h in resumed["train"]["history"]] == [h["loss"] for h in reference["train"]["history"]]
+    a = load_file(str(tmp_path / "straight/checkpoints/best/method.safetensors"))
+    b = load_file(str(tmp_path / "interrupted/checkpoints/best/method.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["time"]["train"] < resumed["train"]["seconds"]  # this process's share only
