@@ -8,7 +8,8 @@
 Settings:
 - bundled:  the demo CLIP on the bundled digits (`sample_data`), 16 shots;
 - vit-b-32: a ViT-B-32-sized random model (`--model ViT-B-32` without --pretrained) on a tiny synthetic
-            ImageFolder (10 classes; 4 train, 2 val and 4 test images per class, 256 x 256 PNGs).
+            ImageFolder (8 classes; 4 train, 2 val and 4 test images per class, 256 x 256 PNGs: with the
+            default batch of 32, one full batch per epoch).
 
 Each run is `cliptune finetune --method M` (the method's defaults otherwise) in a fresh process, so the
 start-up figure includes Python's imports. The wall-time split comes from the run's own timestamps
@@ -43,7 +44,7 @@ PHASES = (("startup", "start"), ("decode", "decode"), ("zeroshot", "0-shot"), ("
           ("eval", "val"), ("final_eval", "final"), ("other", "other"))
 
 
-def tiny_imagefolder(root: Path, classes: int = 10, counts=(("train", 4), ("val", 2), ("test", 4)), side: int = 256) -> Path:
+def tiny_imagefolder(root: Path, classes: int = 8, counts=(("train", 4), ("val", 2), ("test", 4)), side: int = 256) -> Path:
     """Noisy single-colour images, one colour per class: decoding and resizing cost like real photos of that size."""
     from PIL import Image
 
