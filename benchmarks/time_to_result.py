@@ -3,6 +3,7 @@
     python benchmarks/time_to_result.py                          # both settings, methods at their defaults
     python benchmarks/time_to_result.py --setting bundled --methods lora
     python benchmarks/time_to_result.py --grad-checkpointing      # also each run with --grad-checkpointing
+    python benchmarks/time_to_result.py --mixed-precision bf16    # runs and floor under bf16 autocast (GPU)
     python benchmarks/time_to_result.py --quick                   # smoke test: 1 epoch, 2 shots, 2 floor steps
 
 Settings:
@@ -18,7 +19,8 @@ final evaluation, checkpoints/other) and so does the peak memory (CUDA: max allo
 After training, the same process times the floor on the run's batch size: plain open_clip forward +
 backward of the image batch and every class prompt (benchmarks/lora.py's variants: for full, all
 weights trainable + AdamW; for lora and maple, the frozen model with gradients through the
-activations only). The run's step is its training seconds per image x the batch size, so data
+activations only; never checkpointed, so a `+ckpt` row's ratio shows what checkpointing costs). The
+run's step is its training seconds per image x the batch size, so data
 loading and augmentation count against it. Targets: training >= 70 % of wall; step <= 1.3 x floor.
 Run it alone on the machine: other load inflates every figure.
 """
@@ -68,6 +70,7 @@ def finetune_args(setting: str, method: str, out: Path, data: Path, args) -> lis
         model = ["--model", "ViT-B-32"]
     extra = ["--shots", str(args.shots)] if setting == "bundled" else []
     extra += ["--epochs", str(args.epochs)] if args.epochs else []
+    extra += ["--mixed-precision", args.mixed_precision] if args.mixed_precision else []
     return ["finetune", *model, "--data", str(data), "--method", method, *extra, "--out", str(out), "--overwrite"]
 
 
@@ -90,7 +93,13 @@ def one_run(argv: list, method: str, floor_steps: int) -> dict:
     floor_args = argparse.Namespace(model=config.model, model_config=config.model_config, device=device,
                                     batch_size=config.batch_size, classes=len(metrics["classes"]),
                                     template_list=load_templates(config.templates))
-    step, _ = lora_benchmark._setup(FLOOR_OF[method], floor_args)
+    plain_step, _ = lora_benchmark._setup(FLOOR_OF[method], floor_args)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+
+    def step():  # under the run's autocast, as accelerate runs the run's steps
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            plain_step()
+
     step()  # warm-up
     times = []
     for _ in range(floor_steps):
@@ -111,6 +120,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override the methods' default epochs")
     parser.add_argument("--floor-steps", type=int, default=5)
     parser.add_argument("--grad-checkpointing", action="store_true", help="also run each method with --grad-checkpointing")
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="passed to the runs; the floor uses the same autocast")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 epoch, 2 shots, 2 floor steps")
     parser.add_argument("--one", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
