@@ -112,8 +112,8 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
             "processes": accelerator.num_processes,
         }
         with clock.phase("final_eval"):
-            if val is not None:
-                metrics["val"] = trainer.evaluate(val, data.classes)
+            if val is not None:  # the best epoch's validation pass, when this process ran it (same weights)
+                metrics["val"] = trainer.validated.get(summary.best_epoch) or trainer.evaluate(val, data.classes)
             if novel_session is not None:
                 metrics.update(base_novel_metrics(trainer, method, test, zeroshot_test, novel_session))
         earlier_train, earlier_eval = trainer.earlier_seconds

@@ -117,6 +117,8 @@ class Trainer:
         self.run = run
         self.accelerator = accelerator
         self._loaders: Dict[int, tuple] = {}  # id(dataset) -> (dataset, DataLoader with persistent workers)
+        # validation metrics of the best epoch so far, by epoch: the final report reuses them instead of a second pass
+        self.validated: Dict[int, Dict] = {}
 
     # ----- batching -----
     def _epoch_batches(self, n: int, epoch: int) -> List[torch.Tensor]:
@@ -298,10 +300,13 @@ class Trainer:
                 improved = False  # the best is chosen among validated epochs
                 if (epoch + 1) % every == 0 or epoch + 1 == config.epochs:
                     evaluating = time.perf_counter()
-                    record["val_top1"] = self.evaluate(val, classes)["top1"]
+                    result = self.evaluate(val, classes)
                     summary.eval_seconds += time.perf_counter() - evaluating
+                    record["val_top1"] = result["top1"]
                     improved = record["val_top1"] > best_top1
                     best_top1 = max(best_top1, record["val_top1"])
+                    if improved:
+                        self.validated = {epoch + 1: result}
             if improved:
                 summary.best_epoch = epoch + 1
                 self.save_best()

@@ -124,6 +124,8 @@ def test_eval_every_validates_those_epochs_and_the_last(tiny_config, colour_data
     validated = [h["epoch"] for h in metrics["train"]["history"] if "val_top1" in h]
     assert validated == [2, 4, 5]
     assert metrics["train"]["best_epoch"] in validated
+    # the final report reuses the best epoch's validation pass: the same as evaluating the saved best weights
+    assert api.evaluate_run(tmp_path / "run", split="val")["val"] == metrics["val"]
     time = metrics["time"]
     phases = ("startup", "decode", "zeroshot", "inputs", "train", "eval", "final_eval", "other")
     assert all(time[p] >= 0 for p in phases if p != "other")
