@@ -120,7 +120,7 @@ TRAINING_OPTIONS = [
                  help="Decode and resize images once: in memory, memory-mapped under RUN/cache, auto (memory when it fits) or off [auto]."),
     click.option("--eval-every", type=int, help="Validate every N epochs and after the last [auto: validation under ~20% of training]."),
     click.option("--grad-checkpointing/--no-grad-checkpointing", default=None,
-                 help="Recompute tower activations in the backward pass: less memory, about a third more compute [off]."),
+                 help="Recompute tower activations in the backward pass: less memory, one more forward per step [off]."),
     click.option("--recipe", help="Recipe name (recipes/NAME.yaml) or YAML path."),
     click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE", help="Override any config key (highest precedence)."),
     click.option("--out", required=True, type=click.Path(), help="Run folder to write."),

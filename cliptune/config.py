@@ -52,7 +52,7 @@ class RunConfig:
     max_grad_norm: Optional[float] = None
     label_smoothing: float = 0.0
     mixed_precision: str = "no"
-    grad_checkpointing: bool = False  # recompute tower activations in the backward pass: less memory, ~1/3 more compute
+    grad_checkpointing: bool = False  # recompute tower activations in the backward pass: less memory, one more forward per step
     seed: int = 0
     # validation every N epochs (the last epoch always); None = auto, keeping evaluation under ~20% of training
     eval_every: Optional[int] = None
