@@ -283,19 +283,6 @@ def labels_tensor(split: Split) -> torch.Tensor:
     return torch.tensor(split.labels, dtype=torch.long)
 
 
-def tensor_augmentation(image_size, crop_scale=(0.5, 1.0), hflip=True, color_jitter=0.0, interpolation="bicubic"):
-    """`train_transform`'s augmentation on uint8 image tensors (torchvision.transforms.v2), for decoded-image caches."""
-    from torchvision.transforms import v2
-
-    mode = _INTERPOLATION.get(interpolation, T.InterpolationMode.BICUBIC)
-    steps = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=mode, antialias=True)]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    if color_jitter:
-        steps.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
-    return v2.Compose(steps)
-
-
 def loader_settings(num_workers: Optional[int], device: torch.device) -> Dict:
     """DataLoader options per device: `num_workers` (None = 0 on CPU, where workers would only compete with the
     compute threads and resume is exact without them; else up to 8 per process), persistent workers when

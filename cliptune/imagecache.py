@@ -5,11 +5,12 @@ Image-tower methods otherwise decode and resize every file at every epoch and ev
 - Evaluation caches the deterministic, pixel-space part of CLIP's evaluation transform (resize the short
   side, centre crop) as uint8. Converting to float (/255) and normalising at use is the arithmetic of
   ToTensor + Normalize, so logits through the cache equal those of decoding each file, bit for bit.
-- Training with augmentation caches a larger centre square (`TRAIN_MARGIN` x the input size) so that
-  random resized crops still have pixels to choose from; the augmentation then runs on the uint8
-  tensors (torchvision.transforms.v2). The crops are taken from that square, not from the whole
-  original image (as the evaluation centre crop does too). Without augmentation training uses the
-  evaluation cache.
+- Training with augmentation caches a larger centre square (`TRAIN_MARGIN` x the input size, at most the
+  smallest image's side) so that random resized crops still have pixels to choose from; each item is then
+  the run's own training transform (random resized crop, flip, jitter, normalise) applied to the cached
+  pixels, with the same RNG draws as from the file. The crops come from that square rather than the whole
+  original image; for images no larger than it (nothing cut, nothing resampled) training through the
+  cache is bitwise training from the files. Without augmentation training uses the evaluation cache.
 
 Where (`--image-cache`): `memory` keeps the tensor in RAM; `disk` writes it once under the run's cache
 folder (key as for cached features: the identity of the preprocessing plus every file's path, label,
@@ -61,8 +62,8 @@ class _DecodeFiles(Dataset):
 class DecodedImages(Dataset):
     """A split's decoded uint8 images with their labels; items come out normalised like the file transforms.
 
-    `augment` (uint8 tensor -> uint8 tensor) is the random part of training; without it every item is
-    deterministic and whole batches can be taken at once with `batch()`.
+    `augment` (PIL image -> normalised tensor: the training transform) makes items random; without it
+    every item is deterministic and whole batches can be taken at once with `batch()`.
     """
 
     def __init__(self, pixels: torch.Tensor, labels: Sequence[int], mean, std, augment: Optional[Callable] = None):
@@ -84,10 +85,11 @@ class DecodedImages(Dataset):
         return (pixels.to(torch.float32).div(255) - self.mean) / self.std
 
     def __getitem__(self, index: int):
-        pixels = self.pixels[index]
         if self.augment is not None:
-            pixels = self.augment(pixels)
-        return self._normalise(pixels), self.labels[index]
+            from torchvision.transforms.functional import to_pil_image
+
+            return self.augment(to_pil_image(self.pixels[index])), self.labels[index]
+        return self._normalise(self.pixels[index]), self.labels[index]
 
     def batch(self, index) -> torch.Tensor:
         """Normalised images `index` (a slice or index tensor) in one go; only without augmentation."""
@@ -170,6 +172,13 @@ def decode_split(
     return pixels
 
 
-def train_side(image_size: Sequence[int]) -> tuple:
-    """Size of the training cache's centre square: `TRAIN_MARGIN` x the model's input size."""
-    return tuple(int(math.ceil(TRAIN_MARGIN * s)) for s in image_size)
+def _short_side(path) -> int:
+    with Image.open(path) as image:  # reads the header only, no decoding
+        return min(image.size)
+
+
+def train_size(image_size: Sequence[int], split: Split) -> tuple:
+    """Size of the training cache's centre square: `TRAIN_MARGIN` x the model's input size, but never larger than
+    the smallest image (upsampling adds no pixels to crop from, only a second resampling) nor smaller than the input."""
+    smallest = min(_short_side(path) for path in split.files)
+    return tuple(max(int(s), min(int(math.ceil(TRAIN_MARGIN * s)), smallest)) for s in image_size)

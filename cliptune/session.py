@@ -19,11 +19,11 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from cliptune.data import (ImageDataset, ImageFolderData, augments, eval_geometry, eval_transform, labels_tensor, load_imagefolder,
-                           loader_settings, tensor_augmentation, train_transform)
+                           loader_settings, train_transform)
 from cliptune.engine import Inputs, load_method_state
 from cliptune.errors import CliptuneError
 from cliptune.features import image_features, split_key
-from cliptune.imagecache import DecodedImages, decode_split, train_side
+from cliptune.imagecache import DecodedImages, decode_split, train_size
 from cliptune.methods import build_method
 from cliptune.methods.base import Method
 from cliptune.metrics import classification_metrics
@@ -115,7 +115,7 @@ class Session:
         files = self.data.split(split)
         augmenting = train and augments(c.aug_crop_scale, c.aug_hflip, c.aug_color_jitter)
         if c.image_cache != "off":
-            size = train_side(m.image_size) if augmenting else tuple(m.image_size)
+            size = train_size(m.image_size, files) if augmenting else tuple(m.image_size)
             geometry = T.Compose(eval_geometry(size, m.interpolation))
             key = split_key([repr(geometry)], files)
             if key not in self.decoded:
@@ -124,8 +124,7 @@ class Session:
                                                  num_workers=self.num_workers, accelerator=self.accelerator, desc=f"decoding {split}")
                 self.stats["decode"] += time.perf_counter() - began
             if self.decoded[key] is not None:
-                augment = tensor_augmentation(m.image_size, c.aug_crop_scale, c.aug_hflip, c.aug_color_jitter, m.interpolation)
-                return DecodedImages(self.decoded[key], files.labels, m.mean, m.std, augment if augmenting else None)
+                return DecodedImages(self.decoded[key], files.labels, m.mean, m.std, self.train_transform if augmenting else None)
         return ImageDataset(files, self.train_transform if train else self.eval_transform)
 
     def inputs(self, split: str, use_features: bool, train: bool = False) -> Inputs:

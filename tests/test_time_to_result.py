@@ -78,7 +78,11 @@ def test_auto_mode_goes_to_disk_when_memory_is_short(monkeypatch, tmp_path):
 def test_training_cache_keeps_room_for_crops_and_augments_on_tensors(tiny_config, odd_sizes):
     session = _session(odd_sizes, tiny_config, aug_crop_scale=[0.5, 1.0], aug_hflip=True)
     train = session.images("train", train=True)
-    assert train.random and tuple(train.pixels.shape[-2:]) == (math.ceil(1.15 * 32),) * 2
+    smallest = min(min(Image.open(path).size) for path in session.data.split("train").files)
+    assert smallest >= 37 and train.random and tuple(train.pixels.shape[-2:]) == (math.ceil(1.15 * 32),) * 2
+    # images no larger than the input are cached at the input size: cropping them needs no upsampling first
+    assert imagecache.train_size((48, 48), session.data.split("train")) == (48, 48)
+    assert imagecache.train_size((30, 30), session.data.split("train")) == (min(35, smallest),) * 2
     torch.manual_seed(0)
     first = train[0][0]
     assert first.shape == (3, 32, 32)
@@ -102,6 +106,16 @@ def test_training_without_augmentation_gives_the_same_weights_with_and_without_t
     assert all(torch.equal(with_cache[k], without[k]) for k in with_cache)
     start = build_method("full", _session(odd_sizes, tiny_config).model, ["a", "b", "c"], TEMPLATES).trainable_state_dict()
     assert not all(torch.equal(with_cache[k], start[k]) for k in start)  # training did move the weights
+
+
+def test_augmented_training_through_the_cache_equals_training_from_files(tiny_config, colour_data):
+    """32 px images and a 32 px model: the cached square is the image itself, so crops, flips and weights match."""
+    augmenting = {"aug_crop_scale": [0.5, 1.0], "aug_hflip": True, "aug_color_jitter": 0.2}
+    session = _session(colour_data, tiny_config, image_cache="memory", **augmenting)
+    assert session.images("train", train=True).random
+    with_cache = _fit_full(session)
+    without = _fit_full(_session(colour_data, tiny_config, image_cache="off", **augmenting))
+    assert all(torch.equal(with_cache[k], without[k]) for k in with_cache)
 
 
 def test_eval_interval_rule():
