@@ -142,6 +142,10 @@ def decode_split(
     """
     n_bytes = len(split) * 3 * int(size[0]) * int(size[1])
     chosen = choose_mode(mode, n_bytes, cache_dir)
+    if accelerator is not None and accelerator.num_processes > 1:  # one choice for all: disk mode synchronises them
+        from accelerate.utils import broadcast_object_list
+
+        chosen = broadcast_object_list([chosen])[0]
     if chosen == "off":
         return None
     main_process = accelerator is None or accelerator.is_local_main_process
