@@ -43,9 +43,10 @@ def _setup(variant: str, args):
     from cliptune.models import load_model
 
     torch.manual_seed(0)
-    model = load_model(args.model, None, None, device=args.device)
+    model = load_model(args.model, None, getattr(args, "model_config", None), device=args.device)
     classnames = [f"class {i}" for i in range(args.classes)]
-    templates = ["a photo of a {}.", "a close-up photo of a {}.", "an image of a {}.", "a good photo of a {}."][: args.templates]
+    templates = getattr(args, "template_list", None) or [
+        "a photo of a {}.", "a close-up photo of a {}.", "an image of a {}.", "a good photo of a {}."][: args.templates]
     images = torch.randn(args.batch_size, 3, *model.image_size, device=args.device)
     labels = torch.randint(args.classes, (args.batch_size,), device=args.device)
     text = model.text

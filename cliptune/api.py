@@ -21,6 +21,7 @@ from cliptune.metrics import classification_metrics
 from cliptune.report import save_predictions, write_run_report
 from cliptune.runfolder import RunFolder, atomic_write_json, read_json
 from cliptune.session import Session, make_accelerator
+from cliptune.timing import PhaseClock, command_started, describe
 
 log = logging.getLogger("cliptune")
 
@@ -65,6 +66,7 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
     Image features are cached in `cache_dir` (default: the run's own `cache/`); runs of the same data and
     model may share one (as `cliptune compare` does), the cache key tells their features apart.
     """
+    started = command_started()
     run = RunFolder(out)
     if resume:
         config = load_config(run.config)
@@ -80,43 +82,56 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
                           config.method_options(), data.named_descriptions)
     if novel_session is not None and method.class_specific:
         raise CliptuneError(f"--base-novel needs a method that works on unseen classes; '{config.method}' learns class-specific state")
+    session.images_for_features = not method.uses_image_features
     if accelerator.is_main_process:
         run.prepare(overwrite=overwrite, resume=resume)
     accelerator.wait_for_everyone()
     session.cache_dir = Path(cache_dir) if cache_dir is not None else run.cache
     if novel_session is not None:
         novel_session.cache_dir = session.cache_dir
+        novel_session.images_for_features = session.images_for_features
+    clock = PhaseClock(started, session.stats)
     handler = run.attach_log() if accelerator.is_main_process else None
     try:
         if accelerator.is_main_process and not resume:
             save_config(config, run.config)
-        zeroshot_test = session.zeroshot_metrics("test")
+        clock.mark_startup()
+        with clock.phase("zeroshot"):
+            zeroshot_test = session.zeroshot_metrics("test")
         log.info(_line("zero-shot test", zeroshot_test))
         use_features = method.uses_image_features
-        train = session.inputs("train", use_features, train=True)
-        val = session.inputs("val", use_features) if len(data.splits["val"]) else None
+        with clock.phase("inputs"):
+            train = session.inputs("train", use_features, train=True)
+            val = session.inputs("val", use_features) if len(data.splits["val"]) else None
         log.info("method %s: %d training images, %d classes", config.method, len(train), len(data.classes))
         trainer = Trainer(method, config, run, accelerator)
         summary = trainer.fit(train, val, data.classes, resume=resume)
         method = accelerator.unwrap_model(trainer.model)
         trainable = sum(p.numel() for p in method.trainable_parameters())  # after prepare(): some methods size them there
         load_method_state(method, run.checkpoints / "best")
-        test_inputs = session.inputs("test", use_features)
-        test_logits = trainer.predict(test_inputs)
-        test = classification_metrics(test_logits, test_inputs.labels, data.classes)
+        with clock.phase("final_eval"):
+            test_inputs = session.inputs("test", use_features)
+            test_logits = trainer.predict(test_inputs)
+            test = classification_metrics(test_logits, test_inputs.labels, data.classes)
         log.info(_line(f"{config.method} test", test))
         metrics = {
             "method": config.method, **_model_fields(config), "classes": data.classes, "classnames": data.classnames,
             "test": test, "zeroshot": zeroshot_test,
-            "train": {"seconds": round(summary.seconds, 3), "images_seen": summary.images_seen, "epochs": summary.epochs,
+            "train": {"seconds": round(summary.seconds, 3), "eval_seconds": round(summary.eval_seconds, 3),
+                      "images_seen": summary.images_seen, "epochs": summary.epochs,
                       "best_epoch": summary.best_epoch, "trainable_params": trainable, "n": len(train),
                       "history": summary.history},
             "processes": accelerator.num_processes,
         }
-        if val is not None:
-            metrics["val"] = trainer.evaluate(val, data.classes)
-        if novel_session is not None:
-            metrics.update(base_novel_metrics(trainer, method, test, zeroshot_test, novel_session))
+        with clock.phase("final_eval"):
+            if val is not None:  # the best epoch's validation pass, when this process ran it (same weights)
+                metrics["val"] = trainer.validated.get(summary.best_epoch) or trainer.evaluate(val, data.classes)
+            if novel_session is not None:
+                metrics.update(base_novel_metrics(trainer, method, test, zeroshot_test, novel_session))
+        earlier_train, earlier_eval = trainer.earlier_seconds
+        metrics["time"] = clock.report(accelerator.device, train=summary.seconds - earlier_train,
+                                       eval=summary.eval_seconds - earlier_eval)
+        log.info(describe(metrics["time"]))
         if accelerator.is_main_process:
             save_predictions(run.root, "test", test_logits, test_inputs.labels)
             atomic_write_json(run.metrics, metrics)

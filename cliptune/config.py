@@ -61,7 +61,10 @@ class RunConfig:
     max_grad_norm: Optional[float] = None
     label_smoothing: float = 0.0
     mixed_precision: str = "no"
+    grad_checkpointing: bool = False  # recompute tower activations in the backward pass: less memory, one more forward per step
     seed: int = 0
+    # validation every N epochs (the last epoch always); None = auto, keeping evaluation under ~20% of training
+    eval_every: Optional[int] = None
     # base-to-novel protocol: train on the first half of the classes (by folder name), test on both halves
     base_novel: bool = False
     # augmentation (and how many augmented views to cache when the image tower is frozen)
@@ -70,7 +73,8 @@ class RunConfig:
     aug_crop_scale: List[float] = field(default_factory=lambda: [0.5, 1.0])
     aug_hflip: bool = True
     aug_color_jitter: float = 0.0
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # DataLoader workers; None = per device (0 on CPU, for exact resume)
+    image_cache: str = "auto"  # decoded-image cache: auto | memory | disk | off
     # continual learning (`cliptune continual`): task/control ImageFolders, optionally `DIR:class,class`
     tasks: List[str] = field(default_factory=list)
     controls: List[str] = field(default_factory=list)
@@ -107,7 +111,9 @@ CHOICES = {
     "strategy": ("naive", "lwf", "lwf-vr", "zscl", "wise"),
     "select": ("best-val", "last"),
     "wise_anchor": ("task-start", "initial"),
+    "image_cache": ("auto", "memory", "disk", "off"),
 }
+AT_LEAST = {"eval_every": 1, "num_workers": 0}
 
 
 def _method_registry():
@@ -160,6 +166,8 @@ def apply_values(config: RunConfig, values: Dict[str, Any], where: str = "", lin
             raise CliptuneError(f"{exc}{location}") from None
         if key in CHOICES and coerced not in CHOICES[key]:
             raise CliptuneError(f"'{key}' must be one of {', '.join(CHOICES[key])}, got {coerced!r}{location}")
+        if key in AT_LEAST and coerced is not None and coerced < AT_LEAST[key]:
+            raise CliptuneError(f"'{key}' must be at least {AT_LEAST[key]}, got {coerced!r}{location}")
         setattr(config, key, coerced)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -257,14 +258,26 @@ class ImageDataset(Dataset):
 _INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
 
 
+def eval_geometry(image_size, interpolation: str = "bicubic") -> list:
+    """The deterministic, pixel-space part of CLIP's evaluation preprocessing: resize the short side, centre crop."""
+    mode = _INTERPOLATION.get(interpolation, T.InterpolationMode.BICUBIC)
+    return [T.Resize(image_size[0], interpolation=mode), T.CenterCrop(image_size)]
+
+
 def eval_transform(image_size, mean, std, interpolation: str = "bicubic"):
     """CLIP's evaluation preprocessing: resize the short side, centre crop, normalise."""
-    mode = _INTERPOLATION.get(interpolation, T.InterpolationMode.BICUBIC)
-    return T.Compose([T.Resize(image_size[0], interpolation=mode), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([*eval_geometry(image_size, interpolation), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def augments(crop_scale=(0.5, 1.0), hflip=True, color_jitter=0.0) -> bool:
+    """False when every augmentation is off (crop scale [1, 1], no flip, no jitter): training then sees eval preprocessing."""
+    return tuple(crop_scale) != (1.0, 1.0) or bool(hflip) or bool(color_jitter)
 
 
 def train_transform(image_size, mean, std, crop_scale=(0.5, 1.0), hflip=True, color_jitter=0.0, interpolation="bicubic"):
-    """Random resized crop (+ optional flip / colour jitter), as in CoOp's training pipeline."""
+    """Random resized crop (+ optional flip / colour jitter), as in CoOp's training pipeline; eval's without augmentation."""
+    if not augments(crop_scale, hflip, color_jitter):
+        return eval_transform(image_size, mean, std, interpolation)
     mode = _INTERPOLATION.get(interpolation, T.InterpolationMode.BICUBIC)
     steps = [T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=mode)]
     if hflip:
@@ -277,3 +290,16 @@ def train_transform(image_size, mean, std, crop_scale=(0.5, 1.0), hflip=True, co
 
 def labels_tensor(split: Split) -> torch.Tensor:
     return torch.tensor(split.labels, dtype=torch.long)
+
+
+def loader_settings(num_workers: Optional[int], device: torch.device) -> Dict:
+    """DataLoader options per device: `num_workers` (None = 0 on CPU, where workers would only compete with the
+    compute threads and resume is exact without them; else up to 8 per process), persistent workers when
+    there are any, pinned memory on CUDA."""
+    if num_workers is None:
+        if device.type == "cpu":
+            num_workers = 0
+        else:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            num_workers = max(1, min(8, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+    return {"num_workers": num_workers, "persistent_workers": num_workers > 0, "pin_memory": device.type == "cuda"}

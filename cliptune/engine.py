@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from cliptune.config import RunConfig
-from cliptune.data import ImageDataset
+from cliptune.data import loader_settings
 from cliptune.errors import CliptuneError, InterruptedRun
 from cliptune.methods.base import Method
 from cliptune.metrics import classification_metrics
@@ -37,7 +37,7 @@ class Inputs:
 
     labels: torch.Tensor
     features: Optional[torch.Tensor] = None
-    images: Optional[ImageDataset] = None
+    images: Optional[Dataset] = None  # ImageDataset (files) or DecodedImages (the decoded-image cache)
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -50,6 +50,7 @@ class TrainSummary:
     epochs: int = 0
     best_epoch: Optional[int] = None
     history: List[Dict] = field(default_factory=list)
+    eval_seconds: float = 0.0  # validation passes between epochs
 
 
 def build_optimizer(config: RunConfig, parameters, lr: Optional[float] = None):
@@ -116,12 +117,47 @@ def training_length(config: RunConfig, train_size: int) -> tuple:
     return epochs, min(batches, last_updates * config.grad_accum), config.steps
 
 
+EVAL_SHARE = 0.2  # auto --eval-every keeps validation under about this share of training time
+
+
+def eval_interval(config: RunConfig, train: Inputs, val: Optional[Inputs]) -> int:
+    """Epochs between validation passes: `config.eval_every`, or the smallest N that keeps validation under ~20 %.
+
+    Cost model: on cached features a validation pass is one small matrix product, so every epoch. On
+    images a training image costs a forward and a backward (about 3 forwards) and a validation image one
+    forward, so validating every N epochs costs n_val / (3 * n_train * N) of training:
+    N = ceil(n_val / (3 * EVAL_SHARE * n_train)). The last epoch is always validated.
+    """
+    if config.eval_every is not None:
+        return config.eval_every
+    if val is None or val.features is not None or len(train) == 0:
+        return 1
+    return max(1, math.ceil(len(val) / (3 * EVAL_SHARE * len(train))))
+
+
+class _EpochBatches:
+    """A batch sampler whose batches are set per epoch, so one DataLoader (and its persistent workers) serves every epoch."""
+
+    def __init__(self):
+        self.batches: List[List[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class Trainer:
     def __init__(self, method: Method, config: RunConfig, run: Optional[RunFolder], accelerator):
         self.method = method
         self.config = config
         self.run = run
         self.accelerator = accelerator
+        self._loaders: Dict[int, tuple] = {}  # id(dataset) -> (dataset, DataLoader with persistent workers)
+        # validation metrics of the best epoch so far, by epoch: the final report reuses them instead of a second pass
+        self.validated: Dict[int, Dict] = {}
+        self.earlier_seconds = (0.0, 0.0)  # training / validation seconds spent before a resume
 
     # ----- batching -----
     def _epoch_batches(self, n: int, epoch: int) -> List[torch.Tensor]:
@@ -135,7 +171,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.seed * 7_919 + epoch)
         return torch.randint(inputs.features.shape[0], (len(inputs),), generator=generator)
 
-    def _local_batches(self, inputs: Inputs, batches: List[torch.Tensor], views: Optional[torch.Tensor]):
+    def _local_batches(self, inputs: Inputs, batches: List[torch.Tensor], views: Optional[torch.Tensor], epoch: int = 0):
         """Yield (x, y) for this process's slice of each global batch."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         local = [b[rank::world] for b in batches]
@@ -145,9 +181,33 @@ class Trainer:
                 x = inputs.features[views[index], index] if views is not None else inputs.features[index]
                 yield x.to(device), inputs.labels[index].to(device)
             return
-        loader = DataLoader(inputs.images, batch_sampler=[b.tolist() for b in local], num_workers=self.config.num_workers)
-        for x, y in loader:
-            yield x.to(device), y.to(device)
+        images = inputs.images
+        if not getattr(images, "random", True):  # decoded and deterministic: whole batches at once, no loader
+            for index in local:
+                yield images.batch(index).to(device), inputs.labels[index].to(device)
+            return
+        for x, y in self._loader(images, [b.tolist() for b in local], epoch):
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def _loader(self, images, batches: List[List[int]], epoch: int) -> DataLoader:
+        """The DataLoader of one epoch's batches, with the device's defaults (`loader_settings`).
+
+        Without workers (CPU default) a fresh loader per epoch with its own generator: starting it draws
+        nothing from the global RNG the augmentation uses, so a resumed epoch augments like the
+        uninterrupted one. With workers, one loader for the whole fit keeps them alive between epochs;
+        their augmentation is seeded once, so the run is reproducible but a mid-run resume is not bitwise.
+        """
+        settings = loader_settings(self.config.num_workers, self.accelerator.device)
+        if settings["num_workers"] == 0:
+            return DataLoader(images, batch_sampler=batches, generator=torch.Generator().manual_seed(self.config.seed * 1_009 + epoch),
+                              **settings)
+        if id(images) not in self._loaders or self._loaders[id(images)][0] is not images:
+            loader = DataLoader(images, batch_sampler=_EpochBatches(), generator=torch.Generator().manual_seed(self.config.seed * 1_009),
+                                **settings)
+            self._loaders[id(images)] = (images, loader)
+        loader = self._loaders[id(images)][1]
+        loader.batch_sampler.batches = batches
+        return loader
 
     # ----- evaluation -----
     @torch.no_grad()
@@ -159,8 +219,12 @@ class Trainer:
         if inputs.features is not None:
             features = inputs.features if inputs.features.dim() == 2 else inputs.features[0]
             chunks = (features[i : i + size] for i in range(0, len(features), size))
+        elif not getattr(inputs.images, "random", True):  # decoded and deterministic: slices, no loader
+            chunks = (inputs.images.batch(slice(i, i + size)) for i in range(0, len(inputs.images), size))
         else:
-            chunks = (x for x, _ in DataLoader(inputs.images, batch_size=size, num_workers=self.config.num_workers))
+            settings = loader_settings(self.config.num_workers, self.accelerator.device)
+            loader = DataLoader(inputs.images, batch_size=size, num_workers=settings["num_workers"], pin_memory=settings["pin_memory"])
+            chunks = (x for x, _ in loader)
         for x in chunks:
             with self.accelerator.autocast():
                 outputs.append(method(x.to(self.accelerator.device)).float().cpu())
@@ -210,16 +274,21 @@ class Trainer:
         scheduler = cosine_with_warmup(optimizer, config.warmup_steps, total_updates,
                                        constant_steps=constant_steps, constant_factor=config.warmup_lr / lr)
         self.model, optimizer = accelerator.prepare(self.method, optimizer)
+        every = eval_interval(config, train, val)
+        if val is not None and len(val) and every > 1:
+            log.info("validation every %d epochs and after the last (--eval-every)", every)
         summary = TrainSummary()
         start_epoch, start_step, best_top1 = 0, 0, -1.0
         rng_state, partial_loss = None, (0.0, 0)
         if resume and self.run is not None and (self.run.checkpoints / "last" / "state.pt").is_file():
             state = self._load_last(optimizer, scheduler)
             start_epoch, start_step, best_top1 = state["epoch"], state["step_in_epoch"], state["best_top1"]
-            summary = TrainSummary(state["seconds"], state["images_seen"], state["epoch"], state["best_epoch"], state["history"])
+            summary = TrainSummary(state["seconds"], state["images_seen"], state["epoch"], state["best_epoch"], state["history"],
+                                   eval_seconds=state.get("eval_seconds", 0.0))
             rng_state = state["rng"]
             partial_loss = tuple(state.get("partial_loss", (0.0, 0)))
             log.info("resuming at epoch %d step %d", start_epoch + 1, start_step)
+        self.earlier_seconds = (summary.seconds, summary.eval_seconds)  # spent before a resume (for this process's timings)
 
         for epoch in range(start_epoch, epochs):
             resuming_mid_epoch = epoch == start_epoch and start_step > 0
@@ -240,7 +309,7 @@ class Trainer:
             bar = progress_bar(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}/{epochs}",
                                main_process=accelerator.is_local_main_process, leave=False)
             try:
-                stream = self._local_batches(train, batches[first_step:], views)
+                stream = self._local_batches(train, batches[first_step:], views, epoch)
                 for step, (x, y) in enumerate(stream, start=first_step):
                     if train.images is not None and self.method.uses_image_features:
                         x = self._frozen_image_features(x)  # --aug-per-step: re-augmented images, frozen tower
@@ -289,10 +358,17 @@ class Trainer:
             record = {"epoch": epoch + 1, "loss": float(totals[0] / totals[1].clamp(min=1))}
             improved = True
             if val is not None and len(val):
-                record["val_top1"] = self.evaluate(val, classes)["top1"]
-                if config.select == "best-val":
-                    improved = record["val_top1"] > best_top1
-                best_top1 = max(best_top1, record["val_top1"])
+                improved = config.select == "last"  # best-val: the best is chosen among validated epochs
+                if (epoch + 1) % every == 0 or epoch + 1 == epochs:
+                    evaluating = time.perf_counter()
+                    result = self.evaluate(val, classes)
+                    summary.eval_seconds += time.perf_counter() - evaluating
+                    record["val_top1"] = result["top1"]
+                    if config.select == "best-val":
+                        improved = record["val_top1"] > best_top1
+                    best_top1 = max(best_top1, record["val_top1"])
+                    if improved:
+                        self.validated = {epoch + 1: result}
             if improved:
                 summary.best_epoch = epoch + 1
                 self.save_best()
@@ -312,6 +388,7 @@ class Trainer:
         final = method.final_state(val)
         if final is not None:
             method.load_learned_state_dict(final)
+            self.validated = {}  # validation results of the selected epoch no longer describe the method
         if final is not None or not trained:
             self.save_best()
         return summary
@@ -328,6 +405,7 @@ class Trainer:
             "best_top1": best_top1,
             "best_epoch": summary.best_epoch,
             "seconds": summary.seconds,
+            "eval_seconds": summary.eval_seconds,
             "images_seen": summary.images_seen,
             "history": json.loads(json.dumps(summary.history)),
             "optimizer": optimizer.state_dict(),

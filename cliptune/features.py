@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from cliptune.data import ImageDataset, Split
 from cliptune.models import LoadedModel
@@ -25,8 +25,13 @@ _MEMORY: Dict[str, torch.Tensor] = {}
 
 
 def cache_key(model: LoadedModel, split: Split, transform, views: int, seed: int, precision: str) -> str:
+    return split_key([model.spec.fingerprint(), repr(transform), str(views), str(seed), precision], split)
+
+
+def split_key(parts: Sequence[str], split: Split) -> str:
+    """Cache key of what was computed from `split`'s files: the identity `parts`, then each file's path, label, size and mtime."""
     digest = hashlib.sha256()
-    for part in (model.spec.fingerprint(), repr(transform), str(views), str(seed), precision):
+    for part in parts:
         digest.update(part.encode())
         digest.update(b"\0")
     for path, label in zip(split.files, split.labels):
@@ -36,8 +41,8 @@ def cache_key(model: LoadedModel, split: Split, transform, views: int, seed: int
 
 
 @torch.no_grad()
-def _encode(model: LoadedModel, split: Split, transform, batch_size: int, num_workers: int, accelerator, desc: str) -> torch.Tensor:
-    loader = DataLoader(ImageDataset(split, transform), batch_size=batch_size, num_workers=num_workers)
+def _encode(model: LoadedModel, images: Dataset, batch_size: int, num_workers: int, accelerator, desc: str) -> torch.Tensor:
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
     chunks = []
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     main_process = accelerator is None or accelerator.is_local_main_process
@@ -59,8 +64,13 @@ def image_features(
     num_workers: int = 0,
     accelerator=None,
     desc: str = "features",
+    images: Optional[Dataset] = None,
 ) -> torch.Tensor:
-    """(N, D) features, or (views, N, D) when `views > 0` (each view seeded: same views every time)."""
+    """(N, D) features, or (views, N, D) when `views > 0` (each view seeded: same views every time).
+
+    `images`: the split's images already decoded and transformed as `transform` would (the decoded-image
+    cache); by default each file is decoded here.
+    """
     precision = accelerator.mixed_precision if accelerator is not None else "no"
     key = cache_key(model, split, transform, views, seed, precision)
     if key in _MEMORY:
@@ -74,14 +84,15 @@ def image_features(
 
         features = load_file(str(path))["features"]
     else:
+        images = images if images is not None else ImageDataset(split, transform)
         if views > 0:
             stacked = []
             for view in range(views):
                 torch.manual_seed(seed * 1000 + view + 1)
-                stacked.append(_encode(model, split, transform, batch_size, num_workers, accelerator, f"{desc} view {view + 1}/{views}"))
+                stacked.append(_encode(model, images, batch_size, num_workers, accelerator, f"{desc} view {view + 1}/{views}"))
             features = torch.stack(stacked)
         else:
-            features = _encode(model, split, transform, batch_size, num_workers, accelerator, desc)
+            features = _encode(model, images, batch_size, num_workers, accelerator, desc)
         if path is not None:
             from cliptune.runfolder import atomic_save_safetensors
 

@@ -34,6 +34,11 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Create `path` by `write(temporary path)` then a rename, so it is either absent or complete."""
+    _atomic(path, write)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     _atomic(path, lambda tmp: tmp.write_text(text))
 

@@ -6,7 +6,8 @@ has no import cycles (tests/test_imports.py walks them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -14,10 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from cliptune.config import RunConfig, load_config
-from cliptune.data import ImageDataset, ImageFolderData, eval_transform, labels_tensor, load_imagefolder, train_transform
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from cliptune.data import (ImageDataset, ImageFolderData, augments, eval_geometry, eval_transform, labels_tensor, load_imagefolder,
+                           loader_settings, train_transform)
 from cliptune.engine import Inputs, load_method_state
 from cliptune.errors import CliptuneError
-from cliptune.features import image_features
+from cliptune.features import image_features, split_key
+from cliptune.imagecache import DecodedImages, decode_split, train_size
 from cliptune.methods import build_method
 from cliptune.methods.base import Method
 from cliptune.metrics import classification_metrics
@@ -29,7 +35,10 @@ from cliptune.zeroshot import zeroshot_weights
 
 def model_from_config(config: RunConfig, device: str | torch.device = "cpu") -> LoadedModel:
     """The base model a run config names (what every command that rebuilds a run starts from)."""
-    return load_model(config.model, config.pretrained, config.model_config, device=device, seed=config.seed)
+    model = load_model(config.model, config.pretrained, config.model_config, device=device, seed=config.seed)
+    if config.grad_checkpointing:  # only acts while gradients flow, so evaluation-only commands are unaffected
+        model.clip.set_grad_checkpointing(True)
+    return model
 
 
 def make_accelerator(mixed_precision: str = "no"):
@@ -57,6 +66,12 @@ class Session:
     templates: list
     accelerator: object
     cache_dir: Optional[Path]
+    # decoded-image caches by the key of their files and size (shared with base/novel halves of the session)
+    decoded: Dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
+    # seconds spent decoding into those caches (a shared dict, so the halves add to one figure)
+    stats: Dict[str, float] = field(default_factory=lambda: {"decode": 0.0})
+    # image-tower methods: encode (zero-shot) features from the decoded-image cache that training and evaluation use
+    images_for_features: bool = False
 
     @classmethod
     def open(cls, config: RunConfig, accelerator, cache_dir: Optional[Path] = None, data_dir: Optional[str] = None) -> "Session":
@@ -81,21 +96,43 @@ class Session:
         c, m = self.config, self.model
         return train_transform(m.image_size, m.mean, m.std, c.aug_crop_scale, c.aug_hflip, c.aug_color_jitter, m.interpolation)
 
+    @property
+    def num_workers(self) -> int:
+        return loader_settings(self.config.num_workers, self.accelerator.device)["num_workers"]
+
     def features(self, split: str, augmented: bool = False) -> torch.Tensor:
         c = self.config
         views = c.aug_views if augmented else 0
         transform = self.train_transform if views > 0 else self.eval_transform
         return image_features(
             self.model, self.data.split(split), transform, views=views, seed=c.seed, cache_dir=self.cache_dir,
-            batch_size=c.eval_batch_size, num_workers=c.num_workers, accelerator=self.accelerator, desc=f"{split} features",
+            batch_size=c.eval_batch_size, num_workers=self.num_workers, accelerator=self.accelerator, desc=f"{split} features",
+            images=self.images(split) if views == 0 and self.images_for_features and c.image_cache != "off" else None,
         )
+
+    def images(self, split: str, train: bool = False) -> Dataset:
+        """The split's images as the image tower takes them: through the decoded-image cache, or decoded at use (`off`)."""
+        c, m = self.config, self.model
+        files = self.data.split(split)
+        augmenting = train and augments(c.aug_crop_scale, c.aug_hflip, c.aug_color_jitter)
+        if c.image_cache != "off":
+            size = train_size(m.image_size, files) if augmenting else tuple(m.image_size)
+            geometry = T.Compose(eval_geometry(size, m.interpolation))
+            key = split_key([repr(geometry)], files)
+            if key not in self.decoded:
+                began = time.perf_counter()
+                self.decoded[key] = decode_split(files, geometry, size, [repr(geometry)], mode=c.image_cache, cache_dir=self.cache_dir,
+                                                 num_workers=self.num_workers, accelerator=self.accelerator, desc=f"decoding {split}")
+                self.stats["decode"] += time.perf_counter() - began
+            if self.decoded[key] is not None:
+                return DecodedImages(self.decoded[key], files.labels, m.mean, m.std, self.train_transform if augmenting else None)
+        return ImageDataset(files, self.train_transform if train else self.eval_transform)
 
     def inputs(self, split: str, use_features: bool, train: bool = False) -> Inputs:
         labels = labels_tensor(self.data.split(split))
         if use_features and not (train and self.config.aug_per_step):
             return Inputs(labels=labels, features=self.features(split, augmented=train))
-        transform = self.train_transform if train else self.eval_transform
-        return Inputs(labels=labels, images=ImageDataset(self.data.split(split), transform))
+        return Inputs(labels=labels, images=self.images(split, train))
 
     def zeroshot_logits(self, split: str) -> torch.Tensor:
         weights = zeroshot_weights(self.model.text, self.data.classnames, self.templates)

@@ -23,6 +23,16 @@ from cliptune.errors import CliptuneError
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
+def run_block(owner: nn.Module, block: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """`block(x, **kwargs)`, recomputed in the backward pass when `owner` has gradient checkpointing on
+    (`--grad-checkpointing`: open_clip's `set_grad_checkpointing`), as open_clip's own block loops do."""
+    if getattr(owner, "grad_checkpointing", False) and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(block, x, use_reentrant=False, **kwargs)
+    return block(x, **kwargs)
+
+
 class TextTower:
     """open_clip's native text transformer, whether it lives on `CLIP` itself or on `CustomTextCLIP.text`."""
 
@@ -98,7 +108,7 @@ class TextTower:
         for index, block in enumerate(transformer.resblocks):
             if layer_hook is not None:  # hooks always see (batch, tokens, width)
                 x = layer_hook(index, x) if transformer.batch_first else layer_hook(index, x.transpose(0, 1)).transpose(0, 1)
-            x = block(x, attn_mask=attn_mask)
+            x = run_block(transformer, block, x, attn_mask=attn_mask)
         if not transformer.batch_first:
             x = x.transpose(0, 1)
         x = owner.ln_final(x)
@@ -304,7 +314,7 @@ class ImageTower:
             trunk = visual.trunk
             tokens = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(images))))
             head = lambda x: visual.head(trunk.forward_head(trunk.norm(x)))  # noqa: E731 - TimmModel.forward's tail
-            return tokens, trunk.norm_pre, lambda block, x: block(x), head
+            return tokens, trunk.norm_pre, lambda block, x: run_block(trunk, block, x), head
         if not isinstance(visual, VisionTransformer):
             raise CliptuneError(
                 f"image tower {type(visual).__name__} does not take visual prompts (needs a ViT: open_clip's or timm's)"
@@ -312,7 +322,9 @@ class ImageTower:
         batch_first = visual.transformer.batch_first
 
         def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            return block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+            if batch_first:
+                return run_block(visual.transformer, block, x)
+            return run_block(visual.transformer, block, x.transpose(0, 1)).transpose(0, 1)
 
         def head(x: torch.Tensor) -> torch.Tensor:
             pooled, _ = visual._pool(x)
