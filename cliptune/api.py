@@ -55,9 +55,9 @@ def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite:
 def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False) -> Dict:
     """Train `config.method`, select the best epoch on val, evaluate on test; returns metrics.json's content."""
     run = RunFolder(out)
+    run.check_reusable(overwrite=overwrite, resume=resume)
     if resume:
         config = load_config(run.config)
-    run.check_reusable(overwrite=overwrite, resume=resume)
     accelerator = make_accelerator(config.mixed_precision)
     # bad data, model or method options fail here, before the run folder is touched
     session = Session.open(config, accelerator)

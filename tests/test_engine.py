@@ -16,7 +16,6 @@ from cliptune import session as session_lib
 from cliptune.config import build_config
 from cliptune.data import eval_transform, load_imagefolder
 from cliptune.engine import Trainer
-from cliptune.errors import InterruptedRun
 from cliptune.features import image_features
 from cliptune.methods import build_method
 from cliptune.models import load_model
@@ -100,33 +99,6 @@ def test_aug_views_are_cached_once_and_drawn_per_epoch(tiny_config, colour_data,
     trainer = Trainer(None, config, None, session.accelerator)
     inputs = session.inputs("train", True, train=True)
     assert not torch.equal(trainer._view_choice(inputs, 0), trainer._view_choice(inputs, 1))
-
-
-def test_resume_after_interrupt_gives_the_same_result(tiny_config, colour_data, tmp_path, monkeypatch):
-    config = _config(colour_data, tiny_config, epochs=4, batch_size=4, aug_views=2)
-    reference = api.finetune(config, tmp_path / "straight")
-
-    original = Trainer._local_batches
-    state = {"count": 0}
-
-    def interrupting(self, *args):
-        for item in original(self, *args):
-            state["count"] += 1
-            if state["count"] == 9:  # in the second epoch (6 steps per epoch)
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(Trainer, "_local_batches", interrupting)
-    with pytest.raises(InterruptedRun):
-        api.finetune(config, tmp_path / "interrupted")
-    assert not (tmp_path / "interrupted" / "metrics.json").exists()
-    monkeypatch.setattr(Trainer, "_local_batches", original)
-    resumed = api.finetune(None, tmp_path / "interrupted", resume=True)
-    assert resumed["test"] == reference["test"]
-    assert [round(h["loss"], 6) for h in resumed["train"]["history"]] == [round(h["loss"], 6) for h in reference["train"]["history"]]
-    a = load_file(str(tmp_path / "straight/checkpoints/best/method.safetensors"))
-    b = load_file(str(tmp_path / "interrupted/checkpoints/best/method.safetensors"))
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 def test_bf16_mixed_precision_runs_on_cpu(tiny_config, colour_data, tmp_path):
