@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
-from cliptune.config import RunConfig, load_config, save_config
+from cliptune.config import RunConfig, check_config, load_config, save_config
 from cliptune.engine import Trainer, load_method_state
 from cliptune.errors import CliptuneError
 from cliptune.methods import build_method
@@ -32,6 +32,7 @@ def _line(name: str, metrics: Dict) -> str:
 
 def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite: bool = False) -> Dict:
     """Zero-shot classifier from averaged templates; writes RUN/config.yaml, log.txt and metrics.json."""
+    check_config(config)
     run = RunFolder(out)
     run.check_reusable(overwrite=overwrite)
     accelerator = make_accelerator(config.mixed_precision)
@@ -58,6 +59,7 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
     run.check_reusable(overwrite=overwrite, resume=resume)
     if resume:
         config = load_config(run.config)
+    check_config(config)
     accelerator = make_accelerator(config.mixed_precision)
     # bad data, model or method options fail here, before the run folder is touched
     session = Session.open(config, accelerator)

@@ -33,7 +33,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cliptune.config import RunConfig, load_config, save_config
+from cliptune.config import RunConfig, check_config, load_config, parse_dataset_spec, save_config
 from cliptune.data import IMAGE_EXTENSIONS, ImageFolderData, eval_transform, load_imagefolder
 from cliptune.engine import Trainer, load_method_state
 from cliptune.errors import CliptuneError
@@ -98,14 +98,6 @@ def mtil_metrics(acc: Sequence[Sequence[float]]) -> Dict[str, float]:
 
 
 # ----- data -----
-def parse_dataset_spec(spec: str) -> tuple[str, Optional[List[str]]]:
-    """`DIR` or `DIR:class,class` (a subset of the class folders)."""
-    if Path(spec).exists() or ":" not in spec:
-        return spec, None
-    root, _, classes = spec.rpartition(":")
-    return root, [c for c in classes.split(",") if c]
-
-
 def load_task(spec: str, config: RunConfig, shots: Optional[int]) -> tuple[str, ImageFolderData]:
     root, classes = parse_dataset_spec(spec)
     data = load_imagefolder(root, config.val_fraction, config.test_fraction, config.seed, shots, None, config.strict)
@@ -339,6 +331,7 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
     run = RunFolder(out)
     if resume:
         config = load_config(run.config)
+    check_config(config)
     if not config.tasks:
         raise CliptuneError("no tasks given: pass --task DIR (one per task, in order) or a recipe with 'tasks:'")
     if config.strategy not in STRATEGIES:
