@@ -1,4 +1,8 @@
-"""The `cliptune` command line: parses options and calls the library (cliptune.api)."""
+"""The `cliptune` command line: parses options and calls the library (cliptune.api).
+
+torch, open_clip and accelerate are imported inside the commands that use them, so `--help`, `recipes`
+and option errors answer at once.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,9 @@ import sys
 
 import click
 
-from cliptune import api, progress
+from cliptune import progress
 from cliptune.config import build_config
 from cliptune.errors import CliptuneError
-from cliptune.export import FORMATS, export_run
 
 log = logging.getLogger("cliptune")
 
@@ -174,6 +177,8 @@ def _split_method_values(options: dict) -> tuple[dict, dict]:
 @click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
 def zeroshot(split, recipe, set_values, out, overwrite, **options):
     """Zero-shot classification with averaged prompt templates."""
+    from cliptune import api
+
     config = build_config(recipe, _cli_values(**options), list(set_values))
     metrics = api.zeroshot(config, out, split=split, overwrite=overwrite)
     result = metrics[split]
@@ -189,6 +194,8 @@ def zeroshot(split, recipe, set_values, out, overwrite, **options):
 @method_flags
 def finetune(recipe, set_values, out, resume, overwrite, **options):
     """Adapt the model with a method, then evaluate on the test split."""
+    from cliptune import api
+
     options, method_values = _split_method_values(options)
     config = None if resume else build_config(recipe, _cli_values(**options), list(set_values), method_values)
     metrics = api.finetune(config, out, overwrite=overwrite, resume=resume)
@@ -210,6 +217,8 @@ def finetune(recipe, set_values, out, resume, overwrite, **options):
 @click.option("--adapter", type=click.Path(), help="Evaluate an adapter folder from `cliptune export --format adapter` instead of the run's best weights.")
 def eval_command(run, data, split, classnames, as_json, adapter):
     """Evaluate a finished run's best weights (also on a dataset with other classes)."""
+    from cliptune import api
+
     report = api.evaluate_run(run, data, split, classnames, adapter=adapter)
     result = report[split]
     if as_json:
@@ -234,13 +243,15 @@ def wise(run, data, alphas):
 
 @cli.command("export")
 @click.argument("run", type=click.Path())
-@click.option("--format", "fmt", required=True, type=click.Choice(FORMATS),
+@click.option("--format", "fmt", required=True,
               help="merged: whole open_clip model with the method merged (.safetensors); adapter: peft adapter folder.")
 @click.option("--output", required=True, type=click.Path(), help="File (merged) or folder (adapter) to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
 @click.option("--wise-alpha", type=float, help="merged only: write the WiSE-FT mixture (1-A)*zero-shot + A*fine-tuned.")
 def export_command(run, fmt, output, overwrite, wise_alpha):
     """Export a finished run's best weights for use outside cliptune."""
+    from cliptune.export import export_run
+
     path = export_run(run, fmt, output, overwrite=overwrite, wise_alpha=wise_alpha)
     click.echo(f"wrote {fmt} export to {path}")
 
@@ -308,6 +319,8 @@ def recipes_show(name):
 @cli.command()
 def info():
     """Versions, devices and accelerate state."""
+    from cliptune import api
+
     click.echo(json.dumps(api.environment_info(), indent=2))
 
 

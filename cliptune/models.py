@@ -14,6 +14,7 @@ import os
 import tempfile
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -196,6 +197,58 @@ def _checkpoint_mismatch(name: str, path: str) -> str:
     return "; ".join(parts) or "the weights do not load"
 
 
+HUB_PROBE_SECONDS = 5.0
+
+
+@contextmanager
+def _hub_offline():
+    """huggingface_hub in offline mode: files come from the local cache or not at all, without network."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _probe_hub() -> None:
+    """One request to the hub without retries; ConnectionError when it does not answer within seconds."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+    except Exception as exc:  # noqa: BLE001 - any failure to get an answer means unreachable
+        raise ConnectionError(f"{constants.ENDPOINT} did not answer: {exc}") from None
+
+
+def _create_clip(name: str, pretrained: Optional[str], device) -> nn.Module:
+    """open_clip's model. Hub weights come from the local cache first; the hub itself is asked only after a
+    quick probe answers, so an unreachable hub fails in seconds instead of after huggingface_hub's retries."""
+
+    def create() -> nn.Module:
+        return open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, weights_only=True,
+            pretrained_text=False,  # a Hugging Face text tower is random or loaded with the checkpoint, never downloaded
+        )[0]
+
+    from huggingface_hub import constants
+
+    downloads = name.startswith("hf-hub:") or (pretrained is not None and not Path(pretrained).is_file())
+    if not downloads or constants.HF_HUB_OFFLINE:
+        return create()
+    try:
+        with _hub_offline():
+            return create()
+    except Exception as exc:  # noqa: BLE001 - anything but a cache miss is the caller's to explain
+        if not _is_download_error(exc):
+            raise
+    _probe_hub()
+    return create()
+
+
 def _is_download_error(exc: BaseException) -> bool:
     """True for the errors huggingface_hub/requests/httpx raise when a download cannot happen."""
     while exc is not None:
@@ -234,10 +287,7 @@ def load_model(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            clip, _, _ = open_clip.create_model_and_transforms(
-                name, pretrained=None if random_init else pretrained, device=device, weights_only=True,
-                pretrained_text=False,  # a Hugging Face text tower is random or loaded with the checkpoint, never downloaded
-            )
+            clip = _create_clip(name, None if random_init else pretrained, device)
     except (RuntimeError, AssertionError) as exc:
         # a state dict of another architecture: open_clip's resizing asserts, or load_state_dict refuses it
         mismatch = isinstance(exc, AssertionError) or any(
