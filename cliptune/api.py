@@ -16,6 +16,7 @@ from cliptune.config import RunConfig, check_config, load_config, save_config
 from cliptune.engine import Trainer, load_method_state
 from cliptune.errors import CliptuneError
 from cliptune.methods import build_method
+from cliptune.progress import RESULT
 from cliptune.runfolder import RunFolder, atomic_write_json, read_json
 from cliptune.session import Session, make_accelerator
 
@@ -45,7 +46,7 @@ def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite:
         metrics = {"method": "zeroshot", **_model_fields(config), "classes": session.data.classes,
                    "classnames": session.data.classnames, "split": split, "templates": session.templates}
         metrics[split] = session.zeroshot_metrics(split)
-        log.info(_line(f"zero-shot {split}", metrics[split]))
+        log.info(_line(f"zero-shot {split}", metrics[split]), extra=RESULT)
         atomic_write_json(run.metrics, metrics)
         return metrics
     finally:
@@ -82,7 +83,7 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
         if accelerator.is_main_process and not resume:
             save_config(config, run.config)
         zeroshot_test = session.zeroshot_metrics("test")
-        log.info(_line("zero-shot test", zeroshot_test))
+        log.info(_line("zero-shot test", zeroshot_test), extra=RESULT)
         use_features = method.uses_image_features
         train = session.inputs("train", use_features, train=True)
         val = session.inputs("val", use_features) if len(data.splits["val"]) else None
@@ -94,7 +95,7 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
         method = accelerator.unwrap_model(trainer.model)
         load_method_state(method, run.checkpoints / "best")
         test = trainer.evaluate(session.inputs("test", use_features), data.classes)
-        log.info(_line(f"{config.method} test", test))
+        log.info(_line(f"{config.method} test", test), extra=RESULT)
         metrics = {
             "method": config.method, **_model_fields(config), "classes": data.classes, "classnames": data.classnames,
             "test": test, "zeroshot": zeroshot_test,
@@ -138,9 +139,10 @@ def base_novel_metrics(trainer: Trainer, method, base: Dict, zeroshot_base: Dict
     metrics = {"novel_classes": novel.data.classes, "base": base, "novel": result, "hm": harmonic_mean(base["top1"], result["top1"]),
                "zeroshot_base": zeroshot_base, "zeroshot_novel": zeroshot_novel,
                "zeroshot_hm": harmonic_mean(zeroshot_base["top1"], zeroshot_novel["top1"])}
-    log.info(_line("zero-shot novel", zeroshot_novel))
-    log.info(_line(f"{method.name} novel", result))
-    log.info("harmonic mean of base and novel top-1: %.2f%% (zero-shot %.2f%%)", 100 * metrics["hm"], 100 * metrics["zeroshot_hm"])
+    log.info(_line("zero-shot novel", zeroshot_novel), extra=RESULT)
+    log.info(_line(f"{method.name} novel", result), extra=RESULT)
+    log.info("harmonic mean of base and novel top-1: %.2f%% (zero-shot %.2f%%)", 100 * metrics["hm"], 100 * metrics["zeroshot_hm"],
+             extra=RESULT)
     return metrics
 
 
@@ -179,7 +181,7 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
               "classes": data.classes, split: result}
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", data.root.name or "data")
     atomic_write_json(run.root / "eval" / f"{name}-{split}.json", report)
-    log.info(_line(f"{config.method} {split} on {data.root}", result))
+    log.info(_line(f"{config.method} {split} on {data.root}", result), extra=RESULT)
     return report
 
 

@@ -39,6 +39,7 @@ from cliptune.engine import Trainer, load_method_state
 from cliptune.errors import CliptuneError
 from cliptune.methods import build_method, methods_exporting
 from cliptune.models import LoadedModel
+from cliptune.progress import RESULT
 from cliptune.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json
 from cliptune.session import Session, make_accelerator, model_from_config
 from cliptune.templates import load_templates
@@ -413,7 +414,8 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
             _plot(run.root / "continual.png", progress["acc"], names, f"{config.strategy} ({config.method})")
             atomic_write_json(run.root / "continual.json", result)
             atomic_write_json(run.metrics, result)
-        log.info("transfer %.2f%%  avg %.2f%%  last %.2f%%", 100 * result["transfer"], 100 * result["avg"], 100 * result["last"])
+        log.info("transfer %.2f%%  avg %.2f%%  last %.2f%%", 100 * result["transfer"], 100 * result["avg"], 100 * result["last"],
+                 extra=RESULT)
         return result
     finally:
         if handler is not None:

@@ -20,6 +20,7 @@ from cliptune.engine import Trainer
 from cliptune.errors import CliptuneError
 from cliptune.methods import build_method, methods_exporting
 from cliptune.methods.full import FullFineTune
+from cliptune.progress import RESULT
 from cliptune.runfolder import RunFolder, atomic_write_json, read_json
 from cliptune.session import Session, load_run_method, make_accelerator, model_from_config
 
@@ -108,7 +109,7 @@ def wise_sweep(run_dir: str | Path, data_dir: Optional[str] = None, alphas: Sequ
         for name, inputs in splits.items():
             result[f"{name}_top1"].append(trainer.evaluate(inputs, data.classes)["top1"])
         log.info("WiSE-FT alpha %.2f: val top-1 %.2f%%  test top-1 %.2f%%", alpha,
-                 100 * result["val_top1"][-1], 100 * result["test_top1"][-1])
+                 100 * result["val_top1"][-1], 100 * result["test_top1"][-1], extra=RESULT)
     best = max(range(len(alphas)), key=lambda i: (result["val_top1"][i], -i))  # ties: the first listed
     result["best_alpha"] = alphas[best]
     atomic_write_json(run.root / "wise.json", result)

@@ -1,15 +1,10 @@
-"""The shared training loop: equivalences, determinism, resume, augmentation caching, torchrun."""
+"""The shared training loop: equivalences, determinism, augmentation caching (resume: test_resume.py, torchrun: test_distributed.py)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from cliptune import api
 from cliptune import session as session_lib
@@ -104,26 +99,3 @@ def test_aug_views_are_cached_once_and_drawn_per_epoch(tiny_config, colour_data,
 def test_bf16_mixed_precision_runs_on_cpu(tiny_config, colour_data, tmp_path):
     metrics = api.finetune(_config(colour_data, tiny_config, mixed_precision="bf16", epochs=2), tmp_path / "bf16")
     assert 0 <= metrics["test"]["top1"] <= 1
-
-
-def test_torchrun_two_processes_match_one(tiny_config, colour_data, tmp_path):
-    args = ["finetune", "--data", str(colour_data), "--model-config", tiny_config, "--epochs", "3",
-            "--lr", "0.05", "--batch-size", "8", "--quiet"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "cliptune", "--quiet",
-                          *args[:-1], "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    one = subprocess.run([sys.executable, "-m", "cliptune", "--quiet", *args[:-1], "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    m2 = json.loads((tmp_path / "two/metrics.json").read_text())
-    m1 = json.loads((tmp_path / "one/metrics.json").read_text())
-    assert (m2["processes"], m1["processes"]) == (2, 1)
-    assert m2["test"]["top1"] == m1["test"]["top1"] and m2["test"]["per_class"] == m1["test"]["per_class"]
-    assert m2["test"]["nll"] == pytest.approx(m1["test"]["nll"], abs=1e-5)
-    for h2, h1 in zip(m2["train"]["history"], m1["train"]["history"]):
-        assert h2["loss"] == pytest.approx(h1["loss"], abs=1e-5)
-    w2 = load_file(str(tmp_path / "two/checkpoints/best/method.safetensors"))
-    w1 = load_file(str(tmp_path / "one/checkpoints/best/method.safetensors"))
-    assert all(torch.allclose(w2[k], w1[k], atol=1e-5) for k in w1)
