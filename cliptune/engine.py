@@ -241,15 +241,17 @@ class Trainer:
                                main_process=accelerator.is_local_main_process, leave=False)
             stream = self._local_batches(train, batches[first_step:], views)
             for step, (x, y) in enumerate(stream, start=first_step):
-                group_size = min(config.grad_accum, len(batches) - (step - step % config.grad_accum))
+                group = batches[step - step % config.grad_accum : step - step % config.grad_accum + config.grad_accum]
                 sync = (step + 1) % config.grad_accum == 0 or step == len(batches) - 1
                 global_n = len(batches[step])
+                # each image weighs 1/(images in the accumulation group): k micro-batches = one k-times batch
+                group_n = sum(len(b) for b in group)
                 with (accelerator.no_sync(self.model) if not sync else nullcontext()):
                     with accelerator.autocast():
                         logits = self.model(x)
                         if len(y):
                             loss = self._unwrapped().loss(logits, y, config.label_smoothing)
-                            scaled = loss * (len(y) / global_n) * accelerator.num_processes / group_size
+                            scaled = loss * (len(y) / group_n) * accelerator.num_processes
                         else:  # an empty slice of a tiny last batch still joins the all-reduce
                             loss, scaled = logits.sum() * 0, logits.sum() * 0
                     accelerator.backward(scaled)
