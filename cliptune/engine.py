@@ -241,11 +241,11 @@ class Trainer:
                                main_process=accelerator.is_local_main_process, leave=False)
             stream = self._local_batches(train, batches[first_step:], views)
             for step, (x, y) in enumerate(stream, start=first_step):
-                group = batches[step - step % config.grad_accum : step - step % config.grad_accum + config.grad_accum]
                 sync = (step + 1) % config.grad_accum == 0 or step == len(batches) - 1
                 global_n = len(batches[step])
-                # each image weighs 1/(images in the accumulation group): k micro-batches = one k-times batch
-                group_n = sum(len(b) for b in group)
+                # each image weighs 1/(images in its accumulation group): k micro-batches = one k-times batch
+                group_start = step - step % config.grad_accum
+                group_n = sum(len(b) for b in batches[group_start : group_start + config.grad_accum])
                 with (accelerator.no_sync(self.model) if not sync else nullcontext()):
                     with accelerator.autocast():
                         logits = self.model(x)
