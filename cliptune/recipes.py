@@ -1,4 +1,4 @@
-"""Recipes: complete, documented starting points (YAML) — listing, showing and validating them."""
+"""Recipes: complete, documented starting points (YAML) — listing and showing them (runs validate them)."""
 
 from __future__ import annotations
 
