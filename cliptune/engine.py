@@ -150,7 +150,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.seed * 7_919 + epoch)
         return torch.randint(inputs.features.shape[0], (len(inputs),), generator=generator)
 
-    def _local_batches(self, inputs: Inputs, batches: List[torch.Tensor], views: Optional[torch.Tensor], epoch: int):
+    def _local_batches(self, inputs: Inputs, batches: List[torch.Tensor], views: Optional[torch.Tensor], mid_epoch: bool):
         """Yield (x, y) for this process's slice of each global batch."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         local = [b[rank::world] for b in batches]
@@ -160,12 +160,12 @@ class Trainer:
                 x = inputs.features[views[index], index] if views is not None else inputs.features[index]
                 yield x.to(device), inputs.labels[index].to(device)
             return
-        # a generator of its own (it seeds the workers): starting the loader must not draw from the global RNG
-        # that augmentation and dropout use, or a run resumed mid-epoch would draw other numbers than the
-        # uninterrupted one from then on
-        workers_seed = torch.Generator().manual_seed(self.config.seed * 1_009 + epoch)
+        # A starting loader draws its workers' seed from the global RNG that augmentation and dropout use. An
+        # epoch resumed mid-way drew it before its checkpoint's RNG state, so it must not draw it again (or
+        # every later number would shift): it gets a generator of its own.
+        own = torch.Generator().manual_seed(self.config.seed) if mid_epoch else None
         loader = DataLoader(inputs.images, batch_sampler=[b.tolist() for b in local], num_workers=self.config.num_workers,
-                            generator=workers_seed)
+                            generator=own)
         for x, y in loader:
             yield x.to(device), y.to(device)
 
@@ -244,7 +244,7 @@ class Trainer:
             loss_sum, seen = (partial_loss if resuming_mid_epoch else (0.0, 0))
             bar = progress_bar(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}/{config.epochs}",
                                main_process=accelerator.is_local_main_process, leave=False)
-            stream = self._local_batches(train, batches[first_step:], views, epoch)
+            stream = self._local_batches(train, batches[first_step:], views, resuming_mid_epoch)
             for step, (x, y) in enumerate(stream, start=first_step):
                 sync = (step + 1) % config.grad_accum == 0 or step == len(batches) - 1
                 global_n = len(batches[step])
