@@ -104,6 +104,25 @@ def test_ctrl_c_inside_an_optimizer_step_resumes_bitwise(name, tiny_config, colo
     _assert_same_run(resumed, out, reference, reference_dir)
 
 
+def test_ctrl_c_during_validation_stops_after_the_epoch_checkpoint(tiny_config, colour_data, tmp_path, tmp_path_factory, monkeypatch):
+    reference, reference_dir = _reference("linear-probe", colour_data, tiny_config, tmp_path_factory)
+    original_evaluate = Trainer.evaluate
+
+    def evaluate(self, *args):
+        os.kill(os.getpid(), signal.SIGINT)  # in epoch 1's validation
+        return original_evaluate(self, *args)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    out = tmp_path / "interrupted"
+    with pytest.raises(InterruptedRun, match="interrupted after epoch 1"):
+        api.finetune(_config(colour_data, tiny_config, "linear-probe"), out)
+    monkeypatch.setattr(Trainer, "evaluate", original_evaluate)
+    summaries = _counting_fit(monkeypatch)
+    resumed = api.finetune(None, out, resume=True)
+    assert summaries[0].batches_run == (EPOCHS - 1) * BATCHES_PER_EPOCH
+    _assert_same_run(resumed, out, reference, reference_dir)
+
+
 def test_kill_9_between_epoch_checkpoints_resumes_from_the_last_one(tiny_config, colour_data, tmp_path, tmp_path_factory, monkeypatch):
     reference, reference_dir = _reference("lora", colour_data, tiny_config, tmp_path_factory)
     out = tmp_path / "killed"
