@@ -2,7 +2,17 @@
 
 __version__ = "0.1.0"
 
-from cliptune.models import LoadedModel, ModelSpec, load_model  # noqa: E402
+__all__ = ["LoadedModel", "ModelSpec", "load", "load_model", "__version__"]
+# Exported lazily (PEP 562): importing cliptune, e.g. for the CLI's --help, does not import torch.
+_LAZY = {"LoadedModel": "cliptune.models", "ModelSpec": "cliptune.models", "load_model": "cliptune.models"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cliptune' has no attribute {name!r}")
 
 
 def load(source, device="cpu"):
@@ -10,6 +20,3 @@ def load(source, device="cpu"):
     from cliptune.classifier import load as load_classifier
 
     return load_classifier(source, device)
-
-
-__all__ = ["LoadedModel", "ModelSpec", "load", "load_model", "__version__"]

@@ -12,13 +12,14 @@ from typing import Dict, Optional
 
 import torch
 
-from cliptune.config import RunConfig, load_config, save_config
+from cliptune.config import RunConfig, check_config, load_config, save_config
 from cliptune.data import labels_tensor
 from cliptune.engine import Trainer, load_method_state
 from cliptune.errors import CliptuneError
 from cliptune.methods import build_method
 from cliptune.metrics import classification_metrics
 from cliptune.report import save_predictions, write_run_report
+from cliptune.progress import RESULT
 from cliptune.runfolder import RunFolder, atomic_write_json, read_json
 from cliptune.session import Session, make_accelerator
 from cliptune.timing import PhaseClock, command_started, describe
@@ -36,6 +37,7 @@ def _line(name: str, metrics: Dict) -> str:
 
 def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite: bool = False) -> Dict:
     """Zero-shot classifier from averaged templates; writes RUN/config.yaml, log.txt and metrics.json."""
+    check_config(config)
     run = RunFolder(out)
     run.check_reusable(overwrite=overwrite)
     accelerator = make_accelerator(config.mixed_precision)
@@ -49,7 +51,7 @@ def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite:
                    "classnames": session.data.classnames, "split": split, "templates": session.templates}
         logits, labels = session.zeroshot_logits(split), labels_tensor(session.data.split(split))
         metrics[split] = classification_metrics(logits, labels, session.data.classes)
-        log.info(_line(f"zero-shot {split}", metrics[split]))
+        log.info(_line(f"zero-shot {split}", metrics[split]), extra=RESULT)
         save_predictions(run.root, split, logits, labels)
         atomic_write_json(run.metrics, metrics)
         write_run_report(run.root)
@@ -68,9 +70,10 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
     """
     started = command_started()
     run = RunFolder(out)
+    run.check_reusable(overwrite=overwrite, resume=resume)
     if resume:
         config = load_config(run.config)
-    run.check_reusable(overwrite=overwrite, resume=resume)
+    check_config(config)
     accelerator = make_accelerator(config.mixed_precision)
     # bad data, model or method options fail here, before the run folder is touched
     session = Session.open(config, accelerator)
@@ -98,7 +101,7 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
         clock.mark_startup()
         with clock.phase("zeroshot"):
             zeroshot_test = session.zeroshot_metrics("test")
-        log.info(_line("zero-shot test", zeroshot_test))
+        log.info(_line("zero-shot test", zeroshot_test), extra=RESULT)
         use_features = method.uses_image_features
         with clock.phase("inputs"):
             train = session.inputs("train", use_features, train=True)
@@ -113,7 +116,7 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
             test_inputs = session.inputs("test", use_features)
             test_logits = trainer.predict(test_inputs)
             test = classification_metrics(test_logits, test_inputs.labels, data.classes)
-        log.info(_line(f"{config.method} test", test))
+        log.info(_line(f"{config.method} test", test), extra=RESULT)
         metrics = {
             "method": config.method, **_model_fields(config), "classes": data.classes, "classnames": data.classnames,
             "test": test, "zeroshot": zeroshot_test,
@@ -165,9 +168,10 @@ def base_novel_metrics(trainer: Trainer, method, base: Dict, zeroshot_base: Dict
     metrics = {"novel_classes": novel.data.classes, "base": base, "novel": result, "hm": harmonic_mean(base["top1"], result["top1"]),
                "zeroshot_base": zeroshot_base, "zeroshot_novel": zeroshot_novel,
                "zeroshot_hm": harmonic_mean(zeroshot_base["top1"], zeroshot_novel["top1"])}
-    log.info(_line("zero-shot novel", zeroshot_novel))
-    log.info(_line(f"{method.name} novel", result))
-    log.info("harmonic mean of base and novel top-1: %.2f%% (zero-shot %.2f%%)", 100 * metrics["hm"], 100 * metrics["zeroshot_hm"])
+    log.info(_line("zero-shot novel", zeroshot_novel), extra=RESULT)
+    log.info(_line(f"{method.name} novel", result), extra=RESULT)
+    log.info("harmonic mean of base and novel top-1: %.2f%% (zero-shot %.2f%%)", 100 * metrics["hm"], 100 * metrics["zeroshot_hm"],
+             extra=RESULT)
     return metrics
 
 
@@ -206,7 +210,7 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
               "classes": data.classes, split: result}
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", data.root.name or "data")
     atomic_write_json(run.root / "eval" / f"{name}-{split}.json", report)
-    log.info(_line(f"{config.method} {split} on {data.root}", result))
+    log.info(_line(f"{config.method} {split} on {data.root}", result), extra=RESULT)
     return report
 
 

@@ -1,17 +1,21 @@
-"""The `cliptune` command line: parses options and calls the library (cliptune.api)."""
+"""The `cliptune` command line: parses options and calls the library (cliptune.api).
+
+torch, open_clip and accelerate are imported inside the commands that use them, so `--help`, `recipes`
+and option errors answer at once.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import click
 
-from cliptune import api, progress
+from cliptune import progress
 from cliptune.config import build_config
 from cliptune.errors import CliptuneError
-from cliptune.export import FORMATS, export_run
 
 log = logging.getLogger("cliptune")
 
@@ -41,8 +45,24 @@ class CliptuneGroup(click.Group):
             ctx.exit(1)
 
 
+def _main_process() -> bool:
+    """torchrun starts one CLI per process (RANK set); only the first prints logs and results."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _echo_result(text: str) -> None:
+    if _main_process():
+        click.echo(text)
+
+
 class _ConsoleHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is now (so it also works under test runners that swap it)."""
+    """Writes to whatever sys.stderr is now (so it also works under test runners that swap it).
+
+    Result records (`extra=progress.RESULT`) are left to the command, which prints them on stdout.
+    """
+
+    def filter(self, record):
+        return not getattr(record, "result", False) and super().filter(record)
 
     @property
     def stream(self):
@@ -61,7 +81,8 @@ def _setup_logging(quiet: bool) -> None:
         console = _ConsoleHandler()
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
-    console.setLevel(logging.WARNING if quiet else logging.INFO)
+    # other processes of a torchrun only report errors: their progress and warnings repeat the first one's
+    console.setLevel(logging.ERROR if not _main_process() else logging.WARNING if quiet else logging.INFO)
     progress.ENABLED = not quiet
     logger.propagate = False  # libraries may configure the root logger; do not print twice
 
@@ -225,10 +246,12 @@ def method_flag_options(method_classes) -> list:
 @click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
 def zeroshot(split, recipe, set_values, out, overwrite, **options):
     """Zero-shot classification with averaged prompt templates."""
+    from cliptune import api
+
     config = build_config(recipe, _cli_values(**options), list(set_values))
     metrics = api.zeroshot(config, out, split=split, overwrite=overwrite)
     result = metrics[split]
-    click.echo(f"zero-shot {split}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  n={result['n']}")
+    _echo_result(f"zero-shot {split}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  n={result['n']}")
 
 
 @cli.command(cls=MethodOptionsCommand)
@@ -239,15 +262,17 @@ def zeroshot(split, recipe, set_values, out, overwrite, **options):
 @training_options
 def finetune(recipe, set_values, out, resume, overwrite, method_values, **options):
     """Adapt the model with a method, then evaluate on the test split."""
+    from cliptune import api
+
     config = None if resume else build_config(recipe, _cli_values(**options), list(set_values), method_values)
     metrics = api.finetune(config, out, overwrite=overwrite, resume=resume)
     zs, test = metrics["zeroshot"], metrics["test"]
-    click.echo(f"zero-shot test: top-1 {zs['top1']:.4f}  top-5 {zs['top5']:.4f}")
-    click.echo(f"{metrics['method']} test: top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  n={test['n']}")
+    _echo_result(f"zero-shot test: top-1 {zs['top1']:.4f}  top-5 {zs['top5']:.4f}")
+    _echo_result(f"{metrics['method']} test: top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  n={test['n']}")
     if "novel" in metrics:
-        click.echo(f"zero-shot novel: top-1 {metrics['zeroshot_novel']['top1']:.4f}  harmonic mean {metrics['zeroshot_hm']:.4f}")
-        click.echo(f"{metrics['method']} novel: top-1 {metrics['novel']['top1']:.4f}  harmonic mean {metrics['hm']:.4f}")
-    click.echo(f"run folder: {out}")
+        _echo_result(f"zero-shot novel: top-1 {metrics['zeroshot_novel']['top1']:.4f}  harmonic mean {metrics['zeroshot_hm']:.4f}")
+        _echo_result(f"{metrics['method']} novel: top-1 {metrics['novel']['top1']:.4f}  harmonic mean {metrics['hm']:.4f}")
+    _echo_result(f"run folder: {out}")
 
 
 @cli.command("eval")
@@ -259,12 +284,14 @@ def finetune(recipe, set_values, out, resume, overwrite, method_values, **option
 @click.option("--adapter", type=click.Path(), help="Evaluate an adapter folder from `cliptune export --format adapter` instead of the run's best weights.")
 def eval_command(run, data, split, classnames, as_json, adapter):
     """Evaluate a finished run's best weights (also on a dataset with other classes)."""
+    from cliptune import api
+
     report = api.evaluate_run(run, data, split, classnames, adapter=adapter)
     result = report[split]
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        _echo_result(json.dumps(report, indent=2))
     else:
-        click.echo(f"{report['method']} {split}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  n={result['n']}")
+        _echo_result(f"{report['method']} {split}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  n={result['n']}")
 
 
 @cli.command()
@@ -277,13 +304,13 @@ def wise(run, data, alphas):
 
     result = wise_sweep(run, data, parse_alphas(alphas))
     for alpha, val, test in zip(result["alphas"], result["val_top1"], result["test_top1"]):
-        click.echo(f"alpha {alpha:.2f}: val top-1 {val:.4f}  test top-1 {test:.4f}")
-    click.echo(f"best alpha (on val): {result['best_alpha']:g}")
+        _echo_result(f"alpha {alpha:.2f}: val top-1 {val:.4f}  test top-1 {test:.4f}")
+    _echo_result(f"best alpha (on val): {result['best_alpha']:g}")
 
 
 @cli.command("export")
 @click.argument("run", type=click.Path())
-@click.option("--format", "fmt", required=True, type=click.Choice(FORMATS),
+@click.option("--format", "fmt", required=True,
               help="merged: whole open_clip model with the method merged (.safetensors); adapter: peft adapter folder; "
                    "classifier: self-contained classifier folder (any method); onnx: image -> logits graph (.onnx, any method).")
 @click.option("--output", required=True, type=click.Path(), help="File (merged, onnx) or folder (adapter, classifier) to write.")
@@ -291,8 +318,10 @@ def wise(run, data, alphas):
 @click.option("--wise-alpha", type=float, help="merged only: write the WiSE-FT mixture (1-A)*zero-shot + A*fine-tuned.")
 def export_command(run, fmt, output, overwrite, wise_alpha):
     """Export a finished run's best weights (or, as onnx, a classifier export) for use outside cliptune."""
+    from cliptune.export import export_run
+
     path = export_run(run, fmt, output, overwrite=overwrite, wise_alpha=wise_alpha)
-    click.echo(f"wrote {fmt} export to {path}")
+    _echo_result(f"wrote {fmt} export to {path}")
 
 
 @cli.command()
@@ -362,8 +391,8 @@ def continual(recipe, set_values, out, resume, overwrite, tasks, controls, metho
         values = _cli_values(**options, tasks=list(tasks) or None, controls=list(controls) or None)
         config = build_config(recipe, values, list(set_values), method_values, default_method=DEFAULT_METHOD)
     result = run_continual(config, out, overwrite=overwrite, resume=resume)
-    click.echo(f"{result['strategy']} ({result['method']}): transfer {result['transfer']:.4f}  avg {result['avg']:.4f}  last {result['last']:.4f}")
-    click.echo(f"run folder: {out}  (continual.json, continual.png)")
+    _echo_result(f"{result['strategy']} ({result['method']}): transfer {result['transfer']:.4f}  avg {result['avg']:.4f}  last {result['last']:.4f}")
+    _echo_result(f"run folder: {out}  (continual.json, continual.png)")
 
 
 @cli.group(invoke_without_command=True)
@@ -442,6 +471,8 @@ def recipes_show(name):
 @cli.command()
 def info():
     """Versions, devices and accelerate state."""
+    from cliptune import api
+
     click.echo(json.dumps(api.environment_info(), indent=2))
 
 

@@ -113,7 +113,86 @@ CHOICES = {
     "wise_anchor": ("task-start", "initial"),
     "image_cache": ("auto", "memory", "disk", "off"),
 }
-AT_LEAST = {"eval_every": 1, "num_workers": 0}
+
+
+# Numeric ranges every run needs, checked before any work: key -> (test, what it must be)
+RANGES = {
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "eval_batch_size": (lambda v: v >= 1, "at least 1"),
+    "grad_accum": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: v > 0, "greater than 0"),
+    "weight_decay": (lambda v: v >= 0, "at least 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "warmup_steps": (lambda v: v >= 0, "at least 0"),
+    "max_grad_norm": (lambda v: v is None or v > 0, "greater than 0 (or unset)"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "test_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "shots": (lambda v: v is None or v >= 1, "at least 1 (or unset for all images)"),
+    "aug_views": (lambda v: v >= 0, "at least 0"),
+    "aug_crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "two numbers [min, max] with 0 < min <= max <= 1"),
+    "aug_color_jitter": (lambda v: v >= 0, "at least 0"),
+    "num_workers": (lambda v: v is None or v >= 0, "at least 0"),
+    "distill_image": (lambda v: v >= 0, "at least 0"),
+    "distill_text": (lambda v: v >= 0, "at least 0"),
+    "distill_temperature": (lambda v: v > 0, "greater than 0"),
+    "avg_every": (lambda v: v >= 1, "at least 1"),
+    "wise_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "vocab_per_step": (lambda v: v is None or v >= 1, "at least 1 (or unset for the whole vocabulary)"),
+    "steps": (lambda v: v is None or v >= 1, "at least 1 (or unset to train --epochs)"),
+    "val_shots": (lambda v: v is None or v >= 1, "at least 1 (or unset)"),
+    "warmup_epochs": (lambda v: v >= 0, "at least 0"),
+    "warmup_lr": (lambda v: v > 0, "greater than 0"),
+    "eval_every": (lambda v: v is None or v >= 1, "at least 1 (or unset for the automatic cadence)"),
+    "l2": (lambda v: v >= 0, "at least 0"),
+    "vocab_size": (lambda v: v >= 2, "at least 2"),
+    "vocab_length": (lambda v: v >= 1, "at least 1"),
+}
+# Paths a run reads: key -> (command-line flag, "file" or "folder"); list keys hold `DIR` or `DIR:class,...`
+INPUT_PATHS = {
+    "data": ("--data", "folder"),
+    "model_config": ("--model-config", "file"),
+    "classnames": ("--classnames", "file"),
+    "templates": ("--templates", "file"),
+    "reference": ("--reference", "folder"),
+    "reference_texts": ("--reference-texts", "file"),
+    "tasks": ("--task", "folder"),
+    "controls": ("--control", "folder"),
+}
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, Optional[List[str]]]:
+    """`DIR` or `DIR:class,class` (a subset of the class folders)."""
+    if Path(spec).exists() or ":" not in spec:
+        return spec, None
+    root, _, classes = spec.rpartition(":")
+    return root, [c for c in classes.split(",") if c]
+
+
+def check_config(config: RunConfig, files: bool = True) -> None:
+    """Every run-level option in range (and, with `files`, every input path present), before any work.
+
+    One line names the first bad option. Method options are checked by their own config classes.
+    """
+    for key, (valid, requirement) in RANGES.items():
+        value = getattr(config, key)
+        if not valid(value):
+            raise CliptuneError(f"{key} must be {requirement}, got {value!r}")
+    if config.val_fraction + config.test_fraction >= 1:
+        raise CliptuneError(f"val_fraction + test_fraction must be below 1 (got {config.val_fraction} + {config.test_fraction})")
+    if not files:
+        return
+    for key, (flag, kind) in INPUT_PATHS.items():
+        value = getattr(config, key)
+        for item in value if key in ("tasks", "controls") else [value]:
+            if not isinstance(item, str) or not item:
+                continue  # unset, or templates given inline as a list
+            path = Path(parse_dataset_spec(item)[0] if kind == "folder" else item)
+            if not (path.is_dir() if kind == "folder" else path.is_file()):
+                raise CliptuneError(f"{flag} {item}: no such {kind}")
+
+
 
 
 def _method_registry():
@@ -166,8 +245,6 @@ def apply_values(config: RunConfig, values: Dict[str, Any], where: str = "", lin
             raise CliptuneError(f"{exc}{location}") from None
         if key in CHOICES and coerced not in CHOICES[key]:
             raise CliptuneError(f"'{key}' must be one of {', '.join(CHOICES[key])}, got {coerced!r}{location}")
-        if key in AT_LEAST and coerced is not None and coerced < AT_LEAST[key]:
-            raise CliptuneError(f"'{key}' must be at least {AT_LEAST[key]}, got {coerced!r}{location}")
         setattr(config, key, coerced)
 
 
@@ -321,6 +398,7 @@ def build_config(
         defaults = ("method defaults", None)
         config.scale_lr = sources.get("lr") in defaults and sources.get("steps") not in defaults
     config.sources = sources
+    check_config(config, files=False)  # paths are checked when a run starts (recipes may name data not here yet)
     return config
 
 

@@ -40,12 +40,13 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cliptune.config import CHOICES, RunConfig, load_config, save_config
+from cliptune.config import CHOICES, RunConfig, check_config, load_config, parse_dataset_spec, save_config
 from cliptune.data import IMAGE_EXTENSIONS, ImageFolderData, eval_transform, load_imagefolder
 from cliptune.engine import Trainer, load_method_state
 from cliptune.errors import CliptuneError
 from cliptune.methods import build_method, methods_exporting
 from cliptune.models import LoadedModel
+from cliptune.progress import RESULT
 from cliptune.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json
 from cliptune.session import Session, make_accelerator, model_from_config
 from cliptune.templates import load_templates
@@ -149,14 +150,6 @@ def mtil_metrics(acc: Sequence[Sequence[float]]) -> Dict[str, float]:
 
 
 # ----- data -----
-def parse_dataset_spec(spec: str) -> tuple[str, Optional[List[str]]]:
-    """`DIR` or `DIR:class,class` (a subset of the class folders)."""
-    if Path(spec).exists() or ":" not in spec:
-        return spec, None
-    root, _, classes = spec.rpartition(":")
-    return root, [c for c in classes.split(",") if c]
-
-
 def load_task(spec: str, config: RunConfig, shots: Optional[int]) -> tuple[str, ImageFolderData]:
     root, classes = parse_dataset_spec(spec)
     data = load_imagefolder(root, config.val_fraction, config.test_fraction, config.seed, shots, None, config.strict)
@@ -385,6 +378,7 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
     run = RunFolder(out)
     if resume:
         config = load_config(run.config)
+    check_config(config)
     if not config.tasks:
         raise CliptuneError("no tasks given: pass --task DIR (one per task, in order) or a recipe with 'tasks:'")
     if config.strategy not in STRATEGIES:
@@ -396,8 +390,6 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
         raise CliptuneError("zscl needs reference images: pass --reference DIR (any folder of images, unlabelled)")
     if config.method_options().get("head", "zeroshot") != "zeroshot":
         raise CliptuneError("continual learning evaluates every task with the zero-shot head: use full.head=zeroshot")
-    if config.l2 < 0 or config.vocab_size < 2 or config.vocab_length < 1 or (config.vocab_per_step or 1) < 1:
-        raise CliptuneError("l2 must be 0 or more, vocab_size at least 2, vocab_length and vocab_per_step at least 1")
     run.check_reusable(overwrite=overwrite, resume=resume)
     tasks = [load_task(spec, config, config.shots) for spec in config.tasks]
     controls = [load_task(spec, config, None) for spec in config.controls]
@@ -477,7 +469,8 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
             _plot(run.root / "continual.png", progress["acc"], names, f"{config.strategy} ({config.method})")
             atomic_write_json(run.root / "continual.json", result)
             atomic_write_json(run.metrics, result)
-        log.info("transfer %.2f%%  avg %.2f%%  last %.2f%%", 100 * result["transfer"], 100 * result["avg"], 100 * result["last"])
+        log.info("transfer %.2f%%  avg %.2f%%  last %.2f%%", 100 * result["transfer"], 100 * result["avg"], 100 * result["last"],
+                 extra=RESULT)
         return result
     finally:
         if handler is not None:

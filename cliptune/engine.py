@@ -4,6 +4,11 @@ Batches are drawn from a seeded per-epoch permutation of the whole training set;
 takes its slice of every global batch and scales its loss so that, after DDP's gradient averaging,
 the update equals the single-process update for the same global batch. Epoch-level and Ctrl-C
 checkpoints store the RNG state, so `--resume` continues to the same result.
+
+Ctrl-C does not interrupt the code wherever it happens to be (half-way through an optimizer step the
+weights, the optimizer state and the step counter would disagree): it is recorded and honoured at
+the next optimizer-step boundary, where the checkpoint is exactly the state of the uninterrupted run.
+A second Ctrl-C stops at once, keeping the last consistent checkpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -51,6 +58,8 @@ class TrainSummary:
     best_epoch: Optional[int] = None
     history: List[Dict] = field(default_factory=list)
     eval_seconds: float = 0.0  # validation passes between epochs
+    # micro-batches run by this `fit` call (after a resume: only the remaining ones)
+    batches_run: int = 0
 
 
 def build_optimizer(config: RunConfig, parameters, lr: Optional[float] = None):
@@ -146,6 +155,50 @@ class _EpochBatches:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def rng_state() -> Dict:
+    """Every generator training draws from on this process (CPU, and the GPUs when present)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopRequest:
+    """Within `with`, Ctrl-C (SIGINT) sets `requested` instead of raising; a second one raises at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping at the end of this optimizer step (Ctrl-C again to stop at once, losing it)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def agreed(self, accelerator) -> bool:
+        """True when any process was asked to stop (all of them must stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum").item() > 0)
 
 
 class Trainer:
@@ -252,6 +305,11 @@ class Trainer:
 
     # ----- training -----
     def fit(self, train: Inputs, val: Optional[Inputs], classes, resume: bool = False) -> TrainSummary:
+        """Train for `config.epochs` (or the epochs left in RUN/checkpoints/last with `resume`)."""
+        with StopRequest() as self._stop:
+            return self._fit(train, val, classes, resume)
+
+    def _fit(self, train: Inputs, val: Optional[Inputs], classes, resume: bool) -> TrainSummary:
         config, accelerator = self.config, self.accelerator
         self.method.prepare(train, val)
         parameters = self.method.trainable_parameters()
@@ -279,13 +337,13 @@ class Trainer:
             log.info("validation every %d epochs and after the last (--eval-every)", every)
         summary = TrainSummary()
         start_epoch, start_step, best_top1 = 0, 0, -1.0
-        rng_state, partial_loss = None, (0.0, 0)
-        if resume and self.run is not None and (self.run.checkpoints / "last" / "state.pt").is_file():
+        resumed_rng, partial_loss = None, (0.0, 0)
+        if resume:
             state = self._load_last(optimizer, scheduler)
             start_epoch, start_step, best_top1 = state["epoch"], state["step_in_epoch"], state["best_top1"]
             summary = TrainSummary(state["seconds"], state["images_seen"], state["epoch"], state["best_epoch"], state["history"],
                                    eval_seconds=state.get("eval_seconds", 0.0))
-            rng_state = state["rng"]
+            resumed_rng = state["rng"]
             partial_loss = tuple(state.get("partial_loss", (0.0, 0)))
             log.info("resuming at epoch %d step %d", start_epoch + 1, start_step)
         self.earlier_seconds = (summary.seconds, summary.eval_seconds)  # spent before a resume (for this process's timings)
@@ -293,7 +351,7 @@ class Trainer:
         for epoch in range(start_epoch, epochs):
             resuming_mid_epoch = epoch == start_epoch and start_step > 0
             if resuming_mid_epoch:
-                torch.set_rng_state(rng_state)
+                set_rng_state(resumed_rng)
             else:
                 torch.manual_seed(config.seed * 1_000_003 + epoch)
             first_step = start_step if epoch == start_epoch else 0
@@ -304,52 +362,48 @@ class Trainer:
             self.model.train()
             began = time.perf_counter()
             loss_sum, seen = (partial_loss if resuming_mid_epoch else (0.0, 0))
-            # the last optimizer-step boundary: where a Ctrl-C checkpoint resumes from
-            boundary = (first_step, torch.get_rng_state(), loss_sum, seen, summary.images_seen)
             bar = progress_bar(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}/{epochs}",
                                main_process=accelerator.is_local_main_process, leave=False)
-            try:
-                stream = self._local_batches(train, batches[first_step:], views, epoch)
-                for step, (x, y) in enumerate(stream, start=first_step):
-                    if train.images is not None and self.method.uses_image_features:
-                        x = self._frozen_image_features(x)  # --aug-per-step: re-augmented images, frozen tower
-                    group_size = min(config.grad_accum, len(batches) - (step - step % config.grad_accum))
-                    sync = (step + 1) % config.grad_accum == 0 or step == len(batches) - 1
-                    global_n = len(batches[step])
-                    with (accelerator.no_sync(self.model) if not sync else nullcontext()):
-                        with accelerator.autocast():
-                            logits = self.model(x)
-                            # a loss that all-gathers the batch must run on every process, even on an empty slice
-                            if len(y) or getattr(self._unwrapped(), "gathers_across_processes", False):
-                                loss = self._unwrapped().loss(logits, y, config.label_smoothing)
-                                scaled = loss * (len(y) / global_n) * accelerator.num_processes / group_size
-                            else:  # an empty slice of a tiny last batch still joins the all-reduce
-                                loss, scaled = logits.sum() * 0, logits.sum() * 0
-                        accelerator.backward(scaled)
-                    loss_sum += float(loss.detach()) * len(y)
-                    seen += len(y)
-                    summary.images_seen += global_n
-                    if sync:
-                        if config.max_grad_norm:
-                            accelerator.clip_grad_norm_(self.method.trainable_parameters(), config.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        self._unwrapped().after_optimizer_step()
-                        boundary = (step + 1, torch.get_rng_state(), loss_sum, seen, summary.images_seen)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum / max(1, seen):.4f}")
-            except KeyboardInterrupt:
-                bar.close()
-                summary.seconds += time.perf_counter() - began
-                optimizer.zero_grad(set_to_none=True)
-                step_done, rng_done, loss_done, seen_done, summary.images_seen = boundary
-                state = self._state(optimizer, scheduler, epoch, step_done, best_top1, summary, rng_done)
-                state["partial_loss"] = [loss_done, seen_done]
-                self._save_last(state)
-                raise InterruptedRun(
-                    f"interrupted in epoch {epoch + 1}; checkpoint saved, continue with --resume"
-                ) from None
+            stream = self._local_batches(train, batches[first_step:], views, epoch)
+            for step, (x, y) in enumerate(stream, start=first_step):
+                if train.images is not None and self.method.uses_image_features:
+                    x = self._frozen_image_features(x)  # --aug-per-step: re-augmented images, frozen tower
+                sync = (step + 1) % config.grad_accum == 0 or step == len(batches) - 1
+                global_n = len(batches[step])
+                # each image weighs 1/(images in its accumulation group): k micro-batches = one k-times batch
+                group_start = step - step % config.grad_accum
+                group_n = sum(len(b) for b in batches[group_start : group_start + config.grad_accum])
+                with (accelerator.no_sync(self.model) if not sync else nullcontext()):
+                    with accelerator.autocast():
+                        logits = self.model(x)
+                        # a loss that all-gathers the batch must run on every process, even on an empty slice
+                        if len(y) or getattr(self._unwrapped(), "gathers_across_processes", False):
+                            loss = self._unwrapped().loss(logits, y, config.label_smoothing)
+                            scaled = loss * (len(y) / group_n) * accelerator.num_processes
+                        else:  # an empty slice of a tiny last batch still joins the all-reduce
+                            loss, scaled = logits.sum() * 0, logits.sum() * 0
+                    accelerator.backward(scaled)
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+                summary.images_seen += global_n
+                summary.batches_run += 1
+                if sync:
+                    if config.max_grad_norm:
+                        accelerator.clip_grad_norm_(self.method.trainable_parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    self._unwrapped().after_optimizer_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / max(1, seen):.4f}")
+                # Ctrl-C: stop here, where the state is whole (in the last step: after the epoch's checkpoint)
+                if sync and step + 1 < len(batches) and self._stop.agreed(accelerator):
+                    bar.close()
+                    summary.seconds += time.perf_counter() - began
+                    state = self._state(optimizer, scheduler, epoch, step + 1, best_top1, summary, rng_state())
+                    state["partial_loss"] = [loss_sum, seen]
+                    self._save_last(state)
+                    raise InterruptedRun(f"interrupted in epoch {epoch + 1}; checkpoint saved, continue with --resume")
             bar.close()
             summary.seconds += time.perf_counter() - began
             summary.epochs = epoch + 1
@@ -376,7 +430,9 @@ class Trainer:
             marker = (" (best)" if config.select == "best-val" else "") if improved else ""
             log.info("epoch %d/%d %s%s", epoch + 1, epochs,
                      " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"), marker)
-            self._save_last(self._state(optimizer, scheduler, epoch + 1, 0, best_top1, summary, torch.get_rng_state()))
+            self._save_last(self._state(optimizer, scheduler, epoch + 1, 0, best_top1, summary, rng_state()))
+            if self._stop.agreed(accelerator):
+                raise InterruptedRun(f"interrupted after epoch {epoch + 1}; checkpoint saved, continue with --resume")
         accelerator.wait_for_everyone()
         return self._finish(summary, val, trained=True)
 
@@ -416,7 +472,9 @@ class Trainer:
     def _load_last(self, optimizer, scheduler) -> Dict:
         from safetensors.torch import load_file
 
-        folder = self.run.checkpoints / "last"
+        folder = self.run.checkpoints / "last" if self.run is not None else None
+        if folder is None or not (folder / "state.pt").is_file():
+            raise CliptuneError(f"nothing to resume: no {folder / 'state.pt' if folder else 'run folder'}")
         state = torch.load(folder / "state.pt", weights_only=True)
         self._unwrapped().load_learned_state_dict(load_file(str(folder / "trainable.safetensors")))
         optimizer.load_state_dict(state["optimizer"])

@@ -13,6 +13,8 @@ import logging
 import os
 import tempfile
 import warnings
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -152,6 +154,101 @@ def _check_pretrained(name: str, pretrained: str) -> None:
         raise CliptuneError(f"unknown pretrained tag '{pretrained}' for model {name} (available: {available})")
 
 
+def _check_checkpoint_file(path: str) -> None:
+    """Refuse a file that is not a readable checkpoint (wrong format, truncated) before open_clip reads it."""
+    if path.lower().endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, "pt"):
+                return
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for every bad header
+            truncated = "not fully covered" in str(exc)
+            raise CliptuneError(
+                f"checkpoint {path} is truncated (shorter than its safetensors header says)" if truncated else
+                f"checkpoint {path} is not a safetensors file ({str(exc).rpartition(': ')[2]})"
+            ) from None
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as handle:
+            starts_like_zip = handle.read(4) == b"PK\x03\x04"
+        raise CliptuneError(
+            f"checkpoint {path} is truncated (a zip archive without its end)" if starts_like_zip else
+            f"checkpoint {path} is not a PyTorch checkpoint (torch.save zip file) or .safetensors file"
+        )
+
+
+def _checkpoint_mismatch(name: str, path: str) -> str:
+    """What differs between a checkpoint file and the model it was meant for: shapes, then missing/unexpected keys."""
+    from open_clip.factory import load_state_dict
+
+    expected = {k: tuple(v.shape) for k, v in open_clip.create_model(name, pretrained=None).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in load_state_dict(path, weights_only=True).items()}
+    shapes = [k for k in expected if k in found and expected[k] != found[k]]
+    if shapes:
+        key = shapes[0]
+        more = f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""
+        return f"{key} has shape {list(found[key])} in the file but {list(expected[key])} in the model{more}"
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} model key(s) missing from the file (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) in the file (e.g. {unexpected[0]})")
+    return "; ".join(parts) or "the weights do not load"
+
+
+HUB_PROBE_SECONDS = 5.0
+
+
+@contextmanager
+def _hub_offline():
+    """huggingface_hub in offline mode: files come from the local cache or not at all, without network."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _probe_hub() -> None:
+    """One request to the hub without retries; ConnectionError when it does not answer within seconds."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+    except Exception as exc:  # noqa: BLE001 - any failure to get an answer means unreachable
+        raise ConnectionError(f"{constants.ENDPOINT} did not answer: {exc}") from None
+
+
+def _create_clip(name: str, pretrained: Optional[str], device) -> nn.Module:
+    """open_clip's model. Hub weights come from the local cache first; the hub itself is asked only after a
+    quick probe answers, so an unreachable hub fails in seconds instead of after huggingface_hub's retries."""
+
+    def create() -> nn.Module:
+        return open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, weights_only=True,
+            pretrained_text=False,  # a Hugging Face text tower is random or loaded with the checkpoint, never downloaded
+        )[0]
+
+    from huggingface_hub import constants
+
+    downloads = name.startswith("hf-hub:") or (pretrained is not None and not Path(pretrained).is_file())
+    if not downloads or constants.HF_HUB_OFFLINE:
+        return create()
+    try:
+        with _hub_offline():
+            return create()
+    except Exception as exc:  # noqa: BLE001 - anything but a cache miss is the caller's to explain
+        if not _is_download_error(exc):
+            raise
+    _probe_hub()
+    return create()
+
+
 def _is_download_error(exc: BaseException) -> bool:
     """True for the errors huggingface_hub/requests/httpx raise when a download cannot happen."""
     while exc is not None:
@@ -181,6 +278,8 @@ def load_model(
     random_init = spec.is_random_init and not name.startswith("hf-hub:")
     if not random_init and not name.startswith("hf-hub:"):
         _check_pretrained(name, pretrained)
+        if Path(pretrained).is_file():
+            _check_checkpoint_file(pretrained)
     if random_init:
         log.warning("no --pretrained weights given: %s is randomly initialised (seed %d)", name, seed)
     torch.manual_seed(seed)  # random init is reproducible, so cached features stay valid
@@ -188,15 +287,15 @@ def load_model(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            clip, _, _ = open_clip.create_model_and_transforms(
-                name, pretrained=None if random_init else pretrained, device=device, weights_only=True,
-                pretrained_text=False,  # a Hugging Face text tower is random or loaded with the checkpoint, never downloaded
-            )
-    except RuntimeError as exc:
-        if "size mismatch" in str(exc) or "Missing key" in str(exc) or "Unexpected key" in str(exc):
-            first = next((line.strip() for line in str(exc).splitlines() if "mismatch" in line or "key" in line), "")
+            clip = _create_clip(name, None if random_init else pretrained, device)
+    except (RuntimeError, AssertionError) as exc:
+        # a state dict of another architecture: open_clip's resizing asserts, or load_state_dict refuses it
+        mismatch = isinstance(exc, AssertionError) or any(
+            word in str(exc) for word in ("size mismatch", "Missing key", "Unexpected key"))
+        if mismatch and pretrained and Path(pretrained).is_file():
+            config_hint = f" (config {model_config})" if model_config else ""
             raise CliptuneError(
-                f"checkpoint {pretrained} does not match model {name}: {first.rstrip('.')}"
+                f"checkpoint {pretrained} does not match model {name}{config_hint}: {_checkpoint_mismatch(name, pretrained)}"
             ) from None
         if _is_download_error(exc):
             raise _offline_error(name, pretrained) from None

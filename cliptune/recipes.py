@@ -1,11 +1,11 @@
-"""Recipes: complete, documented starting points (YAML) — listing, showing and validating them."""
+"""Recipes: complete, documented starting points (YAML) — listing and showing them (runs validate them)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Dict, List
 
-from cliptune.config import RECIPE_DIR, build_config, read_recipe, resolve_recipe_path
+from cliptune.config import RECIPE_DIR, RunConfig, read_recipe, resolve_recipe_path
 
 
 def recipe_paths() -> List[Path]:
@@ -13,16 +13,20 @@ def recipe_paths() -> List[Path]:
 
 
 def describe(name_or_path: str) -> Dict[str, str]:
-    """Name, domain, method, model and summary of a recipe, with `extends:` applied."""
+    """Name, domain, method, model and summary of a recipe, with `extends:` applied.
+
+    Read, not validated (validating method options imports every method, and with them torch); a run
+    from the recipe validates every key, naming file and line.
+    """
     merged: Dict = {}
     for values, _path, _lines in read_recipe(name_or_path):
         merged.update(values)
-    config = build_config(name_or_path)  # validates every key, naming file and line on error
-    model = config.model or (Path(config.model_config).stem if config.model_config else "(choose --model)")
+    model_config = merged.get("model_config")
+    model = merged.get("model") or (Path(model_config).stem if model_config else "(choose --model)")
     return {
         "name": merged.get("name", Path(name_or_path).stem),
         "domain": merged.get("domain", "method"),
-        "method": config.method,
+        "method": merged.get("method", RunConfig.method),
         "model": model,
         "summary": merged.get("summary", ""),
     }

@@ -104,6 +104,9 @@ class RunFolder:
                 raise CliptuneError(f"nothing to resume in {self.root} (no config.yaml)")
             if self.is_finished() and not overwrite:
                 raise CliptuneError(f"{self.root} already holds a finished run; nothing to resume")
+            if not self.has_started():
+                raise CliptuneError(f"nothing to resume in {self.root}: it stopped before its first checkpoint; "
+                                    "start it again without --resume")
             return
         if self.is_finished() and not overwrite:
             raise CliptuneError(f"{self.root} already holds a finished run (metrics.json); pass --overwrite to replace it")

@@ -29,6 +29,7 @@ from cliptune.methods import build_method, methods_exporting
 from cliptune.methods.base import Method
 from cliptune.methods.full import FullFineTune
 from cliptune.methods.linear_probe import LinearProbe
+from cliptune.progress import RESULT
 from cliptune.runfolder import RunFolder, atomic_write_json
 from cliptune.session import Session, finished_run, load_run_method, make_accelerator, model_from_config
 from cliptune.templates import load_templates
@@ -161,7 +162,7 @@ def wise_sweep(run_dir: str | Path, data_dir: Optional[str] = None, alphas: Sequ
         for name, inputs in splits.items():
             result[f"{name}_top1"].append(trainer.evaluate(inputs, data.classes)["top1"])
         log.info("WiSE-FT alpha %.2f: val top-1 %.2f%%  test top-1 %.2f%%", alpha,
-                 100 * result["val_top1"][-1], 100 * result["test_top1"][-1])
+                 100 * result["val_top1"][-1], 100 * result["test_top1"][-1], extra=RESULT)
     best = max(range(len(alphas)), key=lambda i: (result["val_top1"][i], -i))  # ties: the first listed
     result["best_alpha"] = alphas[best]
     atomic_write_json(run.root / "wise.json", result)

@@ -101,7 +101,7 @@ def test_bad_inputs_give_one_line_errors(tiny_config, split_data, tmp_path, bad_
     unknown_key.write_text("epochs: 1\nlearnrate: 2\n")
     base = ["finetune", *model_args(tiny_config), "--out", out]
     cases = [
-        ([*base, "--data", tmp_path / "missing"], "data directory not found"),
+        ([*base, "--data", tmp_path / "missing"], f"--data {tmp_path / 'missing'}: no such folder"),
         ([*base, "--data", one_class], "need at least 2"),
         ([*base, "--data", empty_class], "has no readable images"),
         ([*base, "--data", split_data, "--method", "magic"], "unknown method 'magic'"),

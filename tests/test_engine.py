@@ -1,22 +1,16 @@
-"""The shared training loop: equivalences, determinism, resume, augmentation caching, torchrun."""
+"""The shared training loop: equivalences, determinism, augmentation caching (resume: test_resume.py, torchrun: test_distributed.py)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from cliptune import api
 from cliptune import session as session_lib
 from cliptune.config import build_config
 from cliptune.data import eval_transform, load_imagefolder
 from cliptune.engine import Trainer
-from cliptune.errors import InterruptedRun
 from cliptune.features import image_features
 from cliptune.methods import build_method
 from cliptune.models import load_model
@@ -103,56 +97,6 @@ def test_aug_views_are_cached_once_and_drawn_per_epoch(tiny_config, colour_data,
     assert not torch.equal(trainer._view_choice(inputs, 0), trainer._view_choice(inputs, 1))
 
 
-def test_resume_after_interrupt_gives_the_same_result(tiny_config, colour_data, tmp_path, monkeypatch):
-    config = _config(colour_data, tiny_config, epochs=4, batch_size=4, aug_views=2)
-    reference = api.finetune(config, tmp_path / "straight")
-
-    original = Trainer._local_batches
-    state = {"count": 0}
-
-    def interrupting(self, *args):
-        for item in original(self, *args):
-            state["count"] += 1
-            if state["count"] == 9:  # in the second epoch (6 steps per epoch)
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(Trainer, "_local_batches", interrupting)
-    with pytest.raises(InterruptedRun):
-        api.finetune(config, tmp_path / "interrupted")
-    assert not (tmp_path / "interrupted" / "metrics.json").exists()
-    monkeypatch.setattr(Trainer, "_local_batches", original)
-    resumed = api.finetune(None, tmp_path / "interrupted", resume=True)
-    assert resumed["test"] == reference["test"]
-    assert [round(h["loss"], 6) for h in resumed["train"]["history"]] == [round(h["loss"], 6) for h in reference["train"]["history"]]
-    a = load_file(str(tmp_path / "straight/checkpoints/best/method.safetensors"))
-    b = load_file(str(tmp_path / "interrupted/checkpoints/best/method.safetensors"))
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-
-
 def test_bf16_mixed_precision_runs_on_cpu(tiny_config, colour_data, tmp_path):
     metrics = api.finetune(_config(colour_data, tiny_config, mixed_precision="bf16", epochs=2), tmp_path / "bf16")
     assert 0 <= metrics["test"]["top1"] <= 1
-
-
-def test_torchrun_two_processes_match_one(tiny_config, colour_data, tmp_path):
-    args = ["finetune", "--data", str(colour_data), "--model-config", tiny_config, "--epochs", "3",
-            "--lr", "0.05", "--batch-size", "8", "--solver", "sgd", "--quiet"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "cliptune", "--quiet",
-                          *args[:-1], "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    one = subprocess.run([sys.executable, "-m", "cliptune", "--quiet", *args[:-1], "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    m2 = json.loads((tmp_path / "two/metrics.json").read_text())
-    m1 = json.loads((tmp_path / "one/metrics.json").read_text())
-    assert (m2["processes"], m1["processes"]) == (2, 1)
-    assert m2["test"]["top1"] == m1["test"]["top1"] and m2["test"]["per_class"] == m1["test"]["per_class"]
-    assert m2["test"]["nll"] == pytest.approx(m1["test"]["nll"], abs=1e-5)
-    for h2, h1 in zip(m2["train"]["history"], m1["train"]["history"]):
-        assert h2["loss"] == pytest.approx(h1["loss"], abs=1e-5)
-    w2 = load_file(str(tmp_path / "two/checkpoints/best/method.safetensors"))
-    w1 = load_file(str(tmp_path / "one/checkpoints/best/method.safetensors"))
-    assert all(torch.allclose(w2[k], w1[k], atol=1e-5) for k in w1)

@@ -1,3 +1,4 @@
+import json
 import torch
 import pytest
 from safetensors.torch import save_file
@@ -60,3 +61,56 @@ def test_model_errors_are_one_sentence(kwargs, message):
     with pytest.raises(CliptuneError, match=message) as info:
         load_model(**kwargs)
     assert "\n" not in str(info.value)
+
+
+def _tiny_state(tiny_config):
+    return {k: v.contiguous() for k, v in load_model(model_config=tiny_config).clip.state_dict().items()}
+
+
+def test_checkpoint_of_another_architecture_names_file_key_and_shapes(tiny_config, tmp_path):
+    wider = tmp_path / "wider-clip.json"
+    config = json.loads(open(tiny_config).read())
+    config["text_cfg"]["width"] = 48  # open_clip asserts "text pos_embed width changed!" on this one
+    wider.write_text(json.dumps(config))
+    path = tmp_path / "wider.safetensors"
+    save_file({k: v.contiguous() for k, v in load_model(model_config=str(wider)).clip.state_dict().items()}, str(path))
+    with pytest.raises(CliptuneError) as info:
+        load_model(model_config=tiny_config, pretrained=str(path))
+    assert str(info.value) == (
+        f"checkpoint {path} does not match model tiny-clip (config {tiny_config}): positional_embedding has shape "
+        "[24, 48] in the file but [24, 32] in the model (and 28 more)")
+
+
+def test_checkpoint_with_missing_and_unexpected_keys(tiny_config, tmp_path):
+    state = _tiny_state(tiny_config)
+    del state["ln_final.weight"]
+    state["extra.weight"] = torch.zeros(2)
+    path = tmp_path / "keys.pt"
+    torch.save(state, path)
+    with pytest.raises(CliptuneError) as info:
+        load_model(model_config=tiny_config, pretrained=str(path))
+    assert str(info.value).endswith(": 1 model key(s) missing from the file (e.g. ln_final.weight); "
+                                    "1 unexpected key(s) in the file (e.g. extra.weight)")
+
+
+def test_unreadable_checkpoint_files_are_named(tiny_config, tmp_path):
+    state = _tiny_state(tiny_config)
+    good_st, good_pt = tmp_path / "good.safetensors", tmp_path / "good.pt"
+    save_file(state, str(good_st))
+    torch.save(state, good_pt)
+    text_st, text_pt = tmp_path / "text.safetensors", tmp_path / "text.pt"
+    text_st.write_text("not weights at all\n" * 10)
+    text_pt.write_text("not weights at all\n" * 10)
+    cut_st, cut_pt = tmp_path / "cut.safetensors", tmp_path / "cut.pt"
+    cut_st.write_bytes(good_st.read_bytes()[:-1000])
+    cut_pt.write_bytes(good_pt.read_bytes()[:-1000])
+    expected = {
+        text_st: f"checkpoint {text_st} is not a safetensors file (header too large)",
+        text_pt: f"checkpoint {text_pt} is not a PyTorch checkpoint (torch.save zip file) or .safetensors file",
+        cut_st: f"checkpoint {cut_st} is truncated (shorter than its safetensors header says)",
+        cut_pt: f"checkpoint {cut_pt} is truncated (a zip archive without its end)",
+    }
+    for path, message in expected.items():
+        with pytest.raises(CliptuneError) as info:
+            load_model(model_config=tiny_config, pretrained=str(path))
+        assert str(info.value) == message

@@ -101,15 +101,20 @@ def test_cocoop_with_a_silent_meta_net_is_coop_and_chunking_changes_nothing(tiny
         assert (cocoop(features) - coop(features)).abs().max() < 1e-4
 
 
-def test_cocoop_text_features_depend_on_the_image(tiny):
+def test_cocoop_forward_gives_each_image_its_own_prompts(tiny):
+    """CoCoOp's logits for image i are CoOp's with context ctx + meta_net(image i), not a shared context."""
     cocoop = build_method("cocoop", tiny, NAMES, [], {})
+    coop = build_method("coop", tiny, NAMES, [], {"ctx_init": "a photo of a"})
     with torch.no_grad():
-        cocoop.meta_net[2].bias.normal_()
-        features = torch.randn(2, tiny.text.output_dim)
-        ctx = cocoop.ctx + cocoop.meta_net(F.normalize(features, dim=-1)).unsqueeze(1)
-        per_image = cocoop.prompts.encode(ctx.unsqueeze(1))
-    assert per_image.shape == (2, len(NAMES), tiny.text.output_dim)
-    assert not torch.allclose(per_image[0], per_image[1])
+        cocoop.meta_net[2].bias.normal_(generator=torch.Generator().manual_seed(0))
+        features = torch.randn(3, tiny.text.output_dim, generator=torch.Generator().manual_seed(1))
+        logits = cocoop(features)
+        shifts = cocoop.meta_net(F.normalize(features, dim=-1))
+        for i in range(len(features)):
+            coop.ctx.copy_(cocoop.ctx + shifts[i])
+            assert (logits[i] - coop(features[i : i + 1])[0]).abs().max() < 1e-4
+        coop.ctx.copy_(cocoop.ctx)  # one shared context: other logits
+        assert (logits - coop(features)).abs().max() > 1e-2
 
 
 # ----- MaPLe -----

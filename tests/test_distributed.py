@@ -1,0 +1,50 @@
+"""torchrun: two processes train an image-input method with gradient accumulation exactly like one, and
+print their logs and results once."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def test_two_processes_with_grad_accum_match_one_and_print_once(tiny_config, colour_data, tmp_path):
+    # LoRA on images (the DataLoader path, DDP's no_sync during accumulation); no dropout and a deterministic
+    # crop, so both runs see the same numbers. 27 images, batch 8, accumulation 2: the last group has one
+    # batch of 3 images, split 2 + 1 between the processes.
+    args = ["finetune", "--data", str(colour_data), "--model-config", tiny_config, "--method", "lora",
+            "--lora-dropout", "0", "--epochs", "2", "--lr", "0.01", "--batch-size", "8", "--grad-accum", "2",
+            "--set", "aug_crop_scale=[1.0,1.0]", "--set", "aug_hflip=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "cliptune",
+                          *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "cliptune", "--quiet", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+
+    m2 = json.loads((tmp_path / "two/metrics.json").read_text())
+    m1 = json.loads((tmp_path / "one/metrics.json").read_text())
+    assert (m2["processes"], m1["processes"]) == (2, 1)
+    assert m2["train"]["images_seen"] == m1["train"]["images_seen"] == 2 * 27
+    assert m2["test"]["per_class"] == m1["test"]["per_class"]
+    assert m2["test"]["nll"] == pytest.approx(m1["test"]["nll"], abs=1e-5)
+    assert [h["loss"] for h in m2["train"]["history"]] == pytest.approx([h["loss"] for h in m1["train"]["history"]], abs=1e-6)
+    for name in ("best/method.safetensors", "last/trainable.safetensors"):
+        w2, w1 = load_file(str(tmp_path / "two/checkpoints" / name)), load_file(str(tmp_path / "one/checkpoints" / name))
+        assert w2.keys() == w1.keys()
+        for key in w1:
+            assert torch.allclose(w2[key], w1[key], atol=1e-6), (name, key, (w2[key] - w1[key]).abs().max())
+
+    # results once on stdout (the console log skips them), progress and warnings once on stderr
+    assert two.stdout.count("lora test: top-1") == 1 and two.stdout.count("run folder:") == 1
+    assert two.stdout.count("zero-shot test: top-1") == 1
+    assert len(re.findall(r"epoch 2/2 loss", two.stderr)) == 1
+    assert two.stderr.count("randomly initialised") == 1
+    assert "top-1" not in two.stderr

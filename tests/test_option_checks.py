@@ -1,0 +1,78 @@
+"""Every run option is checked before any work: one line naming the option, no model loaded, no run folder."""
+
+import pytest
+from click.testing import CliRunner
+
+from cliptune import session
+from cliptune.cli import cli
+from cliptune.config import RANGES, RunConfig, check_config
+from cliptune.errors import CliptuneError
+
+BAD_VALUES = [
+    (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
+    (["--epochs", "0"], "epochs must be at least 1, got 0"),
+    (["--lr", "0"], "lr must be greater than 0, got 0.0"),
+    (["--lr", "-1e-3"], "lr must be greater than 0, got -0.001"),
+    (["--grad-accum", "0"], "grad_accum must be at least 1, got 0"),
+    (["--warmup-steps", "-1"], "warmup_steps must be at least 0, got -1"),
+    (["--weight-decay", "-0.1"], "weight_decay must be at least 0, got -0.1"),
+    (["--label-smoothing", "1"], "label_smoothing must be in [0, 1), got 1.0"),
+    (["--val-fraction", "1.5"], "val_fraction must be in [0, 1), got 1.5"),
+    (["--test-fraction", "-0.1"], "test_fraction must be in [0, 1), got -0.1"),
+    (["--val-fraction", "0.5", "--test-fraction", "0.5"], "val_fraction + test_fraction must be below 1 (got 0.5 + 0.5)"),
+    (["--shots", "0"], "shots must be at least 1 (or unset for all images), got 0"),
+    (["--aug-views", "-2"], "aug_views must be at least 0, got -2"),
+    (["--num-workers", "-1"], "num_workers must be at least 0, got -1"),
+    (["--set", "aug_crop_scale=[0.9,0.5]"], "aug_crop_scale must be two numbers [min, max] with 0 < min <= max <= 1, got [0.9, 0.5]"),
+    (["--set", "momentum=1"], "momentum must be in [0, 1), got 1.0"),
+    (["--set", "max_grad_norm=0"], "max_grad_norm must be greater than 0 (or unset), got 0.0"),
+    (["--set", "eval_batch_size=0"], "eval_batch_size must be at least 1, got 0"),
+]
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Any model load fails the test: the checks must come before the work."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(session, "load_model", refuse)
+
+
+@pytest.mark.parametrize("args, message", BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_out_of_range_option_is_refused_before_any_work(args, message, tiny_config, split_data, tmp_path, no_model_loading):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["finetune", "--data", str(split_data), "--model-config", tiny_config,
+                                      *args, "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"error: {message}"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, kind", [("--data", "folder"), ("--model-config", "file"), ("--classnames", "file"),
+                                        ("--templates", "file")])
+def test_missing_input_path_is_named(flag, kind, tiny_config, split_data, tmp_path, no_model_loading):
+    missing = tmp_path / "missing"
+    options = {"--data": str(split_data), "--model-config": tiny_config, flag: str(missing)}
+    out = tmp_path / "run"
+    for command in ("finetune", "zeroshot"):
+        result = CliRunner().invoke(cli, [command, *[x for pair in options.items() for x in pair], "--out", str(out)])
+        assert result.exit_code == 2 and result.output.strip().splitlines() == [f"error: {flag} {missing}: no such {kind}"]
+        assert not out.exists()
+
+
+def test_continual_task_folder_is_checked(tiny_config, tmp_path, no_model_loading):
+    result = CliRunner().invoke(cli, ["continual", "--model-config", tiny_config, "--task", f"{tmp_path / 'gone'}:a,b",
+                                      "--out", str(tmp_path / "run")])
+    assert result.output.strip().splitlines() == [f"error: --task {tmp_path / 'gone'}:a,b: no such folder"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_defaults_pass_and_every_range_rejects_something():
+    check_config(RunConfig(), files=False)
+    for key in RANGES:  # each rule is live: some value of the right type fails it
+        bad = {"aug_crop_scale": [0.0, 1.0], "max_grad_norm": -1.0, "shots": 0, "wise_alpha": 2.0}.get(key, -1)
+        config = RunConfig(**{key: bad})
+        with pytest.raises(CliptuneError, match=f"^{key} must be"):
+            check_config(config, files=False)
