@@ -44,8 +44,7 @@ def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite:
     session = Session.open(config, accelerator)  # bad data/model fail here, before the folder is touched
     run.prepare(overwrite=overwrite)
     session.cache_dir = run.cache
-    handler = run.attach_log()
-    try:
+    with run.log_to_file():
         save_config(config, run.config)
         metrics = {"method": "zeroshot", **_model_fields(config), "classes": session.data.classes,
                    "classnames": session.data.classnames, "split": split, "templates": session.templates}
@@ -56,9 +55,6 @@ def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite:
         atomic_write_json(run.metrics, metrics)
         write_run_report(run.root)
         return metrics
-    finally:
-        logging.getLogger("cliptune").removeHandler(handler)
-        handler.close()
 
 
 def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False,
@@ -82,7 +78,7 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
         session, novel_session = split_base_novel(session)
     data = session.data
     method = build_method(config.method, session.model, data.classnames, session.templates,
-                          config.method_options(), data.named_descriptions)
+                          config.method_options(), data.named_descriptions, seed=config.seed)
     if novel_session is not None and method.class_specific:
         raise CliptuneError(f"--base-novel needs a method that works on unseen classes; '{config.method}' learns class-specific state")
     session.images_for_features = not method.uses_image_features
@@ -94,8 +90,7 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
         novel_session.cache_dir = session.cache_dir
         novel_session.images_for_features = session.images_for_features
     clock = PhaseClock(started, session.stats)
-    handler = run.attach_log() if accelerator.is_main_process else None
-    try:
+    with run.log_to_file(accelerator.is_main_process):
         if accelerator.is_main_process and not resume:
             save_config(config, run.config)
         clock.mark_startup()
@@ -140,10 +135,6 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
             atomic_write_json(run.metrics, metrics)
             write_run_report(run.root)
         return metrics
-    finally:
-        if handler is not None:
-            logging.getLogger("cliptune").removeHandler(handler)
-            handler.close()
 
 
 def split_base_novel(session: Session) -> tuple:

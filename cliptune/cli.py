@@ -24,7 +24,7 @@ class CliptuneGroup(click.Group):
     """Turns CliptuneError (and anything unexpected) into one line on stderr and a non-zero exit."""
 
     def invoke(self, ctx):
-        debug = "--debug" in sys.argv or ctx.params.get("debug", False)
+        debug = ctx.params.get("debug", False)
         try:
             return super().invoke(ctx)
         except CliptuneError as exc:

@@ -401,8 +401,7 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
     if accelerator.is_main_process:
         run.prepare(overwrite=overwrite, resume=resume)
     accelerator.wait_for_everyone()
-    handler = run.attach_log() if accelerator.is_main_process else None
-    try:
+    with run.log_to_file(accelerator.is_main_process):
         if accelerator.is_main_process and not resume:
             save_config(config, run.config)
         pristine = copy.deepcopy(model.clip)
@@ -425,7 +424,8 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
             log.info("task %d/%d: %s (%d classes, %d training images)", index + 1, len(tasks), name, len(data.classes), len(data.splits["train"]))
             previous = dataclasses.replace(model, clip=copy.deepcopy(model.clip))
             teacher = initial if config.strategy == "zscl" else previous
-            method = build_method(config.method, model, data.classnames, templates, config.method_options(), data.named_descriptions)
+            method = build_method(config.method, model, data.classnames, templates, config.method_options(),
+                                  data.named_descriptions, seed=config.seed)
             learner = method
             if config.strategy == "zscl":
                 learner = ContinualLearner(method, config.strategy, config, teacher, ref_images, ref_texts)
@@ -472,7 +472,3 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
         log.info("transfer %.2f%%  avg %.2f%%  last %.2f%%", 100 * result["transfer"], 100 * result["avg"], 100 * result["last"],
                  extra=RESULT)
         return result
-    finally:
-        if handler is not None:
-            logging.getLogger("cliptune").removeHandler(handler)
-            handler.close()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -21,7 +22,9 @@ from cliptune.models import LoadedModel
 from cliptune.progress import progress_bar
 
 log = logging.getLogger("cliptune")
-_MEMORY: Dict[str, torch.Tensor] = {}
+# the features of the last few splits (a run uses three; `compare` and continual revisit them)
+_MEMORY: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+MEMORY_ENTRIES = 8
 
 
 def cache_key(model: LoadedModel, split: Split, transform, views: int, seed: int, precision: str) -> str:
@@ -74,6 +77,7 @@ def image_features(
     precision = accelerator.mixed_precision if accelerator is not None else "no"
     key = cache_key(model, split, transform, views, seed, precision)
     if key in _MEMORY:
+        _MEMORY.move_to_end(key)
         return _MEMORY[key]
     path = Path(cache_dir) / f"features-{key}.safetensors" if cache_dir else None
     is_main = accelerator is None or accelerator.is_main_process
@@ -101,4 +105,6 @@ def image_features(
         if path is not None and accelerator is not None:
             accelerator.wait_for_everyone()
     _MEMORY[key] = features
+    while len(_MEMORY) > MEMORY_ENTRIES:
+        _MEMORY.popitem(last=False)
     return features

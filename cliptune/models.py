@@ -282,11 +282,13 @@ def load_model(
             _check_checkpoint_file(pretrained)
     if random_init:
         log.warning("no --pretrained weights given: %s is randomly initialised (seed %d)", name, seed)
-    torch.manual_seed(seed)  # random init is reproducible, so cached features stay valid
+    quiet_level = logging.root.manager.disable
     logging.disable(logging.CRITICAL)  # open_clip logs to the root logger; our own errors say what matters
     try:
-        with warnings.catch_warnings():
+        # random init is reproducible (cached features stay valid) without reseeding the caller's generator
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
+            torch.manual_seed(seed)
             clip = _create_clip(name, None if random_init else pretrained, device)
     except (RuntimeError, AssertionError) as exc:
         # a state dict of another architecture: open_clip's resizing asserts, or load_state_dict refuses it
@@ -307,7 +309,7 @@ def load_model(
             raise CliptuneError(f"could not read checkpoint {pretrained}: {exc}") from None
         raise
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(quiet_level)
     clip.eval()
     preprocess = getattr(clip.visual, "preprocess_cfg", {}) or {}
     size = preprocess.get("size", getattr(clip.visual, "image_size", 224))

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -16,8 +18,14 @@ from typing import Any, Callable, Dict
 from cliptune.errors import CliptuneError
 
 log = logging.getLogger("cliptune")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+@functools.lru_cache(maxsize=1)
+def _file_mode() -> int:
+    """0o666 less the process umask: the mode `open()` would give a new file (mkstemp gives 0600)."""
+    umask = os.umask(0)  # the only portable way to read it; restored at once
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -27,7 +35,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(tmp, _file_mode())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -126,11 +134,21 @@ class RunFolder:
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def attach_log(self) -> logging.Handler:
+    @contextlib.contextmanager
+    def log_to_file(self, enabled: bool = True):
+        """Within `with`, cliptune's log also goes to RUN/log.txt (on the main process: `enabled`)."""
+        if not enabled:
+            yield
+            return
         handler = logging.FileHandler(self.log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logging.getLogger("cliptune").addHandler(handler)
-        return handler
+        logger = logging.getLogger("cliptune")
+        logger.addHandler(handler)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
 
 
 def read_json(path: Path) -> Dict[str, Any]:

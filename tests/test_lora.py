@@ -113,7 +113,8 @@ def test_dropout_follows_train_mode_and_text_side_is_cached_in_eval(tiny_config)
     assert not any(d.training for d in dropouts)
     with torch.no_grad():
         first = method.class_features()
-    assert method.class_features() is first  # evaluation encodes the prompts once
+        assert method.class_features() is first  # evaluation encodes the prompts once
+    assert method.class_features().requires_grad  # with gradients on, the trained text side is encoded anew
 
 
 def test_layer_ranges_and_bad_options(tiny_config):

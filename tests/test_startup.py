@@ -5,7 +5,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 OFFLINE_LINE = ("error: could not download the weights for ViT-B-32 (openai) (offline or unreachable, and not in the "
                 "local cache); download them on a connected machine, pass a local checkpoint with --pretrained FILE "

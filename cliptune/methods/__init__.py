@@ -10,6 +10,8 @@ import inspect
 from dataclasses import fields
 from typing import Dict, Optional, Type
 
+import torch
+
 from cliptune.errors import CliptuneError
 from cliptune.methods.base import Method, MethodConfig
 from cliptune.methods.clip_adapter import CLIPAdapter
@@ -57,9 +59,14 @@ def methods_exporting(fmt: str) -> list:
     return sorted(name for name, cls in METHODS.items() if fmt in cls.export_formats)
 
 
-def build_method(name, model, classnames, templates, options=None, descriptions=None) -> Method:
+def build_method(name, model, classnames, templates, options=None, descriptions=None, seed: int = 0) -> Method:
+    """The method `name` on `model`; its own parameters are initialised from `seed` (the caller's random
+    generator is left as it was)."""
     cls = method_class(name)
-    return cls(model, classnames, templates, cls.config_class.from_options(options), descriptions)
+    config = cls.config_class.from_options(options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(model, classnames, templates, config, descriptions)
 
 
 def describe_method(name: str, shots: Optional[int] = 16) -> str:

@@ -154,13 +154,32 @@ class Method(nn.Module, metaclass=ABCMeta):
                 if own[name].shape != tensor.shape:
                     raise CliptuneError(f"method state '{name}' has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
                 own[name].copy_(tensor.to(own[name].dtype))
-        self.state_changed()
-
-    def state_changed(self) -> None:
-        """Drop anything derived from the learned state (e.g. cached class text features)."""
 
     def train(self, mode: bool = True):
         """Keep frozen towers in eval mode (dropout off) whatever the engine asks."""
         super().train(mode)
         self.clip.eval()
         return self
+
+
+class TextFeatureCache:
+    """Class text features depend only on the class prompts and the text-side parameters: the one cache
+    every method keeps them in (computed once per state of those, e.g. once per evaluation pass).
+
+    While the text side trains (training mode or gradients on, with parameters) they are always computed
+    anew; with no text-side parameters (a frozen text tower) they are computed once per class list. The key
+    changes when a parameter is updated in place (version counter) or moved, or the prompts are rebuilt.
+    """
+
+    def __init__(self):
+        self.key: Optional[tuple] = None
+        self.value: Optional[torch.Tensor] = None
+
+    def get(self, prompt_tokens: torch.Tensor, parameters: Sequence[torch.Tensor], compute, training: bool) -> torch.Tensor:
+        if parameters and (training or torch.is_grad_enabled()):
+            return compute()
+        key = (prompt_tokens.data_ptr(), tuple(prompt_tokens.shape)) + tuple((p.data_ptr(), p._version) for p in parameters)
+        if key != self.key:
+            with torch.no_grad():
+                self.key, self.value = key, compute()
+        return self.value

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptune.errors import CliptuneError
-from cliptune.methods.base import Method, MethodConfig
-from cliptune.methods.prompts import POSITIONS, ClassPrompts, EvalCache, initial_context, phrase_length
+from cliptune.methods.base import Method, MethodConfig, TextFeatureCache
+from cliptune.methods.prompts import POSITIONS, ClassPrompts, initial_context, phrase_length
 from cliptune.options import option
 
 
@@ -65,7 +65,7 @@ class CoOp(Method):
             ctx = initial_context(text, config.n_ctx, ctx_init)
         self.ctx = nn.Parameter(ctx.to(text.device))
         self.register_buffer("scale", model.logit_scale.detach().clone(), persistent=False)
-        self._cache = EvalCache()
+        self._cache = TextFeatureCache()
 
     def set_classes(self, classnames) -> None:
         if self.class_specific and list(classnames) != self.classnames:
@@ -75,7 +75,8 @@ class CoOp(Method):
 
     def text_features(self) -> torch.Tensor:
         """(classes, dim) unit-norm text features of the learned prompts."""
-        return self._cache.get(self, self.prompts, lambda: F.normalize(self.prompts.encode(self.ctx), dim=-1))
+        return self._cache.get(self.prompts.token_ids, [self.ctx], lambda: F.normalize(self.prompts.encode(self.ctx), dim=-1),
+                               self.training)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         text = self.text_features()

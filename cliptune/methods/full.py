@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from cliptune.errors import CliptuneError
 from cliptune.losses import (SAME_CLASS, class_similarity, contrastive_loss, gather_with_grad, soft_contrastive_targets,
                              soft_target_loss)
-from cliptune.methods.base import Method, MethodConfig
+from cliptune.methods.base import Method, MethodConfig, TextFeatureCache
 from cliptune.options import comma_list, option
 from cliptune.zeroshot import class_embeddings, class_prompts, encode_prompt_grid, prompt_grid_tokens, zeroshot_weights
 
@@ -73,7 +73,7 @@ class FullFineTune(Method):
         self.uses_image_features = "vision" not in self.towers
         for parameter in self._unlocked_parameters():
             parameter.requires_grad_(True)
-        self._eval_class_features: Optional[torch.Tensor] = None
+        self._text_cache = TextFeatureCache()
         if self.linear_head:
             weights = zeroshot_weights(model.text, self.classnames, self.templates)
             self.head = torch.nn.Linear(weights.shape[1], len(self.classnames))
@@ -113,7 +113,6 @@ class FullFineTune(Method):
         """Tokenise every (class, template) prompt once; encode them once too when the text tower is frozen."""
         text = self.model.text
         self.register_buffer("prompt_tokens", prompt_grid_tokens(text, self.classnames, self.templates), persistent=False)
-        self._eval_class_features = None
         if not self.text_trains:
             with torch.no_grad():
                 self.register_buffer("prompt_features", self._encode_prompts(), persistent=False)
@@ -127,12 +126,9 @@ class FullFineTune(Method):
         """(classes, dim) zero-shot head: the normalised mean of the normalised template features."""
         if not self.text_trains:
             return class_embeddings(self.prompt_features)
-        if self.training:
-            return class_embeddings(self._encode_prompts())
-        if self._eval_class_features is None:  # eval: once per evaluation pass, dropped by train()/eval()
-            with torch.no_grad():
-                self._eval_class_features = class_embeddings(self._encode_prompts())
-        return self._eval_class_features
+        text_parameters = [p for p in self.model.text.parameters() if p.requires_grad]
+        return self._text_cache.get(self.prompt_tokens, text_parameters,
+                                    lambda: class_embeddings(self._encode_prompts()), self.training)
 
     @torch.no_grad()
     def _description_features(self) -> torch.Tensor:
@@ -216,12 +212,6 @@ class FullFineTune(Method):
         if not self.linear_head:
             self._prepare_classes()
 
-    def state_changed(self) -> None:
-        self._eval_class_features = None
-
-    def train(self, mode: bool = True):
-        self._eval_class_features = None  # weights may change between evaluation passes
-        return super().train(mode)
 
 
 def _rank_and_world() -> tuple:

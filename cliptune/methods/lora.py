@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptune.errors import CliptuneError
-from cliptune.methods.base import Method, MethodConfig
+from cliptune.methods.base import Method, MethodConfig, TextFeatureCache
 from cliptune.options import comma_list, option
 from cliptune.zeroshot import class_embeddings, encode_prompt_grid, prompt_grid_tokens
 
@@ -220,7 +220,7 @@ class LoRA(Method):
         inject_adapter_in_model(self._adapter_config, self.clip, adapter_name=ADAPTER_NAME)
         for name, parameter in self.clip.named_parameters():
             parameter.requires_grad_(".lora_" in name)
-        self._text_cache: Optional[torch.Tensor] = None
+        self._text_cache = TextFeatureCache()
         self.set_classes(classnames)
 
     # ----- classification -----
@@ -228,19 +228,16 @@ class LoRA(Method):
         super().set_classes(classnames)
         self.register_buffer("prompt_tokens", prompt_grid_tokens(self.model.text, self.classnames, self.templates),
                              persistent=False)
-        self._text_cache = None
 
     def class_features(self) -> torch.Tensor:
         """(classes, dim) unit-norm class embeddings, computed like `zeroshot_weights` (but differentiable)."""
-        if self._text_cache is not None:
-            return self._text_cache
-        training = self.training and self.text_adapted
-        with torch.set_grad_enabled(training and torch.is_grad_enabled()):
-            grid = encode_prompt_grid(self.model.text, self.prompt_tokens, len(self.classnames), None if training else 256)
-            features = class_embeddings(grid)
-        if not training:  # frozen text tower, or evaluating: encode once, reuse until training resumes
-            self._text_cache = features
-        return features
+        text_parameters = [p for p in self.model.text.parameters() if p.requires_grad]  # the text LoRA factors, if any
+
+        def compute() -> torch.Tensor:
+            chunk = None if torch.is_grad_enabled() else 256
+            return class_embeddings(encode_prompt_grid(self.model.text, self.prompt_tokens, len(self.classnames), chunk))
+
+        return self._text_cache.get(self.prompt_tokens, text_parameters, compute, self.training)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         image = inputs if self.uses_image_features else self.model.image.encode(inputs, normalize=False)
@@ -252,12 +249,7 @@ class LoRA(Method):
         super().train(mode)
         for module in self._lora_layers(self.clip):
             module.lora_dropout.train(mode)
-        if self.text_adapted:
-            self._text_cache = None
         return self
-
-    def state_changed(self) -> None:
-        self._text_cache = None
 
     # ----- merge and adapter export -----
     def adapter_config(self):
@@ -307,4 +299,3 @@ class LoRA(Method):
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
             raise CliptuneError(f"adapter does not match this run's LoRA layout: missing {missing[:2]}, unexpected {unexpected[:2]}")
         set_peft_model_state_dict(self.clip, state, adapter_name=ADAPTER_NAME)
-        self._text_cache = None

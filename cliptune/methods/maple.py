@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.methods.base import Method, MethodConfig
+from cliptune.methods.base import Method, MethodConfig, TextFeatureCache
 from cliptune.methods.coop import dassl_schedule
-from cliptune.methods.prompts import ClassPrompts, EvalCache, initial_context
+from cliptune.methods.prompts import ClassPrompts, initial_context
 from cliptune.options import option
 
 
@@ -54,7 +54,7 @@ class MaPLe(Method):
         )
         self.couplings = nn.ModuleList([nn.Linear(text.width, image.width) for _ in range(self.depth)]).to(device)
         self.register_buffer("scale", model.logit_scale.detach().clone(), persistent=False)
-        self._cache = EvalCache()
+        self._cache = TextFeatureCache()
 
     def language_prompts(self) -> List[torch.Tensor]:
         """Per prompted layer (input first), its (n_ctx, text width) language prompt."""
@@ -81,7 +81,7 @@ class MaPLe(Method):
 
     def text_features(self) -> torch.Tensor:
         """(classes, dim) unit-norm text features of the prompted text tower."""
-        return self._cache.get(self, self.prompts, self._encode_text)
+        return self._cache.get(self.prompts.token_ids, self.language_prompts(), self._encode_text, self.training)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(batch, dim) unit-norm features of the prompted image tower."""

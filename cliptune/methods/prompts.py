@@ -10,7 +10,7 @@ token (or [CLS]) and masks the real padding once the context is inserted.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -116,24 +116,3 @@ class ClassPrompts(nn.Module):
         features = self.text.encode_embeddings(flat, token_ids, layer_hook)
         return features.reshape(*lead, len(self), -1)
 
-
-class EvalCache:
-    """Class text features are the same for every batch at evaluation: compute them once per parameter state.
-
-    Training (or any call with gradients on) always recomputes. The key changes whenever a trained
-    parameter is updated in place (version counter) or moved, or the class prompts are rebuilt.
-    """
-
-    def __init__(self):
-        self.key: Optional[tuple] = None
-        self.value: Optional[torch.Tensor] = None
-
-    def get(self, method: nn.Module, prompts: ClassPrompts, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if method.training or torch.is_grad_enabled():
-            return compute()
-        key = (prompts.token_ids.data_ptr(), len(prompts)) + tuple(
-            (p.data_ptr(), p._version) for p in method.parameters() if p.requires_grad
-        )
-        if key != self.key:
-            self.key, self.value = key, compute()
-        return self.value
