@@ -70,6 +70,7 @@ def finetune_args(setting: str, method: str, out: Path, data: Path, args) -> lis
         model = ["--model", "ViT-B-32"]
     extra = ["--shots", str(args.shots)] if setting == "bundled" else []
     extra += ["--epochs", str(args.epochs)] if args.epochs else []
+    extra += ["--steps", str(args.steps)] if args.steps else []
     extra += ["--mixed-precision", args.mixed_precision] if args.mixed_precision else []
     return ["finetune", *model, "--data", str(data), "--method", method, *extra, "--out", str(out), "--overwrite"]
 
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list of full, lora, maple")
     parser.add_argument("--shots", type=int, default=16, help="bundled setting: images per class")
     parser.add_argument("--epochs", type=int, help="override the methods' default epochs")
+    parser.add_argument("--steps", type=int, help="an optimizer-step budget instead (e.g. for lora's 500 x shots steps on a CPU)")
     parser.add_argument("--floor-steps", type=int, default=5)
     parser.add_argument("--grad-checkpointing", action="store_true", help="also run each method with --grad-checkpointing")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="passed to the runs; the floor uses the same autocast")

@@ -83,7 +83,7 @@ def _setup_logging(quiet: bool) -> None:
         logger.addHandler(console)
     # other processes of a torchrun only report errors: their progress and warnings repeat the first one's
     console.setLevel(logging.ERROR if not _main_process() else logging.WARNING if quiet else logging.INFO)
-    progress.ENABLED = not quiet
+    progress.PROGRESS_LOGGER.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False  # libraries may configure the root logger; do not print twice
 
 

@@ -23,6 +23,9 @@ METHOD_RUNS = {
     "maple": ["--n-ctx", 2, "--prompt-depth", 2, "--lr", 0.05],
     "lora": ["--lora-dropout", 0, "--lr", 0.05],
     "full": ["--lr", 0.001],
+    "tip-adapter": ["--alpha", 2, "--beta", 3],
+    "tip-adapter-f": ["--lr", 0.05],
+    "clip-adapter": ["--lr", 0.05],
 }
 
 
