@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
@@ -63,3 +66,18 @@ def maple_block_inputs(method, model, images):
         method.image_features(images)
         vision = method.vision_prompts()
     return text_seen, image_seen, vision
+
+
+def run_two_processes_and_one(args, out: Path, port: int, quiet_two: bool = False):
+    """`cliptune ARGS` under `torchrun --nproc_per_node 2` (into out/two) and as one process (out/one);
+    both must succeed. Returns the two CompletedProcess objects (two, one)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    quiet = ["--quiet"] if quiet_two else []
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), "-m", "cliptune", *quiet,
+                          *args, "--out", str(out / "two")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "cliptune", "--quiet", *args, "--out", str(out / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    return two, one

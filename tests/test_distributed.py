@@ -2,15 +2,13 @@
 print their logs and results once."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from helpers import run_two_processes_and_one
 
 
 def test_two_processes_with_grad_accum_match_one_and_print_once(tiny_config, colour_data, tmp_path):
@@ -22,14 +20,7 @@ def test_two_processes_with_grad_accum_match_one_and_print_once(tiny_config, col
     args = ["finetune", "--data", str(colour_data), "--model-config", tiny_config, "--method", "lora",
             "--lora-dropout", "0", "--epochs", "2", "--optimizer", "sgd", "--lr", "0.05", "--batch-size", "8", "--grad-accum", "2",
             "--set", "aug_crop_scale=[1.0,1.0]", "--set", "aug_hflip=false"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "cliptune",
-                          *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    one = subprocess.run([sys.executable, "-m", "cliptune", "--quiet", *args, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+    two, _ = run_two_processes_and_one(args, tmp_path, port=29533)
 
     m2 = json.loads((tmp_path / "two/metrics.json").read_text())
     m1 = json.loads((tmp_path / "one/metrics.json").read_text())

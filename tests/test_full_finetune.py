@@ -1,10 +1,6 @@
 """Full/partial fine-tuning: the three losses, tower/block unlocking, calibration metrics, CLI flags."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +19,7 @@ from cliptune.errors import CliptuneError
 from cliptune.losses import class_similarity, contrastive_loss, soft_contrastive_targets, soft_target_loss, soft_targets
 from cliptune.methods import build_method
 from cliptune.models import load_model
+from helpers import run_two_processes_and_one
 
 TEMPLATES = ["a photo of a {}.", "a {} thing."]
 
@@ -276,14 +273,7 @@ def test_torchrun_contrastive_two_processes_match_one(loss, tiny_config, colour_
     args = ["finetune", "--data", str(colour_data), "--model-config", tiny_config, "--method", "full", "--loss", loss,
             "--train-towers", "text", "--no-lock-logit-scale", "--epochs", "2", "--lr", "0.05", "--batch-size", "13",
             "--optimizer", "sgd"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", "-m", "cliptune", "--quiet",
-                          *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    one = subprocess.run([sys.executable, "-m", "cliptune", "--quiet", *args, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+    run_two_processes_and_one(args, tmp_path, port=29541, quiet_two=True)
     m2 = json.loads((tmp_path / "two/metrics.json").read_text())
     m1 = json.loads((tmp_path / "one/metrics.json").read_text())
     assert (m2["processes"], m1["processes"]) == (2, 1)
