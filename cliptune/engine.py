@@ -311,11 +311,13 @@ class Trainer:
 
     def _fit(self, train: Inputs, val: Optional[Inputs], classes, resume: bool) -> TrainSummary:
         config, accelerator = self.config, self.accelerator
+        preparing = time.perf_counter()
         self.method.prepare(train, val)
+        prepare_seconds = time.perf_counter() - preparing  # fitting (e.g. the L-BFGS probe) is training time
         parameters = self.method.trainable_parameters()
         if not parameters:  # nothing to train (e.g. Tip-Adapter, an L-BFGS linear probe): fitted in prepare()
             self.model = self.method
-            return self._finish(TrainSummary(), val, trained=False)
+            return self._finish(TrainSummary(seconds=prepare_seconds), val, trained=False)
         epochs, last_epoch_batches, total_updates = training_length(config, len(train))
         updates_per_epoch = math.ceil(math.ceil(len(train) / config.batch_size) / config.grad_accum)
         lr = config.lr * budget_lr_factor(config, updates_per_epoch)
@@ -347,6 +349,7 @@ class Trainer:
             partial_loss = tuple(state.get("partial_loss", (0.0, 0)))
             log.info("resuming at epoch %d step %d", start_epoch + 1, start_step)
         self.earlier_seconds = (summary.seconds, summary.eval_seconds)  # spent before a resume (for this process's timings)
+        summary.seconds += prepare_seconds
 
         for epoch in range(start_epoch, epochs):
             resuming_mid_epoch = epoch == start_epoch and start_step > 0
