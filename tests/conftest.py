@@ -31,6 +31,15 @@ def split_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Every test draws its random inputs from the same seed, whatever ran before it (the library never
+    reseeds the global generator)."""
+    import torch
+
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
 def _cliptune_logs_reach_caplog():
     """The CLI stops propagation (to avoid double printing); tests read records through the root logger."""
     logging.getLogger("cliptune").propagate = True
