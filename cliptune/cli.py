@@ -14,7 +14,7 @@ import sys
 import click
 
 from cliptune import progress
-from cliptune.config import build_config
+from cliptune.config import CHOICES, build_config
 from cliptune.errors import CliptuneError
 
 log = logging.getLogger("cliptune")
@@ -147,7 +147,7 @@ TRAINING_OPTIONS = [
     click.option("--warmup-steps", type=int, help="Linear warm-up to --lr over this many optimizer steps."),
     click.option("--warmup-epochs", type=int, help="Constant warm-up epochs at --warmup-lr first (Dassl) [method default]."),
     click.option("--warmup-lr", type=float, help="Learning rate of the constant warm-up [1e-5]."),
-    click.option("--select", type=click.Choice(["last", "best-val"]), help="Checkpoint evaluated at the end [method default]."),
+    click.option("--select", metavar="[" + "|".join(CHOICES["select"]) + "]", help="Checkpoint evaluated at the end [method default]."),
     click.option("--val-shots", type=int, help="Validation images per class [min(--shots, 4) with --shots, else all]."),
     click.option("--grad-accum", type=int, help="Gradient accumulation steps."),
     click.option("--mixed-precision", help="no | fp16 | bf16"),
@@ -155,7 +155,7 @@ TRAINING_OPTIONS = [
     click.option("--aug-views", type=int, help="Augmented views cached per training image when the image tower is frozen (0 = none)."),
     click.option("--aug-per-step/--no-aug-per-step", default=None, help="Frozen image tower: re-augment and re-encode every step (exact, slower) instead of a view bank."),
     click.option("--num-workers", type=int, help="DataLoader workers [0 on CPU (exact resume); up to 8 per process on GPU]."),
-    click.option("--image-cache", type=click.Choice(["auto", "memory", "disk", "off"]),
+    click.option("--image-cache", metavar="[" + "|".join(CHOICES["image_cache"]) + "]",
                  help="Decode and resize images once: in memory, memory-mapped under RUN/cache, auto (memory when it fits) or off [auto]."),
     click.option("--eval-every", type=int, help="Validate every N epochs and after the last [auto: validation under ~20% of training]."),
     click.option("--grad-checkpointing/--no-grad-checkpointing", default=None,

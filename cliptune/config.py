@@ -193,8 +193,6 @@ def check_config(config: RunConfig, files: bool = True) -> None:
                 raise CliptuneError(f"{flag} {item}: no such {kind}")
 
 
-
-
 def _method_registry():
     from cliptune.methods import METHODS  # local import: methods import config helpers
 
@@ -336,7 +334,7 @@ def parse_set(assignments: List[str]) -> Dict[str, Any]:
     return values
 
 
-def _set_values(values: Dict[str, Any]) -> set:
+def _layer_keys(values: Dict[str, Any]) -> set:
     """The top-level keys a layer sets (a method section counts as its name)."""
     return {key for key in values if key not in RECIPE_META_KEYS}
 
@@ -373,26 +371,19 @@ def build_config(
         raise CliptuneError(f"unknown method '{probe.method}' (available: {', '.join(sorted(registry))})")
 
     config = RunConfig(method=default_method)
+    flags = {k: v for k, v in (method_values or {}).items() if v is not None}
+    accepted = {f.name for f in fields(registry[probe.method].config_class)}
+    for option in flags:
+        if option not in accepted:
+            raise CliptuneError(f"--{option.replace('_', '-')} does not apply to method '{probe.method}'")
     sources: Dict[str, str] = {}
     layers = [("method defaults", registry[probe.method].training_defaults(probe.shots), None, None)]
     layers += [(f"recipe {path.name}", values, str(path), lines) for values, path, lines in recipe_layers]
-    layers += [("CLI flags", cli, None, None)]
+    layers += [("CLI flags", {**cli, probe.method: flags} if flags else cli, None, None)]
     for name, values, where, lines in layers:
         _apply_layer(config, values, name, sources, where=where or "", lines=lines)
     if overrides:
         _apply_layer(config, overrides, "--set", sources, set_layer=True)
-    flags = {k: v for k, v in (method_values or {}).items() if v is not None}
-    if flags:
-        accepted = {f.name for f in fields(registry[config.method].config_class)}
-        for option in flags:
-            if option not in accepted:
-                flag = "--" + option.replace("_", "-")
-                raise CliptuneError(f"{flag} does not apply to method '{config.method}'")
-        config.methods.setdefault(config.method, {})
-        apply_values(config, {config.method: flags})
-        # --set still wins over a method flag
-        if config.method in overrides:
-            apply_values(config, {config.method: overrides[config.method]})
     registry[config.method].config_class.from_options(config.method_options())  # validates before any work
     if config.scale_lr is None:
         defaults = ("method defaults", None)
@@ -411,7 +402,7 @@ def _apply_set(config: RunConfig, overrides: Dict[str, Any]) -> None:
 
 def _apply_layer(config: RunConfig, values: Dict[str, Any], name: str, sources: Dict[str, str], where: str = "",
                  lines=None, set_layer: bool = False) -> None:
-    keys = _set_values(values)
+    keys = _layer_keys(values)
     if set_layer:
         _apply_set(config, values)
     else:

@@ -115,14 +115,19 @@ def budget_lr_factor(config: RunConfig, updates_per_epoch: int) -> float:
     return min(10.0, math.sqrt(reference / config.steps)) if reference > config.steps else 1.0
 
 
+def updates_per_epoch(config: RunConfig, train_size: int) -> int:
+    """Optimizer updates in one epoch: micro-batches grouped by gradient accumulation."""
+    return math.ceil(math.ceil(train_size / config.batch_size) / config.grad_accum)
+
+
 def training_length(config: RunConfig, train_size: int) -> tuple:
     """(epochs, micro-batches in the last epoch, optimizer updates in all) for `--epochs` or a `--steps` budget."""
     batches = math.ceil(train_size / config.batch_size)
-    updates_per_epoch = math.ceil(batches / config.grad_accum)
+    per_epoch = updates_per_epoch(config, train_size)
     if not config.steps:
-        return config.epochs, batches, updates_per_epoch * config.epochs
-    epochs = math.ceil(config.steps / updates_per_epoch)
-    last_updates = config.steps - (epochs - 1) * updates_per_epoch
+        return config.epochs, batches, per_epoch * config.epochs
+    epochs = math.ceil(config.steps / per_epoch)
+    last_updates = config.steps - (epochs - 1) * per_epoch
     return epochs, min(batches, last_updates * config.grad_accum), config.steps
 
 
@@ -319,8 +324,8 @@ class Trainer:
             self.model = self.method
             return self._finish(TrainSummary(seconds=prepare_seconds), val, trained=False)
         epochs, last_epoch_batches, total_updates = training_length(config, len(train))
-        updates_per_epoch = math.ceil(math.ceil(len(train) / config.batch_size) / config.grad_accum)
-        lr = config.lr * budget_lr_factor(config, updates_per_epoch)
+        per_epoch = updates_per_epoch(config, len(train))
+        lr = config.lr * budget_lr_factor(config, per_epoch)
         sources = getattr(config, "sources", {})
         log.info("%d trainable parameters; optimizer %s (set by %s), lr %g (set by %s)%s; %d optimizer steps",
                  sum(p.numel() for p in parameters), config.optimizer,
@@ -330,7 +335,7 @@ class Trainer:
         optimizer = build_optimizer(config, parameters, lr)
         # warm-up epochs keep their share of the epoch budget when a --steps budget replaces it
         constant_steps = (round(config.steps * config.warmup_epochs / max(1, config.epochs)) if config.steps
-                          else config.warmup_epochs * updates_per_epoch)
+                          else config.warmup_epochs * per_epoch)
         scheduler = cosine_with_warmup(optimizer, config.warmup_steps, total_updates,
                                        constant_steps=constant_steps, constant_factor=config.warmup_lr / lr)
         self.model, optimizer = accelerator.prepare(self.method, optimizer)
