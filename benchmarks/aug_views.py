@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from cliptune import api
-from cliptune.config import build_config
+from cliptune.commands import api
+from cliptune.config.run import build_config
 
 
 def main() -> None:

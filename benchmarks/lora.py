@@ -40,7 +40,7 @@ def _setup(variant: str, args):
     import torch.nn.functional as F
 
     from cliptune.methods import build_method
-    from cliptune.models import load_model
+    from cliptune.models.loading import load_model
 
     torch.manual_seed(0)
     model = load_model(args.model, None, getattr(args, "model_config", None), device=args.device)

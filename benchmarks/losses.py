@@ -23,8 +23,8 @@ from pathlib import Path
 
 from PIL import Image, ImageFilter, ImageOps
 
-from cliptune import api
-from cliptune.config import build_config
+from cliptune.commands import api
+from cliptune.config.run import build_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "cliptune" / "assets" / "demo"

@@ -39,8 +39,8 @@ def main() -> None:
     import onnxruntime
 
     import cliptune
-    from cliptune.classifier import probe_images
-    from cliptune.onnx_export import INPUT_NAME, export_onnx
+    from cliptune.deploy.classifier import probe_images
+    from cliptune.deploy.onnx import INPUT_NAME, export_onnx
 
     torch.set_num_threads(args.threads)
     classifier = cliptune.load(args.source)

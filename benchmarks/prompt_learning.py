@@ -4,7 +4,7 @@ CoOp's image tower is frozen, so cliptune encodes the training images once and e
 the text encoder over the class prompts. This script times, on random data and a randomly initialised
 model (no download):
 
-* CoOp seconds/epoch through the real training loop (cliptune.engine.Trainer on cached features);
+* CoOp seconds/epoch through the real training loop (cliptune.training.engine.Trainer on cached features);
 * the floor: one text-encoder forward+backward over all class prompts, times steps/epoch;
 * the reference design that re-encodes each image batch with the frozen image tower every step;
 * peak memory of each phase (CUDA: max allocated; CPU: process peak RSS so far).
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cliptune.session import make_accelerator  # noqa: E402
-from cliptune.config import RunConfig  # noqa: E402
-from cliptune.engine import Inputs, Trainer  # noqa: E402
+from cliptune.training.session import make_accelerator  # noqa: E402
+from cliptune.config.run import RunConfig  # noqa: E402
+from cliptune.training.engine import Inputs, Trainer  # noqa: E402
 from cliptune.methods import build_method  # noqa: E402
-from cliptune.models import load_model  # noqa: E402
+from cliptune.models.loading import load_model  # noqa: E402
 
 
 def peak_memory_mib(device: torch.device) -> float:

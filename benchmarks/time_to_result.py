@@ -80,8 +80,8 @@ def one_run(argv: list, method: str, floor_steps: int) -> dict:
     import torch
 
     from cliptune.cli import cli
-    from cliptune.config import load_config
-    from cliptune.templates import load_templates
+    from cliptune.config.run import load_config
+    from cliptune.data.templates import load_templates
 
     cli.main(["--quiet", *argv], standalone_mode=False)
     out = Path(argv[argv.index("--out") + 1])

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 __all__ = ["LoadedModel", "ModelSpec", "load", "load_model", "__version__"]
 # Exported lazily (PEP 562): importing cliptune, e.g. for the CLI's --help, does not import torch.
-_LAZY = {"LoadedModel": "cliptune.models", "ModelSpec": "cliptune.models", "load_model": "cliptune.models"}
+_LAZY = {"LoadedModel": "cliptune.models.loading", "ModelSpec": "cliptune.models.loading", "load_model": "cliptune.models.loading"}
 
 
 def __getattr__(name: str):
@@ -16,7 +16,7 @@ def __getattr__(name: str):
 
 
 def load(source, device="cpu"):
-    """A ready classifier from a finished run folder or a classifier export: see `cliptune.classifier.load`."""
-    from cliptune.classifier import load as load_classifier
+    """A ready classifier from a finished run folder or a classifier export: see `cliptune.deploy.classifier.load`."""
+    from cliptune.deploy.classifier import load as load_classifier
 
     return load_classifier(source, device)

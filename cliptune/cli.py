@@ -1,4 +1,4 @@
-"""The `cliptune` command line: parses options and calls the library (cliptune.api).
+"""The `cliptune` command line: parses options and calls the library (cliptune.commands.api).
 
 torch, open_clip and accelerate are imported inside the commands that use them, so `--help`, `recipes`
 and option errors answer at once.
@@ -13,9 +13,9 @@ import sys
 
 import click
 
-from cliptune import progress
-from cliptune.config import CHOICES, build_config
-from cliptune.errors import CliptuneError
+from cliptune.core import progress
+from cliptune.config.run import CHOICES, build_config
+from cliptune.core.errors import CliptuneError
 
 log = logging.getLogger("cliptune")
 
@@ -209,7 +209,7 @@ def method_flag_options(method_classes) -> list:
     import typing
     from dataclasses import fields
 
-    from cliptune.options import default_of, flag_name
+    from cliptune.core.options import default_of, flag_name
 
     by_flag: dict = {}
     for cls in method_classes:
@@ -246,7 +246,7 @@ def method_flag_options(method_classes) -> list:
 @click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
 def zeroshot(split, recipe, set_values, out, overwrite, **options):
     """Zero-shot classification with averaged prompt templates."""
-    from cliptune import api
+    from cliptune.commands import api
 
     config = build_config(recipe, _cli_values(**options), list(set_values))
     metrics = api.zeroshot(config, out, split=split, overwrite=overwrite)
@@ -262,7 +262,7 @@ def zeroshot(split, recipe, set_values, out, overwrite, **options):
 @training_options
 def finetune(recipe, set_values, out, resume, overwrite, method_values, **options):
     """Adapt the model with a method, then evaluate on the test split."""
-    from cliptune import api
+    from cliptune.commands import api
 
     config = None if resume else build_config(recipe, _cli_values(**options), list(set_values), method_values)
     metrics = api.finetune(config, out, overwrite=overwrite, resume=resume)
@@ -284,7 +284,7 @@ def finetune(recipe, set_values, out, resume, overwrite, method_values, **option
 @click.option("--adapter", type=click.Path(), help="Evaluate an adapter folder from `cliptune export --format adapter` instead of the run's best weights.")
 def eval_command(run, data, split, classnames, as_json, adapter):
     """Evaluate a finished run's best weights (also on a dataset with other classes)."""
-    from cliptune import api
+    from cliptune.commands import api
 
     report = api.evaluate_run(run, data, split, classnames, adapter=adapter)
     result = report[split]
@@ -300,7 +300,7 @@ def eval_command(run, data, split, classnames, as_json, adapter):
 @click.option("--alphas", default="0,0.25,0.5,0.75,1", show_default=True, help="Mixing weights of the fine-tuned model.")
 def wise(run, data, alphas):
     """WiSE-FT: evaluate (1-A)*zero-shot + A*fine-tuned weights; writes RUN/wise.json and RUN/wise.png."""
-    from cliptune.wise import parse_alphas, wise_sweep
+    from cliptune.commands.wise import parse_alphas, wise_sweep
 
     result = wise_sweep(run, data, parse_alphas(alphas))
     for alpha, val, test in zip(result["alphas"], result["val_top1"], result["test_top1"]):
@@ -318,7 +318,7 @@ def wise(run, data, alphas):
 @click.option("--wise-alpha", type=float, help="merged only: write the WiSE-FT mixture (1-A)*zero-shot + A*fine-tuned.")
 def export_command(run, fmt, output, overwrite, wise_alpha):
     """Export a finished run's best weights (or, as onnx, a classifier export) for use outside cliptune."""
-    from cliptune.export import export_run
+    from cliptune.deploy.export import export_run
 
     path = export_run(run, fmt, output, overwrite=overwrite, wise_alpha=wise_alpha)
     _echo_result(f"wrote {fmt} export to {path}")
@@ -335,8 +335,8 @@ def predict(source, images, topk, fmt, batch_size, output):
     """Top-k classes of images (folders are walked recursively) with a run's or export's classifier."""
     import torch
 
-    from cliptune.predict import predict_paths, render
-    from cliptune.runfolder import atomic_write_text
+    from cliptune.deploy.predict import predict_paths, render
+    from cliptune.core.runfolder import atomic_write_text
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     classifier, predictions, unreadable = predict_paths(source, images, topk, batch_size, device)
@@ -355,7 +355,7 @@ def predict(source, images, topk, fmt, batch_size, output):
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
 def report(runs, output):
     """Compare runs side by side in one self-contained HTML page (each run also has RUN/report.html)."""
-    from cliptune.report import write_comparison
+    from cliptune.deploy.report import write_comparison
 
     click.echo(f"wrote {write_comparison(runs, output)}")
 
@@ -384,7 +384,7 @@ def _mergeable_methods() -> list:
 @training_options
 def continual(recipe, set_values, out, resume, overwrite, tasks, controls, method_values, **options):
     """Learn a sequence of tasks, measuring forgetting and zero-shot transfer (MTIL metrics)."""
-    from cliptune.continual import DEFAULT_METHOD, continual as run_continual
+    from cliptune.continual.loop import DEFAULT_METHOD, continual as run_continual
 
     config = None
     if not resume:
@@ -432,7 +432,7 @@ def compare(methods, shots_list, seeds, steps, recipe, set_values, out, **option
 
     Rerunning the same command skips finished cells and resumes interrupted ones.
     """
-    from cliptune.compare import compare as run_compare, parse_names, parse_positive_ints, render_markdown
+    from cliptune.commands.compare import compare as run_compare, parse_names, parse_positive_ints, render_markdown
 
     result = run_compare(out, parse_names(methods, "--methods"), parse_positive_ints(shots_list, "--shots"),
                          parse_positive_ints(seeds, "--seeds"), steps=steps, recipe=recipe,
@@ -449,7 +449,7 @@ def recipes():
 @recipes.command("list")
 def recipes_list():
     """Name, domain, method, model and summary of every bundled recipe."""
-    from cliptune import recipes as recipe_lib
+    from cliptune.config import recipes as recipe_lib
 
     rows = [recipe_lib.describe(str(path)) for path in recipe_lib.recipe_paths()]
     columns = ("name", "domain", "method", "model")
@@ -463,7 +463,7 @@ def recipes_list():
 @click.argument("name")
 def recipes_show(name):
     """Print a recipe's YAML (a bundled name or a path)."""
-    from cliptune import recipes as recipe_lib
+    from cliptune.config import recipes as recipe_lib
 
     click.echo(recipe_lib.show(name), nl=False)
 
@@ -471,7 +471,7 @@ def recipes_show(name):
 @cli.command()
 def info():
     """Versions, devices and accelerate state."""
-    from cliptune import api
+    from cliptune.commands import api
 
     click.echo(json.dumps(api.environment_info(), indent=2))
 

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from cliptune.cli import cli
 from cliptune.methods import build_method
 from cliptune.methods.lora import SplitQKV
-from cliptune.models import load_model
-from cliptune.towers import HFTextTower
-from cliptune.zeroshot import zeroshot_weights
+from cliptune.models.loading import load_model
+from cliptune.models.towers import HFTextTower
+from cliptune.models.zeroshot import zeroshot_weights
 from helpers import maple_block_inputs
 from helpers import FIXTURES
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from cliptune.cli import cli
-from cliptune.models import load_model
+from cliptune.models.loading import load_model
 from helpers import make_imagefolder
 
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from cliptune import compare as compare_module
+from cliptune.commands import compare as compare_module
 from cliptune.cli import cli
 
 METHODS, SHOTS, SEEDS = ("linear-probe", "coop", "lora"), (1, 2), (1, 2)

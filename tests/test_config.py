@@ -1,7 +1,7 @@
 import pytest
 
-from cliptune.config import build_config, load_config, save_config
-from cliptune.errors import CliptuneError
+from cliptune.config.run import build_config, load_config, save_config
+from cliptune.core.errors import CliptuneError
 
 
 def test_precedence_defaults_recipe_cli_set(tmp_path):

@@ -10,14 +10,14 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from cliptune.cli import cli
-from cliptune.config import build_config
-from cliptune.continual import (ContinualLearner, WeightAverage, continual, distillation_kl, feature_distillation,
+from cliptune.config.run import build_config
+from cliptune.continual.loop import (ContinualLearner, WeightAverage, continual, distillation_kl, feature_distillation,
                                 mtil_metrics, reference_texts, virtual_vocabulary)
-from cliptune.engine import Trainer
-from cliptune.errors import CliptuneError, InterruptedRun
+from cliptune.training.engine import Trainer
+from cliptune.core.errors import CliptuneError, InterruptedRun
 from cliptune.methods import build_method
-from cliptune.models import load_model
-from cliptune.zeroshot import zeroshot_weights
+from cliptune.models.loading import load_model
+from cliptune.models.zeroshot import zeroshot_weights
 
 
 def test_distillation_is_zero_iff_student_equals_teacher():
@@ -265,7 +265,7 @@ def test_lwf_vr_scores_the_whole_vocabulary_on_its_own_image_stream(tiny_config,
 
 
 def test_wise_strategy_interpolates_with_the_task_start_weights(tiny_config, split_data, colour_data, tmp_path, monkeypatch):
-    import cliptune.continual as continual_module
+    import cliptune.continual.loop as continual_module
 
     anchors = []
     original = continual_module.interpolate

@@ -2,8 +2,8 @@ import logging
 
 import pytest
 
-from cliptune.data import display_name, load_imagefolder
-from cliptune.errors import CliptuneError
+from cliptune.data.folders import display_name, load_imagefolder
+from cliptune.core.errors import CliptuneError
 from helpers import make_imagefolder
 
 

@@ -6,15 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cliptune import api
-from cliptune import session as session_lib
-from cliptune.config import build_config
-from cliptune.data import eval_transform, load_imagefolder
-from cliptune.engine import Trainer
-from cliptune.features import image_features
+from cliptune.commands import api
+from cliptune.training import session as session_lib
+from cliptune.config.run import build_config
+from cliptune.data.folders import eval_transform, load_imagefolder
+from cliptune.training.engine import Trainer
+from cliptune.models.features import image_features
 from cliptune.methods import build_method
-from cliptune.models import load_model
-from cliptune.zeroshot import zeroshot_weights
+from cliptune.models.loading import load_model
+from cliptune.models.zeroshot import zeroshot_weights
 
 
 def _config(data, tiny_config, **values):
@@ -86,8 +86,8 @@ def test_aug_views_are_cached_once_and_drawn_per_epoch(tiny_config, colour_data,
     assert views.shape[:2] == (3, len(data.splits["train"]))
     assert not torch.allclose(views[0], views[1])  # views differ: augmentation is not dropped
     calls = []
-    monkeypatch.setattr("cliptune.features._encode", lambda *a, **k: calls.append(1))
-    import cliptune.features as features
+    monkeypatch.setattr("cliptune.models.features._encode", lambda *a, **k: calls.append(1))
+    import cliptune.models.features as features
 
     features._MEMORY.clear()
     again = session.features("train", augmented=True)  # from the on-disk cache, no re-encoding

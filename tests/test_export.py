@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from cliptune.cli import cli
-from cliptune.export import load_run_method, merged_state_dict
-from cliptune.models import load_model
-from cliptune.zeroshot import zeroshot_weights
+from cliptune.deploy.export import load_run_method, merged_state_dict
+from cliptune.models.loading import load_model
+from cliptune.models.zeroshot import zeroshot_weights
 
 TEMPLATES = ["a photo of a {}.", "a {} leaf."]
 

@@ -10,15 +10,15 @@ from click.testing import CliRunner
 from open_clip.loss import ClipLoss
 from safetensors.torch import load_file
 
-from cliptune import api
-from cliptune import session as session_lib
+from cliptune.commands import api
+from cliptune.training import session as session_lib
 from cliptune.cli import cli
-from cliptune.config import build_config
-from cliptune.engine import Trainer
-from cliptune.errors import CliptuneError
-from cliptune.losses import class_similarity, contrastive_loss, soft_contrastive_targets, soft_target_loss, soft_targets
+from cliptune.config.run import build_config
+from cliptune.training.engine import Trainer
+from cliptune.core.errors import CliptuneError
+from cliptune.methods.losses import class_similarity, contrastive_loss, soft_contrastive_targets, soft_target_loss, soft_targets
 from cliptune.methods import build_method
-from cliptune.models import load_model
+from cliptune.models.loading import load_model
 from helpers import run_two_processes_and_one
 
 TEMPLATES = ["a photo of a {}.", "a {} thing."]
@@ -132,7 +132,7 @@ def test_contrastive_method_pairs_each_image_with_a_caption_of_its_class(tiny_co
 
 
 def test_class_head_is_the_zeroshot_classifier(tiny_config):
-    from cliptune.zeroshot import zeroshot_weights
+    from cliptune.models.zeroshot import zeroshot_weights
 
     model = load_model(model_config=tiny_config)
     method = build_method("full", model, ["a", "b", "c"], TEMPLATES).eval()
@@ -235,7 +235,7 @@ def test_recipes_select_the_full_method_and_loss(recipe, loss):
 
 # ----- WiSE-FT's linear head -----
 def test_linear_head_starts_as_wise_fts_zeroshot_head(tiny_config):
-    from cliptune.zeroshot import zeroshot_weights
+    from cliptune.models.zeroshot import zeroshot_weights
 
     model = load_model(model_config=tiny_config)
     method = build_method("full", model, ["a", "b", "c"], TEMPLATES, {"head": "linear", "train_towers": "vision"})

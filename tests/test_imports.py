@@ -78,5 +78,44 @@ def test_find_cycle_detects_a_cycle():
 
 def test_library_has_no_import_cycle():
     graph = import_graph()
-    assert "cliptune.session" in graph and "cliptune.api" in graph["cliptune.cli"]
+    assert "cliptune.training.session" in graph and "cliptune.commands.api" in graph["cliptune.cli"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+# Packages in data-flow order: a package may import only packages of a lower layer, or modules of its own.
+LAYERS = {"core": 0, "data": 1, "models": 2, "methods": 3, "config": 4, "training": 5, "continual": 6, "deploy": 6,
+          "commands": 7}
+
+
+def _package(module: str):
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def layer_violations(graph: dict) -> list:
+    bad = []
+    for module, targets in graph.items():
+        own = _package(module)
+        if own is None:
+            continue  # cliptune/__init__, __main__ and cli sit above every package
+        for target in targets:
+            other = _package(target)
+            if other is None:
+                bad.append(f"{module} -> {target} (a module outside the layered packages)")
+            elif other != own and LAYERS[other] >= LAYERS[own]:
+                bad.append(f"{module} -> {target}")
+    return sorted(bad)
+
+
+def test_layer_check_detects_an_upward_import():
+    assert layer_violations({"cliptune.data.folders": {"cliptune.training.engine"}}) == [
+        "cliptune.data.folders -> cliptune.training.engine"]
+    assert layer_violations({"cliptune.deploy.export": {"cliptune.continual.loop"}})  # same layer, other package
+    assert layer_violations({"cliptune.training.engine": {"cliptune.core.errors", "cliptune.training.optim"}}) == []
+
+
+def test_packages_import_only_lower_layers():
+    graph = import_graph()
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert packages == set(LAYERS), "every package has a layer"
+    assert layer_violations(graph) == []

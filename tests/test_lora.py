@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.errors import CliptuneError
+from cliptune.core.errors import CliptuneError
 from cliptune.methods import build_method
 from cliptune.methods.lora import SplitAttention, parse_layers
-from cliptune.models import load_model
-from cliptune.zeroshot import zeroshot_weights
+from cliptune.models.loading import load_model
+from cliptune.models.zeroshot import zeroshot_weights
 
 CLASSES = ["red apple", "green leaf", "blue sky"]
 TEMPLATES = ["a photo of a {}.", "{}."]
@@ -136,8 +136,8 @@ def test_16_shot_lora_beats_zero_shot_on_the_demo(tmp_path):
     """Both towers adapted, one short epoch (digits: no flips, mild crops); well under a minute on CPU."""
     from pathlib import Path
 
-    from cliptune import api
-    from cliptune.config import build_config
+    from cliptune.commands import api
+    from cliptune.config.run import build_config
 
     root = Path(__file__).resolve().parent.parent
     demo = root / "cliptune" / "assets" / "demo"

@@ -12,19 +12,19 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from cliptune import api
+from cliptune.commands import api
 from cliptune.cli import cli
-from cliptune.config import RunConfig, build_config
-from cliptune.engine import budget_lr_factor, cosine_with_warmup, training_length
-from cliptune.errors import CliptuneError
+from cliptune.config.run import RunConfig, build_config
+from cliptune.training.engine import budget_lr_factor, cosine_with_warmup, training_length
+from cliptune.core.errors import CliptuneError
 from cliptune.methods import METHODS, _checked, build_method
 from cliptune.methods.base import Method, MethodConfig
 from cliptune.methods.linear_probe import logistic_regression
 from cliptune.methods.tip_adapter import cache_logits
-from cliptune.models import load_model
-from cliptune.options import option
-from cliptune.session import Session, make_accelerator
-from cliptune.zeroshot import zeroshot_weights
+from cliptune.models.loading import load_model
+from cliptune.core.options import option
+from cliptune.training.session import Session, make_accelerator
+from cliptune.models.zeroshot import zeroshot_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = "demo"

@@ -3,8 +3,8 @@ import torch
 import pytest
 from safetensors.torch import save_file
 
-from cliptune.errors import CliptuneError
-from cliptune.models import load_model
+from cliptune.core.errors import CliptuneError
+from cliptune.models.loading import load_model
 
 
 def test_random_init_is_seeded(tiny_config):

@@ -3,10 +3,10 @@
 import pytest
 from click.testing import CliRunner
 
-from cliptune import session
+from cliptune.training import session
 from cliptune.cli import cli
-from cliptune.config import RANGES, RunConfig, check_config
-from cliptune.errors import CliptuneError
+from cliptune.config.run import RANGES, RunConfig, check_config
+from cliptune.core.errors import CliptuneError
 
 BAD_VALUES = [
     (["--batch-size", "0"], "batch_size must be at least 1, got 0"),

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 import cliptune
 from cliptune.cli import cli
-from cliptune.classifier import HEAD_WEIGHTS, METHOD_WEIGHTS, MODEL_WEIGHTS, SIDECAR
-from cliptune.data import load_imagefolder
+from cliptune.deploy.classifier import HEAD_WEIGHTS, METHOD_WEIGHTS, MODEL_WEIGHTS, SIDECAR
+from cliptune.data.folders import load_imagefolder
 
 # one short run per method (random tiny CLIP, high lr so learned state really moves)
 METHOD_RUNS = {
@@ -116,8 +116,8 @@ def test_merged_head_equals_the_zero_shot_head_of_the_merged_weights(runs, tmp_p
     import open_clip
     import torch.nn.functional as F
 
-    from cliptune.models import load_model
-    from cliptune.zeroshot import zeroshot_weights
+    from cliptune.models.loading import load_model
+    from cliptune.models.zeroshot import zeroshot_weights
 
     out = tmp_path / "lora-classifier"
     assert run("export", runs["lora"], "--format", "classifier", "--output", out).exit_code == 0

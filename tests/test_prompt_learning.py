@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from cliptune import api
+from cliptune.commands import api
 from cliptune.cli import cli
-from cliptune.config import build_config
-from cliptune.errors import CliptuneError
+from cliptune.config.run import build_config
+from cliptune.core.errors import CliptuneError
 from cliptune.methods import build_method
-from cliptune.models import load_model
-from cliptune.zeroshot import zeroshot_weights
+from cliptune.models.loading import load_model
+from cliptune.models.zeroshot import zeroshot_weights
 from helpers import block_inputs, maple_block_inputs, make_imagefolder
 
 NAMES = ["red apple", "green leaf", "blue sky", "a rather long name for one class"]

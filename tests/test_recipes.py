@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from cliptune.cli import cli
-from cliptune.config import RECIPE_DIR, build_config
-from cliptune.errors import CliptuneError
+from cliptune.config.run import RECIPE_DIR, build_config
+from cliptune.core.errors import CliptuneError
 from helpers import FIXTURES, TINY_CONFIG, make_imagefolder
 
 RECIPES = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))

@@ -8,14 +8,14 @@ import pytest
 import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
-from cliptune import engine
-from cliptune import session as session_lib
-from cliptune.config import build_config
-from cliptune.engine import Trainer
+from cliptune.training import engine
+from cliptune.training import session as session_lib
+from cliptune.config.run import build_config
+from cliptune.training.engine import Trainer
 from cliptune.methods import build_method
-from cliptune.metrics import classification_metrics
-from cliptune.models import load_model
-from cliptune.zeroshot import zeroshot_weights
+from cliptune.core.metrics import classification_metrics
+from cliptune.models.loading import load_model
+from cliptune.models.zeroshot import zeroshot_weights
 
 
 def test_ece_and_nll_match_a_hand_computation():

@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from cliptune.cli import cli
-from cliptune.metrics import classification_metrics, expected_calibration_error
-from cliptune.report import REPORT, confusion_matrix, load_predictions, predictions_path, write_run_report
+from cliptune.core.metrics import classification_metrics, expected_calibration_error
+from cliptune.deploy.report import REPORT, confusion_matrix, load_predictions, predictions_path, write_run_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

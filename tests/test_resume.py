@@ -15,11 +15,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from cliptune import api
+from cliptune.commands import api
 from cliptune.cli import cli
-from cliptune.config import build_config
-from cliptune.engine import Trainer
-from cliptune.errors import InterruptedRun
+from cliptune.config.run import build_config
+from cliptune.training.engine import Trainer
+from cliptune.core.errors import InterruptedRun
 from cliptune.methods.base import Method
 
 # colour_data: 27 training images; batch 4 -> 7 micro-batches per epoch, grad_accum 2 -> 4 optimizer steps
@@ -129,8 +129,8 @@ def test_kill_9_between_epoch_checkpoints_resumes_from_the_last_one(tiny_config,
     # a separate process that SIGKILLs itself in the middle of epoch 3: no Python code runs after that
     script = textwrap.dedent(f"""
         import os, signal
-        from cliptune import api
-        from cliptune.config import build_config
+        from cliptune.commands import api
+        from cliptune.config.run import build_config
         from cliptune.methods.base import Method
         steps = []
         def after_step(self):
@@ -157,7 +157,7 @@ def test_resume_with_nothing_to_resume_says_so(tiny_config, colour_data, tmp_pat
     # a run stopped before its first checkpoint (e.g. Ctrl-C while caching features) is not silently restarted
     started = tmp_path / "started"
     build = build_config(None, {"data": str(colour_data), "model_config": tiny_config})
-    from cliptune.config import save_config
+    from cliptune.config.run import save_config
 
     save_config(build, started / "config.yaml")
     result = runner.invoke(cli, ["finetune", "--out", str(started), "--resume"])

@@ -63,8 +63,8 @@ def test_unreachable_hub_fails_fast_with_the_offline_line(tmp_path):
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), NO_PROXY="*", no_proxy="*", OMP_NUM_THREADS="1")
     program = (
         "import time, sys\n"
-        "import cliptune.models as models\n"
-        "from cliptune.errors import CliptuneError\n"
+        "import cliptune.models.loading as models\n"
+        "from cliptune.core.errors import CliptuneError\n"
         "began = time.perf_counter()\n"
         "try:\n"
         "    models.load_model('ViT-B-32', 'openai')\n"

@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cliptune import api
-from cliptune import imagecache
-from cliptune import session as session_lib
-from cliptune.config import build_config
-from cliptune.data import ImageDataset, labels_tensor, loader_settings
-from cliptune.engine import Inputs, Trainer, eval_interval
-from cliptune.errors import CliptuneError
-from cliptune.imagecache import DecodedImages
+from cliptune.commands import api
+from cliptune.data import imagecache
+from cliptune.training import session as session_lib
+from cliptune.config.run import build_config
+from cliptune.data.folders import ImageDataset, labels_tensor, loader_settings
+from cliptune.training.engine import Inputs, Trainer, eval_interval
+from cliptune.core.errors import CliptuneError
+from cliptune.data.imagecache import DecodedImages
 from cliptune.methods import build_method
 
 TEMPLATES = ["a photo of a {}.", "a {} thing."]
@@ -230,7 +230,7 @@ def test_cli_options_and_bad_values(tiny_config, colour_data, tmp_path):
 def test_resume_on_augmented_cached_images_gives_the_same_weights(tiny_config, odd_sizes, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from cliptune.errors import InterruptedRun
+    from cliptune.core.errors import InterruptedRun
 
     config = build_config(None, {"data": str(odd_sizes), "model_config": tiny_config, "method": "lora", "epochs": 2,
                                  "lr": 0.01, "batch_size": 4, "image_cache": "memory"})

@@ -7,9 +7,11 @@ import torch
 from click.testing import CliRunner
 
 from cliptune.cli import cli
-from cliptune.errors import CliptuneError
-from cliptune.templates import load_templates
-from cliptune.wise import interpolate, parse_alphas, run_weights
+from cliptune.core.errors import CliptuneError
+from cliptune.data.templates import load_templates
+from cliptune.commands.wise import parse_alphas
+from cliptune.deploy.wise import run_weights
+from cliptune.models.interpolation import interpolate
 
 
 def test_interpolate_endpoints_are_exact_and_the_middle_is_linear():
@@ -68,7 +70,7 @@ def test_wise_needs_mergeable_weights_or_a_linear_head(tiny_config, split_data, 
                                       "--method", "coop", "--n-ctx", "2", "--epochs", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(cli, ["wise", str(out)])
-    assert result.exit_code == 2 and "needs a run whose weights merge into CLIP or a linear probe" in result.output
+    assert result.exit_code == 2 and "needs a run whose weights merge into CLIP or a linear head" in result.output
 
 
 def _zeroshot_top1(tiny_config, data, pretrained, out):
@@ -141,8 +143,8 @@ def linear_head_run(tmp_path_factory, tiny_config, split_data):
 
 
 def test_wise_of_a_linear_head_run_interpolates_the_head_too(linear_head_run, tiny_config):
-    from cliptune.models import load_model
-    from cliptune.zeroshot import zeroshot_weights
+    from cliptune.models.loading import load_model
+    from cliptune.models.zeroshot import zeroshot_weights
 
     _, zeroshot, finetuned = run_weights(linear_head_run)
     assert set(zeroshot) == set(finetuned) == {"clip", "head"}

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Type
 
 import torch
 
-from cliptune.errors import CliptuneError
+from cliptune.core.errors import CliptuneError
 from cliptune.methods.base import Method, MethodConfig
 from cliptune.methods.clip_adapter import CLIPAdapter
 from cliptune.methods.cocoop import CoCoOp
@@ -22,7 +22,7 @@ from cliptune.methods.linear_probe import LinearProbe
 from cliptune.methods.lora import LoRA
 from cliptune.methods.maple import MaPLe
 from cliptune.methods.tip_adapter import TipAdapter, TipAdapterF
-from cliptune.options import default_of, flag_name
+from cliptune.core.options import default_of, flag_name
 
 # What a method must implement for each export format it declares.
 FORMAT_NEEDS = {"merged": ("merged_state_dict",), "adapter": ("adapter_config", "adapter_state_dict", "load_adapter_state_dict")}

@@ -17,16 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.errors import CliptuneError
-from cliptune.models import LoadedModel
-from cliptune.options import validate_fields
+from cliptune.core.errors import CliptuneError
+from cliptune.models.loading import LoadedModel
+from cliptune.core.options import validate_fields
 
 
 @dataclass
 class MethodConfig:
     """Base of the per-method option dataclasses (the `<method>:` section of a recipe).
 
-    Fields are declared with `cliptune.options.option(...)`; `__post_init__` coerces and checks them
+    Fields are declared with `cliptune.core.options.option(...)`; `__post_init__` coerces and checks them
     (subclasses add cross-field checks after calling it), so a bad value fails before any work.
     """
 
@@ -62,6 +62,8 @@ class Method(nn.Module, metaclass=ABCMeta):
     # Formats `cliptune export` can write for this method ("merged" needs `merged_state_dict()`,
     # "adapter" needs `adapter_config()`, `adapter_state_dict()` and `load_adapter_state_dict()`).
     export_formats: ClassVar[tuple] = ()
+    # True when WiSE-FT can mix a run's `wise_parts()` with those of `zeroshot_endpoint(...)`.
+    wise_ft: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -123,6 +125,34 @@ class Method(nn.Module, metaclass=ABCMeta):
     def set_classes(self, classnames: Sequence[str]) -> None:
         """Switch to another class list for evaluation (only for methods that are not class-specific)."""
         self.classnames = list(classnames)
+
+    # ----- WiSE-FT (cliptune/deploy/wise.py) -----
+    def linear_head(self) -> Optional[nn.Linear]:
+        """The linear classification head on image features, for methods that have one."""
+        return None
+
+    def wise_parts(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """What WiSE-FT mixes: `clip` (the merged open_clip state_dict) and/or a linear `head`."""
+        parts = {}
+        if "merged" in self.export_formats:
+            parts["clip"] = self.merged_state_dict()
+        head = self.linear_head()
+        if head is not None:
+            parts["head"] = {key: value.detach().clone() for key, value in head.state_dict().items()}
+        return parts
+
+    def load_wise_parts(self, parts: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        if "clip" in parts:
+            self.clip.load_state_dict(parts["clip"])
+        if "head" in parts:
+            self.linear_head().load_state_dict(parts["head"])
+
+    @classmethod
+    def zeroshot_endpoint(cls, model: LoadedModel, classnames: Sequence[str], templates: Sequence[str],
+                          options: Dict[str, Any]) -> "Method":
+        """A fresh method holding the zero-shot weights a run of this method started from, classifying as the run
+        does (WiSE-FT's alpha = 0)."""
+        return cls(model, classnames, templates, cls.config_class.from_options(options))
 
     # ----- state -----
     def trainable_parameters(self) -> List[nn.Parameter]:

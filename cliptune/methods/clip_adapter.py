@@ -17,8 +17,8 @@ from torch import nn
 
 from cliptune.methods.base import Method, MethodConfig
 from cliptune.methods.coop import dassl_schedule
-from cliptune.options import option
-from cliptune.zeroshot import zeroshot_weights
+from cliptune.core.options import option
+from cliptune.models.zeroshot import zeroshot_weights
 
 
 @dataclass

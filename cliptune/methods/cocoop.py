@@ -17,7 +17,7 @@ from torch import nn
 from cliptune.methods.base import Method, MethodConfig
 from cliptune.methods.coop import dassl_schedule
 from cliptune.methods.prompts import ClassPrompts, initial_context
-from cliptune.options import option
+from cliptune.core.options import option
 
 
 @dataclass

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.errors import CliptuneError
+from cliptune.core.errors import CliptuneError
 from cliptune.methods.base import Method, MethodConfig, TextFeatureCache
 from cliptune.methods.prompts import POSITIONS, ClassPrompts, initial_context, phrase_length
-from cliptune.options import option
+from cliptune.core.options import option
 
 
 @dataclass

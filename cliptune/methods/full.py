@@ -17,12 +17,12 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from cliptune.errors import CliptuneError
-from cliptune.losses import (SAME_CLASS, class_similarity, contrastive_loss, gather_with_grad, soft_contrastive_targets,
+from cliptune.core.errors import CliptuneError
+from cliptune.methods.losses import (SAME_CLASS, class_similarity, contrastive_loss, gather_with_grad, soft_contrastive_targets,
                              soft_target_loss)
 from cliptune.methods.base import Method, MethodConfig, TextFeatureCache
-from cliptune.options import comma_list, option
-from cliptune.zeroshot import class_embeddings, class_prompts, encode_prompt_grid, prompt_grid_tokens, zeroshot_weights
+from cliptune.core.options import comma_list, option
+from cliptune.models.zeroshot import class_embeddings, class_prompts, encode_prompt_grid, prompt_grid_tokens, zeroshot_weights
 
 TOWERS = ("vision", "text")
 LOSSES = ("ce", "contrastive", "soft-target", "soft-contrastive")
@@ -53,6 +53,7 @@ class FullFineTune(Method):
     uses_image_features = False
     class_specific = False
     export_formats = ("merged",)
+    wise_ft = True
 
     @classmethod
     def training_defaults(cls, shots):
@@ -64,17 +65,17 @@ class FullFineTune(Method):
     def __init__(self, model, classnames, templates, config: FullConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
         self.towers = comma_list(config.train_towers, TOWERS, "full.train_towers")
-        self.linear_head = config.head == "linear"
-        if self.linear_head and (self.text_trains or config.loss in CAPTION_LOSSES):
+        self.has_linear_head = config.head == "linear"
+        if self.has_linear_head and (self.text_trains or config.loss in CAPTION_LOSSES):
             raise CliptuneError("full.head=linear trains the image tower and a linear head with a classification loss: "
                                 "set full.train_towers=vision and full.loss to ce or soft-target")
-        self.class_specific = self.linear_head  # a linear head only knows the training classes
+        self.class_specific = self.has_linear_head  # a linear head only knows the training classes
         # A frozen image tower is a fixed feature extractor: let the engine cache its features.
         self.uses_image_features = "vision" not in self.towers
         for parameter in self._unlocked_parameters():
             parameter.requires_grad_(True)
         self._text_cache = TextFeatureCache()
-        if self.linear_head:
+        if self.has_linear_head:
             weights = zeroshot_weights(model.text, self.classnames, self.templates)
             self.head = torch.nn.Linear(weights.shape[1], len(self.classnames))
             with torch.no_grad():
@@ -89,6 +90,9 @@ class FullFineTune(Method):
             self.register_buffer("class_cosine", descriptions @ descriptions.T, persistent=False)
 
     # ----- what trains -----
+
+    def linear_head(self):
+        return self.head if self.has_linear_head else None
     def _unlocked_parameters(self) -> List[torch.nn.Parameter]:
         n = self.config.unlock_last
         towers = {"vision": self.model.image, "text": self.model.text}
@@ -162,7 +166,7 @@ class FullFineTune(Method):
             image = self.model.image.encode(inputs, normalize=True)
         if self.gathers_across_processes:
             return image
-        if self.linear_head:
+        if self.has_linear_head:
             return self.head(image)
         return self.logit_scale() * image @ self.class_features().T
 
@@ -209,7 +213,7 @@ class FullFineTune(Method):
 
     def set_classes(self, classnames: Sequence[str]) -> None:
         super().set_classes(classnames)
-        if not self.linear_head:
+        if not self.has_linear_head:
             self._prepare_classes()
 
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptune.methods.base import Method, MethodConfig
-from cliptune.options import option
-from cliptune.zeroshot import zeroshot_weights
+from cliptune.core.options import option
+from cliptune.models.zeroshot import zeroshot_weights
 
 log = logging.getLogger("cliptune")
 COARSE_C = [10.0**k for k in range(-6, 7)]  # CoOp's initial search grid: 1e-6 .. 1e6
@@ -88,6 +88,7 @@ class LinearProbe(Method):
     trains = "a linear head on frozen image features (L-BFGS logistic regression, C searched on val)"
     paper = "CLIP linear-probe protocol (Radford et al., ICML'21)"
     uses_image_features = True
+    wise_ft = True
     class_specific = True
 
     def __init__(self, model, classnames, templates, config: LinearProbeConfig, descriptions=None):
@@ -105,6 +106,14 @@ class LinearProbe(Method):
     def training_defaults(cls, shots):
         # sgd solver only (lbfgs trains nothing in the loop): the engine's AdamW, a few hundred steps.
         return {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "epochs": 30, "batch_size": 32}
+
+    def linear_head(self):
+        return self.head
+
+    @classmethod
+    def zeroshot_endpoint(cls, model, classnames, templates, options):
+        """The zero-shot head (whatever the run's `init`), under the run's fixed scale."""
+        return super().zeroshot_endpoint(model, classnames, templates, {**options, "init": "zeroshot"})
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.scale * self.head(F.normalize(image_features, dim=-1))

@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.errors import CliptuneError
+from cliptune.core.errors import CliptuneError
+from cliptune.methods.full import FullConfig, FullFineTune
 from cliptune.methods.base import Method, MethodConfig, TextFeatureCache
-from cliptune.options import comma_list, option
-from cliptune.zeroshot import class_embeddings, encode_prompt_grid, prompt_grid_tokens
+from cliptune.core.options import comma_list, option
+from cliptune.models.zeroshot import class_embeddings, encode_prompt_grid, prompt_grid_tokens
 
 TOWERS = ("vision", "text")
 TARGETS = ("q", "k", "v", "out")
@@ -188,6 +189,7 @@ class LoRA(Method):
     uses_image_features = False  # per instance: True when only the text tower is adapted
     class_specific = False
     export_formats = ("merged", "adapter")
+    wise_ft = True
 
     @classmethod
     def training_defaults(cls, shots):
@@ -195,6 +197,11 @@ class LoRA(Method):
         # RandomResizedCrop(0.08-1) + flip; the last iteration is evaluated.
         return {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.01, "batch_size": 32, "steps": 500 * (shots or 16),
                 "warmup_epochs": 0, "aug_crop_scale": [0.08, 1.0], "aug_hflip": True, "select": "last"}
+
+    @classmethod
+    def zeroshot_endpoint(cls, model, classnames, templates, options):
+        """The base CLIP as a zero-shot classifier: WiSE-FT mixes the merged weights with it."""
+        return FullFineTune(model, classnames, templates, FullConfig())
 
     def __init__(self, model, classnames, templates, config: LoRAConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)

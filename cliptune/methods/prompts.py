@@ -15,8 +15,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from cliptune.errors import CliptuneError
-from cliptune.towers import TextTower
+from cliptune.core.errors import CliptuneError
+from cliptune.models.towers import TextTower
 
 POSITIONS = ("end", "middle", "front")
 

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.errors import CliptuneError
+from cliptune.core.errors import CliptuneError
 from cliptune.methods.base import Method, MethodConfig
-from cliptune.options import option
-from cliptune.zeroshot import zeroshot_weights
+from cliptune.core.options import option
+from cliptune.models.zeroshot import zeroshot_weights
 
 log = logging.getLogger("cliptune")
 BETA_GRID = [i * (7 - 0.1) / 200 + 0.1 for i in range(200)]

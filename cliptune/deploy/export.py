@@ -8,7 +8,7 @@
   The open_clip file alone then holds the fine-tuned image tower and the untouched text tower.
 - `adapter`: peft's `save_pretrained` layout (`adapter_config.json` + `adapter_model.safetensors`),
   small, reloaded onto the base model with `cliptune eval RUN --adapter DIR`.
-- `classifier` (cliptune/classifier.py) and `onnx` (cliptune/onnx_export.py): a ready classifier, for
+- `classifier` (cliptune/deploy/classifier.py) and `onnx` (cliptune/deploy/onnx.py): a ready classifier, for
   every method and zero-shot runs (also from a classifier export).
 
 A method opts in through `export_formats` and implements, per format: `merged_state_dict()`
@@ -24,12 +24,13 @@ from typing import Dict, Optional
 
 import torch
 
-from cliptune.errors import CliptuneError
+from cliptune.core.errors import CliptuneError
 from cliptune.methods import METHODS, methods_exporting
 from cliptune.methods.base import Method
-from cliptune.runfolder import atomic_save_safetensors
-from cliptune.session import finished_run, load_run_method
-from cliptune.wise import check_alpha, interpolable, wise_state_dict
+from cliptune.core.runfolder import atomic_save_safetensors
+from cliptune.training.session import finished_run, load_run_method
+from cliptune.deploy.wise import wise_state_dict
+from cliptune.models.interpolation import check_alpha
 
 ANY_RUN_FORMATS = ("classifier", "onnx")  # every method, zero-shot runs too
 FORMATS = ("merged", "adapter") + ANY_RUN_FORMATS
@@ -82,8 +83,8 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, overwrite: boo
     if fmt in ANY_RUN_FORMATS:
         if wise_alpha is not None:
             raise CliptuneError("--wise-alpha only applies to --format merged")
-        from cliptune.classifier import export_classifier
-        from cliptune.onnx_export import check_output, export_onnx
+        from cliptune.deploy.classifier import export_classifier
+        from cliptune.deploy.onnx import check_output, export_onnx
 
         output = Path(output)
         if fmt == "onnx":
@@ -104,7 +105,7 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, overwrite: boo
         arch = config.model or Path(config.model_config or "").stem
         metadata = {"format": "pt", "arch": arch, "cliptune_method": sidecar["method"], "cliptune_run": str(Path(run_dir).resolve())}
         if wise_alpha is None:
-            parts = interpolable(load_run_method(run_dir))
+            parts = load_run_method(run_dir).wise_parts()
         else:
             parts = wise_state_dict(run_dir, wise_alpha)
             metadata["cliptune_wise_alpha"] = str(wise_alpha)

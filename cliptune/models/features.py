@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cliptune.data import ImageDataset, Split
-from cliptune.models import LoadedModel
-from cliptune.progress import progress_bar
+from cliptune.data.folders import ImageDataset, Split, split_key
+from cliptune.models.loading import LoadedModel
+from cliptune.core.progress import progress_bar
 
 log = logging.getLogger("cliptune")
 # the features of the last few splits (a run uses three; `compare` and continual revisit them)
@@ -29,18 +29,6 @@ MEMORY_ENTRIES = 8
 
 def cache_key(model: LoadedModel, split: Split, transform, views: int, seed: int, precision: str) -> str:
     return split_key([model.spec.fingerprint(), repr(transform), str(views), str(seed), precision], split)
-
-
-def split_key(parts: Sequence[str], split: Split) -> str:
-    """Cache key of what was computed from `split`'s files: the identity `parts`, then each file's path, label, size and mtime."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part.encode())
-        digest.update(b"\0")
-    for path, label in zip(split.files, split.labels):
-        stat = Path(path).stat()
-        digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:24]
 
 
 @torch.no_grad()
@@ -98,7 +86,7 @@ def image_features(
         else:
             features = _encode(model, images, batch_size, num_workers, accelerator, desc)
         if path is not None:
-            from cliptune.runfolder import atomic_save_safetensors
+            from cliptune.core.runfolder import atomic_save_safetensors
 
             atomic_save_safetensors(path, {"features": features})
             log.info("cached %s %s at %s", desc, tuple(features.shape), path)

@@ -12,17 +12,17 @@ from typing import Dict, Optional
 
 import torch
 
-from cliptune.config import RunConfig, check_config, load_config, save_config
-from cliptune.data import labels_tensor
-from cliptune.engine import Trainer, load_method_state
-from cliptune.errors import CliptuneError
+from cliptune.config.run import RunConfig, check_config, load_config, save_config
+from cliptune.data.folders import labels_tensor
+from cliptune.training.engine import Trainer, load_method_state
+from cliptune.core.errors import CliptuneError
 from cliptune.methods import build_method
-from cliptune.metrics import classification_metrics
-from cliptune.report import save_predictions, write_run_report
-from cliptune.progress import RESULT
-from cliptune.runfolder import RunFolder, atomic_write_json, read_json
-from cliptune.session import Session, make_accelerator
-from cliptune.timing import PhaseClock, command_started, describe
+from cliptune.core.metrics import classification_metrics
+from cliptune.deploy.report import save_predictions, write_run_report
+from cliptune.core.progress import RESULT
+from cliptune.core.runfolder import RunFolder, atomic_write_json, read_json
+from cliptune.training.session import Session, make_accelerator
+from cliptune.core.timing import PhaseClock, command_started, describe
 
 log = logging.getLogger("cliptune")
 
@@ -189,7 +189,7 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
             f"{data.root} has different classes, so it cannot be evaluated there"
         )
     if adapter:
-        from cliptune.export import load_adapter
+        from cliptune.deploy.export import load_adapter
 
         load_adapter(method, adapter)
     else:

@@ -15,10 +15,10 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from cliptune.errors import CliptuneError
-from cliptune.options import coerce
+from cliptune.core.errors import CliptuneError
+from cliptune.core.options import coerce
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
 RECIPE_META_KEYS = ("extends", "name", "domain", "summary", "description", "fallback")
 PATH_KEYS = ("data", "pretrained", "model_config", "classnames", "templates", "reference", "reference_texts", "tasks", "controls")
 
@@ -421,7 +421,7 @@ def config_from_dict(values: Dict[str, Any]) -> RunConfig:
 
 
 def save_config(config: RunConfig, path: Path) -> None:
-    from cliptune.runfolder import atomic_write_text
+    from cliptune.core.runfolder import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 

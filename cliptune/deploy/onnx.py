@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from cliptune.classifier import SELF_CHECK_TOLERANCE, Classifier, export_classifier, load, merges, probe_images
-from cliptune.errors import CliptuneError
-from cliptune.runfolder import _atomic, atomic_write_json
+from cliptune.deploy.classifier import SELF_CHECK_TOLERANCE, Classifier, export_classifier, load, merges, probe_images
+from cliptune.core.errors import CliptuneError
+from cliptune.core.runfolder import _atomic, atomic_write_json
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"

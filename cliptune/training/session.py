@@ -14,23 +14,23 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from cliptune.config import RunConfig, load_config
+from cliptune.config.run import RunConfig, load_config
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from cliptune.data import (ImageDataset, ImageFolderData, augments, eval_geometry, eval_transform, labels_tensor, load_imagefolder,
+from cliptune.data.folders import (ImageDataset, split_key, ImageFolderData, augments, eval_geometry, eval_transform, labels_tensor, load_imagefolder,
                            loader_settings, train_transform)
-from cliptune.engine import Inputs, load_method_state
-from cliptune.errors import CliptuneError
-from cliptune.features import image_features, split_key
-from cliptune.imagecache import DecodedImages, decode_split, train_size
+from cliptune.training.engine import Inputs, load_method_state
+from cliptune.core.errors import CliptuneError
+from cliptune.models.features import image_features
+from cliptune.data.imagecache import DecodedImages, decode_split, train_size
 from cliptune.methods import build_method
 from cliptune.methods.base import Method
-from cliptune.metrics import classification_metrics
-from cliptune.models import LoadedModel, load_model
-from cliptune.runfolder import RunFolder, read_json
-from cliptune.templates import load_templates
-from cliptune.zeroshot import zeroshot_weights
+from cliptune.core.metrics import classification_metrics
+from cliptune.models.loading import LoadedModel, load_model
+from cliptune.core.runfolder import RunFolder, read_json
+from cliptune.data.templates import load_templates
+from cliptune.models.zeroshot import zeroshot_weights
 
 
 def model_from_config(config: RunConfig, device: str | torch.device = "cpu") -> LoadedModel:

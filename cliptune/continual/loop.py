@@ -40,22 +40,22 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cliptune.config import CHOICES, RunConfig, check_config, load_config, parse_dataset_spec, save_config
-from cliptune.data import IMAGE_EXTENSIONS, ImageFolderData, eval_transform, load_imagefolder
-from cliptune.engine import Trainer, load_method_state
-from cliptune.errors import CliptuneError
+from cliptune.config.run import CHOICES, RunConfig, check_config, load_config, parse_dataset_spec, save_config
+from cliptune.data.folders import IMAGE_EXTENSIONS, ImageFolderData, eval_transform, load_imagefolder
+from cliptune.training.engine import Trainer, load_method_state
+from cliptune.core.errors import CliptuneError
 from cliptune.methods import build_method, methods_exporting
-from cliptune.models import LoadedModel
-from cliptune.progress import RESULT
-from cliptune.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json
-from cliptune.session import Session, make_accelerator, model_from_config
-from cliptune.templates import load_templates
-from cliptune.towers import TextTower
-from cliptune.wise import interpolate
-from cliptune.zeroshot import zeroshot_weights
+from cliptune.models.loading import LoadedModel
+from cliptune.core.progress import RESULT
+from cliptune.core.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json
+from cliptune.training.session import Session, make_accelerator, model_from_config
+from cliptune.data.templates import load_templates
+from cliptune.models.towers import TextTower
+from cliptune.models.interpolation import interpolate
+from cliptune.models.zeroshot import zeroshot_weights
 
 log = logging.getLogger("cliptune")
-DEFAULT_REFERENCE_TEXTS = Path(__file__).parent / "assets" / "reference_texts.txt"
+DEFAULT_REFERENCE_TEXTS = Path(__file__).resolve().parents[1] / "assets" / "reference_texts.txt"
 STRATEGIES = CHOICES["strategy"]
 DISTILLING = ("lwf", "lwf-vr", "zscl")
 DEFAULT_METHOD = "full"  # continual learning needs a method whose weights merge into CLIP
@@ -455,7 +455,7 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
             progress["control_acc"].append([_evaluate(config, model, d, templates, accelerator, run.cache) for _, d in controls])
             log.info("after %s: %s", name, "  ".join(f"{n} {a:.2%}" for n, a in zip(names, progress["acc"][-1])))
             if accelerator.is_main_process:
-                from cliptune.runfolder import replace_dir
+                from cliptune.core.runfolder import replace_dir
 
                 staging = run.checkpoints / ".last-staging"
                 atomic_save_safetensors(staging / "model.safetensors", model.clip.state_dict())

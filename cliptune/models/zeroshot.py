@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from cliptune.towers import TextTower
+from cliptune.models.towers import TextTower
 
 
 def class_prompts(classname: str, templates: Sequence[str]) -> list[str]:

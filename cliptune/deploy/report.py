@@ -19,9 +19,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from cliptune.errors import CliptuneError
-from cliptune.metrics import calibration_bins, expected_calibration_error
-from cliptune.runfolder import RunFolder, atomic_save_safetensors, atomic_write_text, read_json
+from cliptune.core.errors import CliptuneError
+from cliptune.core.metrics import calibration_bins, expected_calibration_error
+from cliptune.core.runfolder import RunFolder, atomic_save_safetensors, atomic_write_text, read_json
 
 REPORT = "report.html"
 NUMBER = re.compile(r"[\d.,]+%?|–")
@@ -48,8 +48,8 @@ def save_predictions(run_dir: str | Path, split: str, logits: torch.Tensor, labe
 
 
 def _split_labels(run: RunFolder, split: str) -> Tuple[List[Path], List[int]]:
-    from cliptune.config import load_config
-    from cliptune.data import load_imagefolder
+    from cliptune.config.run import load_config
+    from cliptune.data.folders import load_imagefolder
 
     config = load_config(run.config)
     if config.base_novel or not config.data:
@@ -72,7 +72,7 @@ def load_predictions(run_dir: str | Path, split: str) -> Optional[Tuple[torch.Te
         files, labels = _split_labels(run, split)
     except CliptuneError:
         return None
-    from cliptune.classifier import load
+    from cliptune.deploy.classifier import load
 
     classifier = load(run_dir)
     logits = []
@@ -226,7 +226,7 @@ def _run_summary(run_dir: str | Path) -> Dict:
     if split not in metrics or "method" not in metrics:
         raise CliptuneError(f"{run.root} is not a finetune or zeroshot run (its metrics.json has no '{split}' results)")
     config = run.config.read_text() if run.config.is_file() else ""
-    from cliptune.config import load_config
+    from cliptune.config.run import load_config
 
     shots = load_config(run.config).shots if run.config.is_file() else None
     return {"root": run.root, "name": run.root.name or str(run.root), "metrics": metrics, "split": split,

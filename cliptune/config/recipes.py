@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List
 
-from cliptune.config import RECIPE_DIR, RunConfig, read_recipe, resolve_recipe_path
+from cliptune.config.run import RECIPE_DIR, RunConfig, read_recipe, resolve_recipe_path
 
 
 def recipe_paths() -> List[Path]:

@@ -29,17 +29,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cliptune.config import load_config
-from cliptune.data import IMAGE_EXTENSIONS, eval_transform
-from cliptune.engine import load_method_state
-from cliptune.errors import CliptuneError
+from cliptune.config.run import load_config
+from cliptune.data.folders import IMAGE_EXTENSIONS, eval_transform
+from cliptune.training.engine import load_method_state
+from cliptune.core.errors import CliptuneError
 from cliptune.methods import build_method
-from cliptune.models import LoadedModel, _resolve_local_text_paths, load_model
-from cliptune.progress import progress_bar
-from cliptune.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json, replace_dir
-from cliptune.session import finished_run, load_run_method, model_from_config
-from cliptune.templates import load_templates
-from cliptune.zeroshot import zeroshot_weights
+from cliptune.models.loading import LoadedModel, _resolve_local_text_paths, load_model
+from cliptune.core.progress import progress_bar
+from cliptune.core.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json, replace_dir
+from cliptune.training.session import finished_run, load_run_method, model_from_config
+from cliptune.data.templates import load_templates
+from cliptune.models.zeroshot import zeroshot_weights
 
 SIDECAR = "classifier.json"
 MODEL_WEIGHTS = "model.safetensors"

@@ -31,10 +31,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from cliptune.data import Split
-from cliptune.features import split_key
-from cliptune.progress import progress_bar
-from cliptune.runfolder import atomic_write
+from cliptune.data.folders import Split, split_key
+from cliptune.core.progress import progress_bar
+from cliptune.core.runfolder import atomic_write
 
 log = logging.getLogger("cliptune")
 

@@ -14,7 +14,7 @@ import typing
 from dataclasses import MISSING, field, fields
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from cliptune.errors import CliptuneError
+from cliptune.core.errors import CliptuneError
 
 
 def option(default: Any = MISSING, help: str = "", *, choices: Optional[Sequence] = None, min: Optional[float] = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -16,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from cliptune.errors import CliptuneError
+from cliptune.core.errors import CliptuneError
 
 log = logging.getLogger("cliptune")
 
@@ -303,3 +304,15 @@ def loader_settings(num_workers: Optional[int], device: torch.device) -> Dict:
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             num_workers = max(1, min(8, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
     return {"num_workers": num_workers, "persistent_workers": num_workers > 0, "pin_memory": device.type == "cuda"}
+
+
+def split_key(parts: Sequence[str], split: Split) -> str:
+    """Cache key of what was computed from `split`'s files: the identity `parts`, then each file's path, label, size and mtime."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    for path, label in zip(split.files, split.labels):
+        stat = Path(path).stat()
+        digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]

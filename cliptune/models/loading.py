@@ -23,8 +23,8 @@ import open_clip
 import torch
 from torch import nn
 
-from cliptune.errors import CliptuneError
-from cliptune.towers import HFTextTower, ImageTower, TextTower, text_tower
+from cliptune.core.errors import CliptuneError
+from cliptune.models.towers import HFTextTower, ImageTower, TextTower, text_tower
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 log = logging.getLogger("cliptune")

@@ -17,7 +17,7 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 from torch import nn
 
-from cliptune.errors import CliptuneError
+from cliptune.core.errors import CliptuneError
 
 # Called before block `index` with the hidden states; returns the (possibly edited) hidden states.
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]

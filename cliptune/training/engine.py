@@ -27,13 +27,13 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cliptune.config import RunConfig
-from cliptune.data import loader_settings
-from cliptune.errors import CliptuneError, InterruptedRun
+from cliptune.config.run import RunConfig
+from cliptune.data.folders import loader_settings
+from cliptune.core.errors import CliptuneError, InterruptedRun
 from cliptune.methods.base import Method
-from cliptune.metrics import classification_metrics
-from cliptune.progress import progress_bar
-from cliptune.runfolder import RunFolder, atomic_save_safetensors, atomic_torch_save, atomic_write_json, replace_dir
+from cliptune.core.metrics import classification_metrics
+from cliptune.core.progress import progress_bar
+from cliptune.core.runfolder import RunFolder, atomic_save_safetensors, atomic_torch_save, atomic_write_json, replace_dir
 
 log = logging.getLogger("cliptune")
 

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from cliptune import api
-from cliptune.config import RunConfig, build_config, load_config, parse_set
-from cliptune.errors import CliptuneError
+from cliptune.commands import api
+from cliptune.config.run import RunConfig, build_config, load_config, parse_set
+from cliptune.core.errors import CliptuneError
 from cliptune.methods import METHODS
-from cliptune.progress import progress_bar
-from cliptune.runfolder import RunFolder, atomic_save_figure, atomic_write_json, atomic_write_text, read_json
-from cliptune.session import Session, make_accelerator
+from cliptune.core.progress import progress_bar
+from cliptune.core.runfolder import RunFolder, atomic_save_figure, atomic_write_json, atomic_write_text, read_json
+from cliptune.training.session import Session, make_accelerator
 
 log = logging.getLogger("cliptune")
 GRID_KEYS = ("method", "shots", "seed")

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict
 
-from cliptune.errors import CliptuneError
+from cliptune.core.errors import CliptuneError
 
 log = logging.getLogger("cliptune")
 

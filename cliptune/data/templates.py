@@ -7,7 +7,7 @@ from typing import List, Sequence, Union
 
 import yaml
 
-from cliptune.errors import CliptuneError
+from cliptune.core.errors import CliptuneError
 
 # A short, general subset of the CLIP ImageNet ensemble; recipes override it per domain.
 DEFAULT_TEMPLATES = [

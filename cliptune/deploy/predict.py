@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
-from cliptune.classifier import Classifier, image_files, load
-from cliptune.errors import CliptuneError
+from cliptune.deploy.classifier import Classifier, image_files, load
+from cliptune.core.errors import CliptuneError
 
 FORMATS = ("table", "csv", "json")
 
