@@ -169,6 +169,9 @@ TRAINING_OPTIONS = [
 
 
 training_options = option_group(TRAINING_OPTIONS)  # shared by finetune and continual
+fallback_option = click.option(
+    "--fallback", "result_fallback", metavar="[" + "|".join(CHOICES["result_fallback"]) + "]",
+    help="What a run keeps when it ends below zero-shot on val: none (the adapted model, with a warning) or zero-shot [none].")
 
 
 def _cli_values(**values):
@@ -259,6 +262,7 @@ def zeroshot(split, recipe, set_values, out, overwrite, **options):
 @data_options
 @click.option("--method", help="Adaptation method [linear-probe]; `cliptune methods` lists them.")
 @click.option("--base-novel/--no-base-novel", default=None, help="Base-to-novel protocol: train on the first half of the classes, test on base and novel.")
+@fallback_option
 @training_options
 def finetune(recipe, set_values, out, resume, overwrite, method_values, **options):
     """Adapt the model with a method, then evaluate on the test split."""
@@ -268,10 +272,13 @@ def finetune(recipe, set_values, out, resume, overwrite, method_values, **option
     metrics = api.finetune(config, out, overwrite=overwrite, resume=resume)
     zs, test = metrics["zeroshot"], metrics["test"]
     _echo_result(f"zero-shot test: top-1 {zs['top1']:.4f}  top-5 {zs['top5']:.4f}")
-    _echo_result(f"{metrics['method']} test: top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  n={test['n']}")
+    kept = " (the zero-shot fallback)" if metrics.get("result") == "zero-shot" else ""
+    _echo_result(f"{metrics['method']} test{kept}: top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  n={test['n']}")
     if "novel" in metrics:
         _echo_result(f"zero-shot novel: top-1 {metrics['zeroshot_novel']['top1']:.4f}  harmonic mean {metrics['zeroshot_hm']:.4f}")
         _echo_result(f"{metrics['method']} novel: top-1 {metrics['novel']['top1']:.4f}  harmonic mean {metrics['hm']:.4f}")
+    if metrics["guard"]["message"]:
+        _echo_result(metrics["guard"]["message"])
     _echo_result(f"run folder: {out}")
 
 

@@ -21,7 +21,7 @@ from cliptune.core.metrics import classification_metrics
 from cliptune.deploy.report import save_predictions, write_run_report
 from cliptune.core.progress import RESULT
 from cliptune.core.runfolder import RunFolder, atomic_write_json, read_json
-from cliptune.training.session import Session, make_accelerator
+from cliptune.training.session import Session, kept_zeroshot, make_accelerator
 from cliptune.core.timing import PhaseClock, command_started, describe
 
 log = logging.getLogger("cliptune")
@@ -95,7 +95,10 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
             save_config(config, run.config)
         clock.mark_startup()
         with clock.phase("zeroshot"):
-            zeroshot_test = session.zeroshot_metrics("test")
+            zeroshot_test_logits = session.zeroshot_logits("test")  # before training: some methods train the towers in place
+            zeroshot_test = classification_metrics(zeroshot_test_logits, labels_tensor(data.split("test")), data.classes)
+            zeroshot_val = session.zeroshot_metrics("val") if len(data.splits["val"]) else None
+            zeroshot_novel = novel_session.zeroshot_metrics("test") if novel_session is not None else None
         log.info(_line("zero-shot test", zeroshot_test), extra=RESULT)
         use_features = method.uses_image_features
         with clock.phase("inputs"):
@@ -125,16 +128,41 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
             if val is not None:  # the best epoch's validation pass, when this process ran it (same weights)
                 metrics["val"] = trainer.validated.get(summary.best_epoch) or trainer.evaluate(val, data.classes)
             if novel_session is not None:
-                metrics.update(base_novel_metrics(trainer, method, test, zeroshot_test, novel_session))
+                metrics.update(base_novel_metrics(trainer, method, test, zeroshot_test, novel_session, zeroshot_novel))
+            metrics["zeroshot_val"] = zeroshot_val
+            metrics["guard"] = zeroshot_guard(config.method, metrics.get("val"), zeroshot_val, config.result_fallback)
+            if metrics["guard"]["fallback"]:
+                metrics.update(result="zero-shot", adapted={"test": test, "val": metrics["val"]}, test=zeroshot_test, val=zeroshot_val)
+                test_logits = zeroshot_test_logits
         earlier_train, earlier_eval = trainer.earlier_seconds
         metrics["time"] = clock.report(accelerator.device, train=summary.seconds - earlier_train,
                                        eval=summary.eval_seconds - earlier_eval)
         log.info(describe(metrics["time"]))
+        if metrics["guard"]["message"]:
+            log.warning(metrics["guard"]["message"], extra=RESULT)
         if accelerator.is_main_process:
             save_predictions(run.root, "test", test_logits, test_inputs.labels)
             atomic_write_json(run.metrics, metrics)
             write_run_report(run.root)
         return metrics
+
+
+def zeroshot_guard(method_name: str, val: Optional[Dict], zeroshot_val: Optional[Dict], fallback: str = "none") -> Dict:
+    """Whether the selected checkpoint ended below zero-shot on val, what the run keeps, and the line that says so.
+
+    `fallback` "zero-shot" keeps the zero-shot classifier when adaptation did not beat it on val (ties keep the
+    adapted model: it is not worse on the data the run may look at).
+    """
+    if val is None or zeroshot_val is None:
+        return {"below_zeroshot": None, "val": None, "zeroshot_val": None, "fallback": False, "message": None}
+    below = val["top1"] < zeroshot_val["top1"]
+    kept = below and fallback == "zero-shot"
+    message = None
+    if below:
+        said = f"{method_name} ended below zero-shot on val ({val['top1']:.2f} vs {zeroshot_val['top1']:.2f})"
+        message = (f"{said}; kept the zero-shot classifier (--fallback zero-shot)" if kept
+                   else f"{said}; see 'cliptune sweep' or --fallback zero-shot")
+    return {"below_zeroshot": below, "val": val["top1"], "zeroshot_val": zeroshot_val["top1"], "fallback": kept, "message": message}
 
 
 def split_base_novel(session: Session) -> tuple:
@@ -151,9 +179,9 @@ def harmonic_mean(a: float, b: float) -> float:
     return 2 * a * b / (a + b) if a + b > 0 else 0.0
 
 
-def base_novel_metrics(trainer: Trainer, method, base: Dict, zeroshot_base: Dict, novel: Session) -> Dict:
-    """Novel-class test results of a method trained on the base classes, next to zero-shot, with harmonic means."""
-    zeroshot_novel = novel.zeroshot_metrics("test")
+def base_novel_metrics(trainer: Trainer, method, base: Dict, zeroshot_base: Dict, novel: Session, zeroshot_novel: Dict) -> Dict:
+    """Novel-class test results of a method trained on the base classes, next to zero-shot (measured before
+    training, which may change the towers in place), with harmonic means."""
     method.set_classes(novel.data.classnames)
     result = trainer.evaluate(novel.inputs("test", method.uses_image_features), novel.data.classes)
     metrics = {"novel_classes": novel.data.classes, "base": base, "novel": result, "hm": harmonic_mean(base["top1"], result["top1"]),
@@ -178,6 +206,8 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
     config.shots = None
     accelerator = make_accelerator(config.mixed_precision)
     session = Session.open(config, accelerator, cache_dir=None, data_dir=data_dir)
+    if kept_zeroshot(run):  # the run's result is the zero-shot classifier (--fallback zero-shot)
+        return _write_evaluation(run, config.method, session.data, split, session.zeroshot_metrics(split))
     saved = read_json(run.checkpoints / "best" / "method.json") if (run.checkpoints / "best" / "method.json").is_file() else None
     if saved is None:
         raise CliptuneError(f"{run.root} has no trained weights (checkpoints/best is missing)")
@@ -197,11 +227,15 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
     method.to(accelerator.device)
     trainer = Trainer(method, config, None, accelerator)
     result = trainer.evaluate(session.inputs(split, method.uses_image_features), data.classes)
-    report = {"run": str(run.root), "method": config.method, "data": str(data.root), "split": split,
+    return _write_evaluation(run, config.method, data, split, result)
+
+
+def _write_evaluation(run: RunFolder, method_name: str, data, split: str, result: Dict) -> Dict:
+    report = {"run": str(run.root), "method": method_name, "data": str(data.root), "split": split,
               "classes": data.classes, split: result}
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", data.root.name or "data")
     atomic_write_json(run.root / "eval" / f"{name}-{split}.json", report)
-    log.info(_line(f"{config.method} {split} on {data.root}", result), extra=RESULT)
+    log.info(_line(f"{method_name} {split} on {data.root}", result), extra=RESULT)
     return report
 
 

@@ -154,7 +154,7 @@ def _run_cell(cell: Cell, root: Path, cache: Path) -> Dict:
              100 * metrics["zeroshot"]["top1"], "; finished before, skipped" if reused else "")
     return {**record, "status": "finished", "reused": reused, "top1": metrics["test"]["top1"],
             "top5": metrics["test"]["top5"], "zeroshot_top1": metrics["zeroshot"]["top1"],
-            "train_seconds": metrics["train"]["seconds"]}
+            "train_seconds": metrics["train"]["seconds"], "guard": (metrics.get("guard") or {}).get("message")}
 
 
 def _mean_std(values: List[float]) -> tuple:
@@ -225,6 +225,9 @@ def render_markdown(result: Dict) -> str:
     lines += _table(header, [[name] + [accuracy(name, k) for k in shots] for name in names])
     lines += ["", "Training seconds per cell (mean over seeds).", ""]
     lines += _table(header, [[name] + [seconds(name, k) for k in shots] for name in result["methods"]])
+    below = [c for c in result["cells"] if c.get("guard")]
+    if below:
+        lines += ["", "Cells below zero-shot on val:", ""] + [f"- `{c['run']}`: {c['guard']}" for c in below]
     failed = [c for c in result["cells"] if c["status"] == "failed"]
     if failed:
         lines += ["", "Failed cells:", ""] + [f"- `{c['run']}`: {c['error']}" for c in failed]

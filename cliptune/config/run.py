@@ -47,6 +47,9 @@ class RunConfig:
     # unset = on exactly when the steps come from you and the lr from the defaults
     scale_lr: Optional[bool] = None
     select: str = "best-val"  # checkpoint evaluated at the end: best-val (best validation top-1) or last
+    # `--fallback`: what a run keeps when its selected checkpoint is below zero-shot on val (none: the adapted
+    # model, with a warning; zero-shot: the zero-shot classifier, recorded as the run's result)
+    result_fallback: str = "none"
     val_shots: Optional[int] = None  # validation images per class; with --shots K default min(K, 4) (Dassl)
     lr: float = 1e-3
     batch_size: int = 32
@@ -110,6 +113,7 @@ CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "strategy": ("naive", "lwf", "lwf-vr", "zscl", "wise"),
     "select": ("best-val", "last"),
+    "result_fallback": ("none", "zero-shot"),
     "wise_anchor": ("task-start", "initial"),
     "image_cache": ("auto", "memory", "disk", "off"),
 }

@@ -219,7 +219,8 @@ def _load_run(run_dir: Path) -> Classifier:
     config, metrics = load_config(run.config), read_json(run.metrics)
     templates = _run_templates(config, metrics)
     info = {"method": metrics["method"], "source": str(run.root.resolve())}
-    if metrics["method"] == "zeroshot":
+    if metrics["method"] == "zeroshot" or metrics.get("result") == "zero-shot":  # a zero-shot run, or the fallback
+        info["method"] = "zeroshot"
         model = model_from_config(config)
         network = ZeroShotHead.of(model, metrics["classnames"], templates)
     else:

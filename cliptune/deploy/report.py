@@ -33,7 +33,7 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom
 table { border-collapse: collapse; margin: 0.5em 0; } td, th { padding: 3px 10px; border-bottom: 1px solid #eee; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; height: auto; } .figures { display: flex; flex-wrap: wrap; gap: 1em; }
-pre { background: #f6f6f6; padding: 1em; overflow-x: auto; } .note { color: #666; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; } .note { color: #666; } .warning { color: #a40000; font-weight: bold; }
 """
 
 
@@ -280,6 +280,9 @@ def run_report_html(run_dir: str | Path) -> str:
     parts = [f"<h1>cliptune run {html.escape(summary['name'])}</h1>",
              f"<p class=note>{html.escape(str(Path(summary['root']).resolve()))}</p>",
              _table(None, _headline(summary))]
+    guard = (m.get("guard") or {}).get("message")
+    if guard:
+        parts.append(f"<p class=warning>{html.escape(guard)}</p>")
     predictions = load_predictions(run_dir, split)
     figures = []
     if predictions is not None:

@@ -150,7 +150,15 @@ def finished_run(run_dir: str | Path) -> tuple:
     best = run.checkpoints / "best"
     if not (best / "method.json").is_file():
         raise CliptuneError(f"{run.root} has no trained weights (checkpoints/best is missing)")
+    if kept_zeroshot(run):
+        raise CliptuneError(f"{run.root} kept the zero-shot classifier (--fallback zero-shot), not its trained weights; "
+                            "use `cliptune predict` or `cliptune export --format classifier`")
     return config, best, read_json(best / "method.json")
+
+
+def kept_zeroshot(run: RunFolder) -> bool:
+    """True when a finished run's result is the zero-shot classifier (`--fallback zero-shot` fired)."""
+    return run.metrics.is_file() and read_json(run.metrics).get("result") == "zero-shot"
 
 
 def load_run_method(run_dir: str | Path, device: str | torch.device = "cpu") -> Method:
