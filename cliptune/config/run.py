@@ -50,7 +50,7 @@ class RunConfig:
     # `--fallback`: what a run keeps when its selected checkpoint is below zero-shot on val (none: the adapted
     # model, with a warning; zero-shot: the zero-shot classifier, recorded as the run's result)
     result_fallback: str = "none"
-    val_shots: Optional[int] = None  # validation images per class; with --shots K default min(K, 4) (Dassl)
+    val_shots: Optional[int] = None  # validation images per class (0 = all); with --shots K default min(K, 4) (Dassl)
     lr: float = 1e-3
     batch_size: int = 32
     eval_batch_size: int = 128
@@ -60,6 +60,10 @@ class RunConfig:
     warmup_steps: int = 0  # linear warm-up to lr over this many optimizer steps
     warmup_epochs: int = 0  # Dassl's constant warm-up: this many epochs at warmup_lr, then the schedule
     warmup_lr: float = 1e-5
+    lr_per_epoch: bool = False  # hold the lr for a whole epoch (Dassl steps its scheduler once per epoch)
+    min_lr: float = 0.0  # the cosine's floor (CosineAnnealingLR's eta_min)
+    adam_eps: float = 1e-8  # AdamW's eps
+    drop_last: bool = False  # drop a last partial batch each epoch (Dassl's train loader)
     grad_accum: int = 1
     max_grad_norm: Optional[float] = None
     label_smoothing: float = 0.0
@@ -145,9 +149,11 @@ RANGES = {
     "wise_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "vocab_per_step": (lambda v: v is None or v >= 1, "at least 1 (or unset for the whole vocabulary)"),
     "steps": (lambda v: v is None or v >= 1, "at least 1 (or unset to train --epochs)"),
-    "val_shots": (lambda v: v is None or v >= 1, "at least 1 (or unset)"),
+    "val_shots": (lambda v: v is None or v >= 0, "at least 0 (0 = every validation image; unset = min(shots, 4))"),
     "warmup_epochs": (lambda v: v >= 0, "at least 0"),
     "warmup_lr": (lambda v: v > 0, "greater than 0"),
+    "min_lr": (lambda v: v >= 0, "at least 0"),
+    "adam_eps": (lambda v: v > 0, "greater than 0"),
     "eval_every": (lambda v: v is None or v >= 1, "at least 1 (or unset for the automatic cadence)"),
     "l2": (lambda v: v >= 0, "at least 0"),
     "vocab_size": (lambda v: v >= 2, "at least 2"),

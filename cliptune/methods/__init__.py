@@ -36,6 +36,9 @@ def _checked(cls: Type[Method]) -> Type[Method]:
         raise TypeError(f"{cls.__name__} is not a complete Method (abstract, unnamed or without a MethodConfig)")
     if not cls.trains or not cls.paper:
         raise TypeError(f"{cls.__name__} must say what trains and which paper it follows")
+    if cls.config_class.__dict__.get("section", cls.name) != cls.name:
+        raise TypeError(f"{cls.__name__} shares {cls.config_class.__name__} with '{cls.config_class.section}': give it its own subclass")
+    cls.config_class.section = cls.name  # the recipe section and error prefix of the method's options
     for fmt in cls.export_formats:
         if fmt not in FORMAT_NEEDS:
             raise TypeError(f"{cls.__name__} declares unknown export format {fmt!r}")
@@ -73,6 +76,7 @@ def describe_method(name: str, shots: Optional[int] = 16) -> str:
     """What `cliptune methods show NAME` prints: the method, its training defaults and its options."""
     cls = method_class(name)
     lines = [f"{cls.name}: {cls.trains}", f"paper: {cls.paper}", "",
+             *([f"differs from the original code: {cls.differs}"] if cls.differs else []),
              f"training defaults (with --shots {shots}; a recipe, CLI flags and --set override them):"]
     defaults = cls.training_defaults(shots)
     lines += [f"  {key}: {value}" for key, value in defaults.items()] or ["  (the engine's defaults)"]

@@ -30,7 +30,7 @@ class MethodConfig:
     (subclasses add cross-field checks after calling it), so a bad value fails before any work.
     """
 
-    section: ClassVar[str] = ""  # the method name; set by Method.__init_subclass__
+    section: ClassVar[str] = ""  # the method name; set when the method is registered (cliptune/methods/__init__.py)
 
     def __post_init__(self) -> None:
         validate_fields(self, prefix=f"{self.section}." if self.section else "")
@@ -55,6 +55,8 @@ class Method(nn.Module, metaclass=ABCMeta):
     # One line each for `cliptune methods`: what trains, and the paper the method follows.
     trains: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    # One line, where the defaults deliberately differ from the original code (shown by `cliptune methods show`).
+    differs: ClassVar[str] = ""
     # True when the image tower is frozen: the engine then caches image features and feeds those.
     uses_image_features: bool = True
     # True when learned state only makes sense for the training class list (e.g. a linear head).
@@ -64,11 +66,6 @@ class Method(nn.Module, metaclass=ABCMeta):
     export_formats: ClassVar[tuple] = ()
     # True when WiSE-FT can mix a run's `wise_parts()` with those of `zeroshot_endpoint(...)`.
     wise_ft: ClassVar[bool] = False
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if cls.name and cls.config_class is not MethodConfig:
-            cls.config_class.section = cls.name
 
     def __init__(
         self,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptune.methods.base import Method, MethodConfig
-from cliptune.methods.coop import dassl_schedule
+from cliptune.methods.coop import DASSL_DIFFERENCE, dassl_schedule
 from cliptune.methods.prompts import ClassPrompts, initial_context
 from cliptune.core.options import option
 
@@ -32,11 +32,12 @@ class CoCoOp(Method):
     config_class = CoCoOpConfig
     trains = "context vectors + a meta-net conditioning them on each image"
     paper = "CoCoOp (Zhou et al., CVPR'22)"
+    differs = DASSL_DIFFERENCE
     uses_image_features = True
 
     @classmethod
     def training_defaults(cls, shots):
-        # configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml: SGD 0.002, batch 1, 10 epochs
+        # configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml:3,17,18: SGD 0.002, batch 1, 10 epochs
         return dassl_schedule(0.002, 1, 10)
 
     def __init__(self, model, classnames, templates, config: CoCoOpConfig, descriptions=None):

@@ -29,12 +29,31 @@ class CoOpConfig(MethodConfig):
     class_token_position: str = option("end", "where the class name goes", choices=POSITIONS)
 
 
+VIEW_BANK = 16  # augmented views encoded once per training image, instead of a fresh augmentation every step
+
+
+def dassl_epochs(shots) -> int:
+    """CoOp's epochs by shots (COOP.md:18-22: 1 shot -> vit_b16_ep50, 2 and 4 -> ep100, 8 and 16 -> 200; full data 200)."""
+    return 50 if shots is not None and shots <= 1 else 100 if shots is not None and shots <= 4 else 200
+
+
 def dassl_schedule(lr: float, batch_size: int, epochs: int, optimizer: str = "sgd") -> dict:
-    """The Dassl trainers' optimisation (CoOp, CoCoOp, MaPLe configs): SGD momentum 0.9, weight decay 5e-4,
-    cosine schedule after one warm-up epoch at a constant 1e-5; RandomResizedCrop(0.08-1) + flip; last epoch."""
+    """The Dassl trainers' optimisation (CoOp, CoCoOp, MaPLe configs), as Dassl runs it:
+    SGD momentum 0.9, weight decay 5e-4 (dassl/config/defaults.py:153-156); one warm-up epoch at a constant
+    1e-5, then a cosine over the epochs stepped once per epoch (configs/trainers/CoOp/vit_b16.yaml:20-22,
+    trainers/coop.py:281-282); the last partial batch dropped (dassl/data/data_manager.py:43);
+    RandomResizedCrop(0.08-1) + flip (vit_b16.yaml:13, defaults.py:40); the last epoch evaluated (defaults.py:216).
+
+    One deliberate difference: a frozen image tower sees a bank of 16 augmented views per image, encoded once,
+    where Dassl re-augments every step (`--aug-per-step`, as `recipes/<method>.yaml` do, is exact and slower).
+    """
     return {"optimizer": optimizer, "lr": lr, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": batch_size,
-            "epochs": epochs, "warmup_epochs": 1, "warmup_lr": 1e-5, "aug_crop_scale": [0.08, 1.0],
-            "aug_hflip": True, "select": "last"}
+            "epochs": epochs, "warmup_epochs": 1, "warmup_lr": 1e-5, "lr_per_epoch": True, "drop_last": True,
+            "aug_crop_scale": [0.08, 1.0], "aug_hflip": True, "aug_views": VIEW_BANK, "select": "last"}
+
+
+DASSL_DIFFERENCE = ("a bank of 16 augmented views per image encoded once, where Dassl re-augments every step "
+                    "(--aug-per-step is exact)")
 
 
 class CoOp(Method):
@@ -42,13 +61,13 @@ class CoOp(Method):
     config_class = CoOpConfig
     trains = "context vectors of the class prompts (text tower frozen)"
     paper = "CoOp (Zhou et al., IJCV'22)"
+    differs = DASSL_DIFFERENCE
     uses_image_features = True
 
     @classmethod
     def training_defaults(cls, shots):
-        # configs/trainers/CoOp/vit_b16{_ep50,_ep100,}.yaml: 50 epochs for 1-2 shots, 100 for 4-8, 200 for 16 (and full data)
-        epochs = 50 if shots is not None and shots <= 2 else 100 if shots is not None and shots <= 8 else 200
-        return dassl_schedule(0.002, 32, epochs)
+        # configs/trainers/CoOp/vit_b16.yaml:3,17 (batch 32, SGD lr 0.002); epochs by shots from COOP.md:18-22
+        return dassl_schedule(0.002, 32, dassl_epochs(shots))
 
     def __init__(self, model, classnames, templates, config: CoOpConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)

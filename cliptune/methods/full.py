@@ -50,6 +50,8 @@ class FullFineTune(Method):
     config_class = FullConfig
     trains = "whole towers or their last N blocks (CE, FLYP contrastive or soft-target loss)"
     paper = "WiSE-FT (Wortsman et al., CVPR'22) / FLYP (Goyal et al., CVPR'23)"
+    differs = ("batch 32, where WiSE-FT and FLYP use 512 (a CPU-sized default; recipes/flyp.yaml and wise-ft.yaml use 512); "
+               "the 500 warm-up steps are capped at a fifth of a shorter run")
     uses_image_features = False
     class_specific = False
     export_formats = ("merged",)
@@ -57,10 +59,12 @@ class FullFineTune(Method):
 
     @classmethod
     def training_defaults(cls, shots):
-        # FLYP / WiSE-FT end-to-end fine-tuning: AdamW, lr 1e-5, weight decay 0.1, cosine with warm-up, 10 epochs
-        # (their batch of 512 does not fit a CPU: batch 32 here); RandomResizedCrop(0.9-1) as open_clip's training.
+        # FLYP README.md:34 (AdamW lr 1e-5, weight decay 0.1, 10 epochs), wise-ft src/args.py:96 + models/utils.py:15-30
+        # (500 warm-up steps, then cosine), wise-ft src/models/finetune.py:89 (gradient norm clipped at 1.0) and
+        # finetune.py:119-120 (the last epoch is kept); clip/clip.py:68 RandomResizedCrop(0.9-1), no flip.
         return {"optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.1, "batch_size": 32, "epochs": 10,
-                "warmup_epochs": 0, "aug_crop_scale": [0.9, 1.0], "aug_hflip": False, "select": "best-val"}
+                "warmup_epochs": 0, "warmup_steps": 500, "max_grad_norm": 1.0, "aug_crop_scale": [0.9, 1.0],
+                "aug_hflip": False, "select": "last"}
 
     def __init__(self, model, classnames, templates, config: FullConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
@@ -145,8 +149,8 @@ class FullFineTune(Method):
         return torch.stack(rows)
 
     def logit_scale(self) -> torch.Tensor:
-        scale = self.clip.logit_scale.exp()
-        return scale if self.config.lock_logit_scale else scale.clamp(max=100)  # CLIP's cap when it trains
+        # FLYP trains the scale unclamped (clip/model.py:378 returns logit_scale.exp()); a clamp would cut its gradient
+        return self.clip.logit_scale.exp()
 
     # ----- forward and loss -----
     @property

@@ -193,10 +193,11 @@ class LoRA(Method):
 
     @classmethod
     def training_defaults(cls, shots):
-        # CLIP-LoRA main.py/lora.py: AdamW lr 2e-4, weight decay 0.01, batch 32, cosine, 500 x shots iterations,
-        # RandomResizedCrop(0.08-1) + flip; the last iteration is evaluated.
+        # CLIP-LoRA run_utils.py:28-30 (lr 2e-4, 500 iterations per shot, batch 32), lora.py:73-76 (AdamW, weight decay
+        # 0.01, CosineAnnealingLR(total_iters, eta_min=1e-6) stepped every iteration), main.py:38-43
+        # (RandomResizedCrop(0.08-1) + flip); lora.py:143 evaluates the last iteration.
         return {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.01, "batch_size": 32, "steps": 500 * (shots or 16),
-                "warmup_epochs": 0, "aug_crop_scale": [0.08, 1.0], "aug_hflip": True, "select": "last"}
+                "min_lr": 1e-6, "warmup_epochs": 0, "aug_crop_scale": [0.08, 1.0], "aug_hflip": True, "select": "last"}
 
     @classmethod
     def zeroshot_endpoint(cls, model, classnames, templates, options):

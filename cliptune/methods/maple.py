@@ -9,6 +9,8 @@ Both towers stay frozen; the image tower runs with its prompts, so this method t
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 from typing import List
 
@@ -38,8 +40,11 @@ class MaPLe(Method):
 
     @classmethod
     def training_defaults(cls, shots):
-        # configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml: SGD 0.0035, batch 4, 5 epochs
-        return dassl_schedule(0.0035, 4, 5)
+        # configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml:3,17,18: SGD 0.0035, batch 4, 5 epochs; the image
+        # tower trains, so every step re-augments (no view bank)
+        schedule = dassl_schedule(0.0035, 4, 5)
+        del schedule["aug_views"]
+        return schedule
 
     def __init__(self, model, classnames, templates, config: MaPLeConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
@@ -52,7 +57,11 @@ class MaPLe(Method):
         self.deep_text = nn.ParameterList(
             [nn.Parameter(torch.randn(config.n_ctx, text.width, device=device) * 0.02) for _ in range(self.depth - 1)]
         )
-        self.couplings = nn.ModuleList([nn.Linear(text.width, image.width) for _ in range(self.depth)]).to(device)
+        # trainers/maple.py:103,116-117: the input layer's own projection, then deep copies of ONE Linear for the
+        # deeper layers (`_get_clones`), so those start identical
+        first = nn.Linear(text.width, image.width)
+        deep = nn.Linear(text.width, image.width)
+        self.couplings = nn.ModuleList([first] + [copy.deepcopy(deep) for _ in range(self.depth - 1)]).to(device)
         self.register_buffer("scale", model.logit_scale.detach().clone(), persistent=False)
         self._cache = TextFeatureCache()
 

@@ -67,7 +67,7 @@ def build_optimizer(config: RunConfig, parameters, lr: Optional[float] = None):
         raise CliptuneError(f"method '{config.method}' has no trainable parameters")
     lr = config.lr if lr is None else lr
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay, eps=config.adam_eps)
     if config.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "lion":
@@ -77,25 +77,40 @@ def build_optimizer(config: RunConfig, parameters, lr: Optional[float] = None):
     raise CliptuneError(f"unknown optimizer '{config.optimizer}' (available: adamw, sgd, lion)")
 
 
-def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int, constant_steps: int = 0, constant_factor: float = 0.0):
-    """Cosine decay to zero after a warm-up: `constant_steps` at `constant_factor` x lr (Dassl's
-    WARMUP_TYPE constant), then `warmup_steps` of linear warm-up to the base lr.
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int, constant_steps: int = 0, constant_factor: float = 0.0,
+                       min_factor: float = 0.0, steps_per_epoch: Optional[int] = None):
+    """Cosine decay to `min_factor` x lr after a warm-up: `constant_steps` at `constant_factor` x lr (Dassl's
+    WARMUP_TYPE constant), then `warmup_steps` of linear warm-up to the base lr, `(step + 1) / warmup_steps`
+    as in wise-ft/FLYP/ZSCL `_warmup_lr` (src/models/utils.py:15-16).
 
     As in Dassl (ConstantWarmupScheduler around CosineAnnealingLR(T_max=max_epoch), WARMUP_RECOUNT), the
     cosine starts counting after the constant warm-up but keeps the whole budget as its period, so it
-    does not quite reach zero when the constant warm-up is used.
+    does not quite reach zero when the constant warm-up is used. `steps_per_epoch` holds the lr for a whole
+    epoch (Dassl steps its scheduler once per epoch: CoOp trainers/coop.py:281-282), so epoch e >= 1 trains at
+    `lr * 0.5 * (1 + cos(pi * (e - 1) / epochs))`. `min_factor` is CosineAnnealingLR's `eta_min / lr`.
     """
 
     def factor(step: int) -> float:
+        if steps_per_epoch:
+            step -= step % steps_per_epoch
         if step < constant_steps:
             return constant_factor
         step -= constant_steps
         if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
+            return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+WARMUP_SHARE = 0.2  # a linear warm-up never takes more than this share of the run's optimizer updates
+
+
+def warmup_length(config: RunConfig, total_updates: int) -> int:
+    """The run's linear warm-up: `config.warmup_steps`, capped at a fifth of the run (WiSE-FT's and FLYP's 500 steps
+    are ~2 % of an ImageNet run; on a few-shot run of 50 updates they would never reach the lr)."""
+    return min(config.warmup_steps, int(WARMUP_SHARE * total_updates))
 
 
 def budget_lr_factor(config: RunConfig, updates_per_epoch: int) -> float:
@@ -115,14 +130,22 @@ def budget_lr_factor(config: RunConfig, updates_per_epoch: int) -> float:
     return min(10.0, math.sqrt(reference / config.steps)) if reference > config.steps else 1.0
 
 
+def batches_per_epoch(config: RunConfig, train_size: int) -> int:
+    """Micro-batches in one epoch; `drop_last` drops a last partial batch as Dassl's train loader does
+    (`drop_last=is_train and len(data_source) >= batch_size`: dassl/data/data_manager.py:43)."""
+    if config.drop_last and train_size >= config.batch_size:
+        return train_size // config.batch_size
+    return math.ceil(train_size / config.batch_size)
+
+
 def updates_per_epoch(config: RunConfig, train_size: int) -> int:
     """Optimizer updates in one epoch: micro-batches grouped by gradient accumulation."""
-    return math.ceil(math.ceil(train_size / config.batch_size) / config.grad_accum)
+    return math.ceil(batches_per_epoch(config, train_size) / config.grad_accum)
 
 
 def training_length(config: RunConfig, train_size: int) -> tuple:
     """(epochs, micro-batches in the last epoch, optimizer updates in all) for `--epochs` or a `--steps` budget."""
-    batches = math.ceil(train_size / config.batch_size)
+    batches = batches_per_epoch(config, train_size)
     per_epoch = updates_per_epoch(config, train_size)
     if not config.steps:
         return config.epochs, batches, per_epoch * config.epochs
@@ -221,7 +244,8 @@ class Trainer:
     def _epoch_batches(self, n: int, epoch: int) -> List[torch.Tensor]:
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
         order = torch.randperm(n, generator=generator)
-        return [order[i : i + self.config.batch_size] for i in range(0, n, self.config.batch_size)]
+        size = self.config.batch_size
+        return [order[i : i + size] for i in range(0, n, size)][: batches_per_epoch(self.config, n)]
 
     def _view_choice(self, inputs: Inputs, epoch: int) -> Optional[torch.Tensor]:
         if inputs.features is None or inputs.features.dim() != 3:
@@ -336,8 +360,13 @@ class Trainer:
         # warm-up epochs keep their share of the epoch budget when a --steps budget replaces it
         constant_steps = (round(config.steps * config.warmup_epochs / max(1, config.epochs)) if config.steps
                           else config.warmup_epochs * per_epoch)
-        scheduler = cosine_with_warmup(optimizer, config.warmup_steps, total_updates,
-                                       constant_steps=constant_steps, constant_factor=config.warmup_lr / lr)
+        warmup = warmup_length(config, total_updates)
+        if warmup < config.warmup_steps:
+            log.info("warm-up of %d steps capped at %d, a fifth of the run's %d optimizer steps", config.warmup_steps, warmup,
+                     total_updates)
+        scheduler = cosine_with_warmup(optimizer, warmup, total_updates, constant_steps=constant_steps,
+                                       constant_factor=config.warmup_lr / lr, min_factor=min(1.0, config.min_lr / lr),
+                                       steps_per_epoch=per_epoch if config.lr_per_epoch else None)
         self.model, optimizer = accelerator.prepare(self.method, optimizer)
         every = eval_interval(config, train, val)
         if val is not None and len(val) and every > 1:

@@ -41,6 +41,13 @@ def model_from_config(config: RunConfig, device: str | torch.device = "cpu") -> 
     return model
 
 
+def validation_shots(config: RunConfig) -> Optional[int]:
+    """Validation images kept per class: `val_shots` (0 = all), by default min(shots, 4) with --shots (Dassl)."""
+    if config.val_shots is not None:
+        return config.val_shots or None
+    return min(config.shots, 4) if config.shots else None
+
+
 def make_accelerator(mixed_precision: str = "no"):
     """An Accelerator for this process; resets accelerate's singleton state between library calls."""
     from accelerate import Accelerator
@@ -80,7 +87,7 @@ class Session:
             raise CliptuneError("no data given: pass --data DIR (an ImageFolder root)")
         data = load_imagefolder(
             data_dir, config.val_fraction, config.test_fraction, config.seed, config.shots, config.classnames, config.strict,
-            val_shots=config.val_shots if config.val_shots is not None else (min(config.shots, 4) if config.shots else None),
+            val_shots=validation_shots(config),
         )
         templates = load_templates(config.templates)
         model = model_from_config(config, accelerator.device)
