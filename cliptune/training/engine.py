@@ -34,6 +34,7 @@ from cliptune.methods.base import Method
 from cliptune.core.metrics import classification_metrics
 from cliptune.core.progress import progress_bar
 from cliptune.core.runfolder import RunFolder, atomic_save_safetensors, atomic_torch_save, atomic_write_json, replace_dir
+from cliptune.core.seeding import isolated_rng
 
 log = logging.getLogger("cliptune")
 
@@ -310,8 +311,10 @@ class Trainer:
 
     # ----- training -----
     def fit(self, train: Inputs, val: Optional[Inputs], classes, resume: bool = False) -> TrainSummary:
-        """Train for `config.epochs` (or the epochs left in RUN/checkpoints/last with `resume`)."""
-        with StopRequest() as self._stop:
+        """Train for `config.epochs` (or the epochs left in RUN/checkpoints/last with `resume`).
+
+        Each epoch reseeds torch's global generators (augmentation, dropout); the caller's are restored afterwards."""
+        with StopRequest() as self._stop, isolated_rng():
             return self._fit(train, val, classes, resume)
 
     def _fit(self, train: Inputs, val: Optional[Inputs], classes, resume: bool) -> TrainSummary:
@@ -360,7 +363,7 @@ class Trainer:
             resuming_mid_epoch = epoch == start_epoch and start_step > 0
             if resuming_mid_epoch:
                 set_rng_state(resumed_rng)
-            else:
+            else:  # inside fit's isolated_rng: the caller's generators are restored when training ends
                 torch.manual_seed(config.seed * 1_000_003 + epoch)
             first_step = start_step if epoch == start_epoch else 0
             batches = self._epoch_batches(len(train), epoch)
