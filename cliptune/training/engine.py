@@ -329,7 +329,7 @@ class Trainer:
         epochs, last_epoch_batches, total_updates = training_length(config, len(train))
         per_epoch = updates_per_epoch(config, len(train))
         lr = config.lr * budget_lr_factor(config, per_epoch)
-        sources = getattr(config, "sources", {})
+        sources = config.sources
         log.info("%d trainable parameters; optimizer %s (set by %s), lr %g (set by %s)%s; %d optimizer steps",
                  sum(p.numel() for p in parameters), config.optimizer,
                  sources.get("optimizer", "engine defaults"), config.lr, sources.get("lr", "engine defaults"),
