@@ -129,7 +129,7 @@ def options_named(options, *names):
     """The options of a shared list with these parameter names, in the list's order (to reuse flags)."""
 
     def name(option):
-        return option(lambda: None).__click_params__[0].name
+        return click.command("probe")(option(lambda: None)).params[0].name  # the parameter the decorator adds
 
     chosen = [option for option in options if name(option) in names]
     assert len(chosen) == len(names), f"no option for some of {names}"

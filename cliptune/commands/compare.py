@@ -20,9 +20,10 @@ from typing import Dict, List, Optional, Sequence
 from cliptune.commands import api
 from cliptune.config.run import RunConfig, build_config, load_config, parse_set
 from cliptune.core.errors import CliptuneError
+from cliptune.core.figures import new_figure, save_figure
 from cliptune.methods import METHODS
 from cliptune.core.progress import progress_bar
-from cliptune.core.runfolder import RunFolder, atomic_save_figure, atomic_write_json, atomic_write_text, read_json
+from cliptune.core.runfolder import RunFolder, atomic_write_json, atomic_write_text, read_json
 from cliptune.training.session import Session, make_accelerator
 
 log = logging.getLogger("cliptune")
@@ -236,13 +237,9 @@ def render_markdown(result: Dict) -> str:
 
 def plot(result: Dict, path: Path) -> None:
     """compare.png: test top-1 against shots, one line per method (std as error bars), zero-shot dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import NullLocator
 
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = new_figure(figsize=(6, 4))
     lines = [("zero-shot", result["zeroshot"], {"color": "grey", "linestyle": "--"})]
     lines += [(m, [s for s in result["summary"] if s["method"] == m], {}) for m in result["methods"]]
     for label, entries, style in lines:
@@ -261,8 +258,7 @@ def plot(result: Dict, path: Path) -> None:
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
-    atomic_save_figure(path, figure, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, dpi=120)
 
 
 def compare(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from cliptune.core.errors import CliptuneError
+from cliptune.core.figures import new_figure, save_figure
 from cliptune.core.progress import RESULT
 from cliptune.core.runfolder import RunFolder, atomic_write_json
 from cliptune.deploy.wise import run_weights
@@ -65,12 +66,7 @@ def wise_sweep(run_dir: str | Path, data_dir: Optional[str] = None, alphas: Sequ
 
 
 def plot_sweep(result: Dict, path: Path, title: str = "WiSE-FT") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5, 3.5))
+    figure, axes = new_figure(figsize=(5, 3.5))
     for split in ("val", "test"):
         axes.plot(result["alphas"], [100 * v for v in result[f"{split}_top1"]], marker="o", label=split)
     axes.axvline(result["best_alpha"], color="grey", linestyle="--", label=f"best alpha {result['best_alpha']:g}")
@@ -79,6 +75,4 @@ def plot_sweep(result: Dict, path: Path, title: str = "WiSE-FT") -> None:
     axes.set_title(title)
     axes.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, dpi=120)

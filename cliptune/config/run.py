@@ -100,18 +100,22 @@ class RunConfig:
     vocab_length: int = 10  # lwf-vr: random tokens per sequence
     # per-method options, keyed by method name
     methods: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # the layer that set each key (build_config), logged when training starts; not a setting: never in
+    # config.yaml, recipes or --set, and ignored when configs are compared
+    sources: Dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def method_options(self) -> Dict[str, Any]:
         return dict(self.methods.get(self.method, {}))
 
     def to_dict(self) -> Dict[str, Any]:
         data = dataclasses.asdict(self)
+        del data["sources"]
         sections = data.pop("methods")
         data.update({name: dict(values) for name, values in sections.items()})
         return data
 
 
-CONFIG_KEYS = [f.name for f in fields(RunConfig) if f.name != "methods"]
+CONFIG_KEYS = [f.name for f in fields(RunConfig) if f.name not in ("methods", "sources")]
 CHOICES = {
     "optimizer": ("adamw", "sgd", "lion"),
     "mixed_precision": ("no", "fp16", "bf16"),
@@ -361,7 +365,7 @@ def build_config(
     engine defaults (RunConfig) < the method's training defaults < recipe < CLI flags < `--set`.
     `method_values` are CLI flags of method options (e.g. `--n-ctx` -> `n_ctx`); they go into the
     section of whichever method the run uses. A layer that sets `epochs` but not `steps` replaces a
-    lower layer's step budget (and the other way round). The returned config's `sources` attribute
+    lower layer's step budget (and the other way round). The returned config's `sources` field
     names the layer that set each key (logged with the run).
     """
     recipe_layers = read_recipe(recipe) if recipe else []
@@ -426,7 +430,6 @@ def _apply_layer(config: RunConfig, values: Dict[str, Any], name: str, sources: 
 def config_from_dict(values: Dict[str, Any]) -> RunConfig:
     config = RunConfig()
     apply_values(config, values)
-    config.sources = {}
     return config
 
 

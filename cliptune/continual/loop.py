@@ -44,6 +44,7 @@ from cliptune.config.run import CHOICES, RunConfig, check_config, load_config, p
 from cliptune.data.folders import IMAGE_EXTENSIONS, ImageFolderData, eval_transform, load_imagefolder
 from cliptune.training.engine import Trainer, load_method_state
 from cliptune.core.errors import CliptuneError
+from cliptune.core.figures import new_figure, save_figure
 from cliptune.methods import build_method, methods_exporting
 from cliptune.models.loading import LoadedModel
 from cliptune.core.progress import RESULT
@@ -350,12 +351,7 @@ def _with_weights(pristine: nn.Module, model: LoadedModel, state: Dict[str, torc
 
 
 def _plot(path: Path, acc, tasks, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(1.2 * len(tasks) + 3, 0.9 * len(acc) + 2))
+    figure, axes = new_figure(figsize=(1.2 * len(tasks) + 3, 0.9 * len(acc) + 2))
     image = axes.imshow(acc, vmin=0, vmax=1, cmap="viridis")
     for i, row in enumerate(acc):
         for j, value in enumerate(row):
@@ -366,10 +362,7 @@ def _plot(path: Path, acc, tasks, title: str) -> None:
     axes.set_title(title)
     figure.colorbar(image, ax=axes, label="top-1")
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    tmp.replace(path)
+    save_figure(figure, path, dpi=100)
 
 
 def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False) -> Dict:

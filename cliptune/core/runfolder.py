@@ -68,12 +68,6 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
-def atomic_save_figure(path: Path, figure, **savefig_options) -> None:
-    """A matplotlib figure, in the format its file name says (the temporary name has no extension)."""
-    fmt = Path(path).suffix.lstrip(".") or "png"
-    _atomic(path, lambda tmp: figure.savefig(tmp, format=fmt, **savefig_options))
-
-
 def replace_dir(staging: Path, target: Path) -> None:
     """Swap a fully written staging folder into place, so readers never see a partial folder."""
     old = target.with_name(f".{target.name}.old")

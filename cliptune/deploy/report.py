@@ -1,6 +1,6 @@
 """HTML reports: `RUN/report.html` after every `finetune`/`zeroshot` run, and `cliptune report RUN...` side by side.
 
-A report is one self-contained file (figures are base64 PNGs rendered by matplotlib's Agg backend, no
+A report is one self-contained file (figures are base64 PNGs rendered by matplotlib's Agg renderer, no
 scripts, no network): headline numbers, the confusion matrix, per-class accuracy against zero-shot,
 training loss and validation accuracy per epoch, a reliability diagram with its ECE, and the resolved
 config. The confusion matrix and the reliability diagram come from the evaluated split's logits,
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -20,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from cliptune.core.errors import CliptuneError
+from cliptune.core.figures import new_figure, png_bytes
 from cliptune.core.metrics import calibration_bins, expected_calibration_error
 from cliptune.core.runfolder import RunFolder, atomic_save_safetensors, atomic_write_text, read_json
 
@@ -90,22 +90,9 @@ def _rgb(path: Path):
 
 
 # ----- figures -----
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _png(figure) -> str:
     """An <img> holding the figure as an embedded PNG."""
-    plt = _pyplot()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    data = base64.b64encode(png_bytes(figure, dpi=100, bbox_inches="tight")).decode("ascii")
     return f'<img alt="figure" src="data:image/png;base64,{data}">'
 
 
@@ -116,11 +103,10 @@ def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 
 def confusion_figure(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], title: str) -> str:
-    plt = _pyplot()
     counts = confusion_matrix(logits, labels, len(classes)).float()
     rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
     size = min(12, 3 + 0.35 * len(classes))
-    figure, axes = plt.subplots(figsize=(size, size))
+    figure, axes = new_figure(figsize=(size, size))
     image = axes.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class")
     if len(classes) <= 30:
@@ -140,7 +126,6 @@ def confusion_figure(logits: torch.Tensor, labels: torch.Tensor, classes: Sequen
 
 def per_class_figure(series: Dict[str, Dict[str, float]], classes: Sequence[str], title: str) -> str:
     """Horizontal bars of per-class top-1, one colour per series (e.g. zero-shot and the method)."""
-    plt = _pyplot()
     names = list(series)
     shown = list(classes)
     if len(shown) > PER_CLASS_SHOWN and len(names) >= 2:  # the largest changes from the first series to the last
@@ -153,7 +138,7 @@ def per_class_figure(series: Dict[str, Dict[str, float]], classes: Sequence[str]
         shown = shown[:PER_CLASS_SHOWN]
         title += f" (first {PER_CLASS_SHOWN} of {len(classes)} classes)"
     height = 0.8 / len(names)
-    figure, axes = plt.subplots(figsize=(8, 1 + 0.3 * len(shown) * max(1, len(names) / 2)))
+    figure, axes = new_figure(figsize=(8, 1 + 0.3 * len(shown) * max(1, len(names) / 2)))
     for k, name in enumerate(names):
         values = [series[name].get(c, float("nan")) for c in shown]
         axes.barh([i + k * height for i in range(len(shown))], values, height=height, label=name)
@@ -171,8 +156,7 @@ def curves_figure(histories: Dict[str, List[Dict]], title: str) -> Optional[str]
     histories = {name: h for name, h in histories.items() if h}
     if not histories:
         return None
-    plt = _pyplot()
-    figure, (loss_axes, val_axes) = plt.subplots(1, 2, figsize=(11, 3.8))
+    figure, (loss_axes, val_axes) = new_figure(figsize=(11, 3.8), ncols=2)
     for name, history in histories.items():
         epochs = [record["epoch"] for record in history]
         loss_axes.plot(epochs, [record["loss"] for record in history], marker="o", label=name)
@@ -195,11 +179,10 @@ def curves_figure(histories: Dict[str, List[Dict]], title: str) -> Optional[str]
 
 def reliability_figure(logits: torch.Tensor, labels: torch.Tensor, title: str, bins: int = 15) -> str:
     """Accuracy against confidence per bin (15 equal-width bins, as the ECE in metrics.json), with the ECE."""
-    plt = _pyplot()
     probs = logits.float().softmax(dim=1)
     ece = expected_calibration_error(probs, labels, bins)
     width = 1.0 / bins
-    figure, axes = plt.subplots(figsize=(4.6, 4.6))
+    figure, axes = new_figure(figsize=(4.6, 4.6))
     rows = calibration_bins(probs, labels, bins)
     lowers = [float(row[0]) for row in rows]
     axes.bar(lowers, [float(row[3]) for row in rows], width=width, align="edge", edgecolor="black", label="accuracy")

@@ -10,9 +10,8 @@ import inspect
 from dataclasses import fields
 from typing import Dict, Optional, Type
 
-import torch
-
 from cliptune.core.errors import CliptuneError
+from cliptune.core.seeding import isolated_rng
 from cliptune.methods.base import Method, MethodConfig
 from cliptune.methods.clip_adapter import CLIPAdapter
 from cliptune.methods.cocoop import CoCoOp
@@ -67,8 +66,7 @@ def build_method(name, model, classnames, templates, options=None, descriptions=
     generator is left as it was)."""
     cls = method_class(name)
     config = cls.config_class.from_options(options)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with isolated_rng(seed):
         return cls(model, classnames, templates, config, descriptions)
 
 

@@ -86,7 +86,8 @@ class SplitAttention(nn.Module):
 
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
-        if not isinstance(mha, nn.MultiheadAttention) or not mha._qkv_same_embed_dim or mha.bias_k is not None:
+        # one packed q/k/v projection (in_proj_weight is None when k/v have their own sizes)
+        if not isinstance(mha, nn.MultiheadAttention) or mha.in_proj_weight is None or mha.bias_k is not None:
             raise CliptuneError(f"LoRA needs open_clip's standard attention blocks, found {type(mha).__name__}")
         dim, bias = mha.embed_dim, mha.in_proj_bias is not None
         self.num_heads, self.dropout, self.batch_first = mha.num_heads, mha.dropout, mha.batch_first

@@ -134,8 +134,8 @@ class TipAdapterF(TipAdapter):
                 "batch_size": 256, "epochs": 20, "select": "best-val"}
 
     def set_cache_keys(self, keys: torch.Tensor) -> None:
-        if "cache_keys" in self._buffers:
-            del self._buffers["cache_keys"]
+        if "cache_keys" in dict(self.named_buffers(recurse=False)):
+            del self.cache_keys  # a buffer until now: the name is free for the parameter
         self.cache_keys = nn.Parameter(keys)  # the original's adapter.weight, trained
 
     def final_state(self, val=None):

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from cliptune.data.folders import ImageDataset, Split, split_key
 from cliptune.models.loading import LoadedModel
 from cliptune.core.progress import progress_bar
+from cliptune.core.seeding import isolated_rng
 
 log = logging.getLogger("cliptune")
 # the features of the last few splits (a run uses three; `compare` and continual revisit them)
@@ -80,11 +81,13 @@ def image_features(
         if views > 0:
             stacked = []
             for view in range(views):
-                torch.manual_seed(seed * 1000 + view + 1)
-                stacked.append(_encode(model, images, batch_size, num_workers, accelerator, f"{desc} view {view + 1}/{views}"))
+                # the random transforms draw from the global generator: seeded per view, restored afterwards
+                with isolated_rng(seed * 1000 + view + 1):
+                    stacked.append(_encode(model, images, batch_size, num_workers, accelerator, f"{desc} view {view + 1}/{views}"))
             features = torch.stack(stacked)
         else:
-            features = _encode(model, images, batch_size, num_workers, accelerator, desc)
+            with isolated_rng():  # a DataLoader draws its workers' base seed from the global generator
+                features = _encode(model, images, batch_size, num_workers, accelerator, desc)
         if path is not None:
             from cliptune.core.runfolder import atomic_save_safetensors
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cliptune.core.errors import CliptuneError
+from cliptune.core.seeding import isolated_rng
 from cliptune.models.towers import HFTextTower, ImageTower, TextTower, text_tower
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -181,7 +182,9 @@ def _checkpoint_mismatch(name: str, path: str) -> str:
     """What differs between a checkpoint file and the model it was meant for: shapes, then missing/unexpected keys."""
     from open_clip.factory import load_state_dict
 
-    expected = {k: tuple(v.shape) for k, v in open_clip.create_model(name, pretrained=None).state_dict().items()}
+    with _quiet_model_creation(), isolated_rng():
+        reference = open_clip.create_model(name, pretrained=None)
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in load_state_dict(path, weights_only=True).items()}
     shapes = [k for k in expected if k in found and expected[k] != found[k]]
     if shapes:
@@ -202,7 +205,11 @@ HUB_PROBE_SECONDS = 5.0
 
 @contextmanager
 def _hub_offline():
-    """huggingface_hub in offline mode: files come from the local cache or not at all, without network."""
+    """huggingface_hub in offline mode: files come from the local cache or not at all, without network.
+
+    open_clip calls `hf_hub_download` without a `local_files_only` argument and huggingface_hub has no
+    public switch, so this sets the flag its HF_HUB_OFFLINE variable sets, and restores it (listed in
+    cliptune/core/private_api.py)."""
     from huggingface_hub import constants
 
     previous = constants.HF_HUB_OFFLINE
@@ -211,6 +218,41 @@ def _hub_offline():
         yield
     finally:
         constants.HF_HUB_OFFLINE = previous
+
+
+# Loggers of the libraries open_clip calls while it builds a model (open_clip itself logs on the root logger).
+LIBRARY_LOGGERS = ("open_clip", "timm", "huggingface_hub", "transformers")
+
+
+def _drop(record: logging.LogRecord) -> bool:
+    return False
+
+
+@contextmanager
+def _quiet_model_creation():
+    """Within `with`, the messages open_clip and its libraries log while building a model are dropped (our own
+    errors say what matters); other loggers, and everything afterwards, are untouched.
+
+    open_clip logs through `logging.info(...)`, i.e. on the root logger itself: a filter on the root logger drops
+    exactly those records (records of other loggers reach the root's handlers without passing its filters).
+    `logging.info` also installs a stderr handler (`basicConfig`) when the root logger has none; a NullHandler
+    stands in while open_clip runs, so the program's logging configuration is left as it was."""
+    root = logging.getLogger()
+    placeholder = logging.NullHandler() if not root.handlers else None
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    root.addFilter(_drop)
+    levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
+    for name in levels:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        root.removeFilter(_drop)
+        if placeholder is not None:
+            root.removeHandler(placeholder)
 
 
 def _probe_hub() -> None:
@@ -282,13 +324,10 @@ def load_model(
             _check_checkpoint_file(pretrained)
     if random_init:
         log.warning("no --pretrained weights given: %s is randomly initialised (seed %d)", name, seed)
-    quiet_level = logging.root.manager.disable
-    logging.disable(logging.CRITICAL)  # open_clip logs to the root logger; our own errors say what matters
     try:
         # random init is reproducible (cached features stay valid) without reseeding the caller's generator
-        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        with _quiet_model_creation(), warnings.catch_warnings(), isolated_rng(seed):
             warnings.simplefilter("ignore")
-            torch.manual_seed(seed)
             clip = _create_clip(name, None if random_init else pretrained, device)
     except (RuntimeError, AssertionError) as exc:
         # a state dict of another architecture: open_clip's resizing asserts, or load_state_dict refuses it
@@ -308,15 +347,15 @@ def load_model(
         if isinstance(exc, (OSError, ValueError)) and pretrained and Path(pretrained).is_file():
             raise CliptuneError(f"could not read checkpoint {pretrained}: {exc}") from None
         raise
-    finally:
-        logging.disable(quiet_level)
     clip.eval()
+    with _quiet_model_creation():
+        tokenizer = open_clip.get_tokenizer(name)
     preprocess = getattr(clip.visual, "preprocess_cfg", {}) or {}
     size = preprocess.get("size", getattr(clip.visual, "image_size", 224))
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     return LoadedModel(
         clip=clip,
-        tokenizer=open_clip.get_tokenizer(name),
+        tokenizer=tokenizer,
         spec=spec,
         image_size=size,
         mean=tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)),

@@ -34,6 +34,7 @@ from cliptune.methods.base import Method
 from cliptune.core.metrics import classification_metrics
 from cliptune.core.progress import progress_bar
 from cliptune.core.runfolder import RunFolder, atomic_save_safetensors, atomic_torch_save, atomic_write_json, replace_dir
+from cliptune.core.seeding import isolated_rng
 
 log = logging.getLogger("cliptune")
 
@@ -334,8 +335,10 @@ class Trainer:
 
     # ----- training -----
     def fit(self, train: Inputs, val: Optional[Inputs], classes, resume: bool = False) -> TrainSummary:
-        """Train for `config.epochs` (or the epochs left in RUN/checkpoints/last with `resume`)."""
-        with StopRequest() as self._stop:
+        """Train for `config.epochs` (or the epochs left in RUN/checkpoints/last with `resume`).
+
+        Each epoch reseeds torch's global generators (augmentation, dropout); the caller's are restored afterwards."""
+        with StopRequest() as self._stop, isolated_rng():
             return self._fit(train, val, classes, resume)
 
     def _fit(self, train: Inputs, val: Optional[Inputs], classes, resume: bool) -> TrainSummary:
@@ -350,7 +353,7 @@ class Trainer:
         epochs, last_epoch_batches, total_updates = training_length(config, len(train))
         per_epoch = updates_per_epoch(config, len(train))
         lr = config.lr * budget_lr_factor(config, per_epoch)
-        sources = getattr(config, "sources", {})
+        sources = config.sources
         log.info("%d trainable parameters; optimizer %s (set by %s), lr %g (set by %s)%s; %d optimizer steps",
                  sum(p.numel() for p in parameters), config.optimizer,
                  sources.get("optimizer", "engine defaults"), config.lr, sources.get("lr", "engine defaults"),
@@ -389,7 +392,7 @@ class Trainer:
             resuming_mid_epoch = epoch == start_epoch and start_step > 0
             if resuming_mid_epoch:
                 set_rng_state(resumed_rng)
-            else:
+            else:  # inside fit's isolated_rng: the caller's generators are restored when training ends
                 torch.manual_seed(config.seed * 1_000_003 + epoch)
             first_step = start_step if epoch == start_epoch else 0
             batches = self._epoch_batches(len(train), epoch)

@@ -48,12 +48,24 @@ def validation_shots(config: RunConfig) -> Optional[int]:
     return min(config.shots, 4) if config.shots else None
 
 
-def make_accelerator(mixed_precision: str = "no"):
-    """An Accelerator for this process; resets accelerate's singleton state between library calls."""
-    from accelerate import Accelerator
+def _forget_accelerator_state() -> None:
+    """Let the next `Accelerator(...)` choose its settings again, as in a new process.
+
+    accelerate keeps one `AcceleratorState` per process and refuses an Accelerator whose settings (e.g.
+    mixed precision) differ from the first one's. Several runs in one Python process (the API, tests,
+    notebooks) each need their own, and accelerate (1.x) has no public way to start over: its own tests
+    call this private method. The process-level `PartialState` (device, process group) is kept.
+    Listed in cliptune/core/private_api.py."""
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state()  # several runs in one Python process (tests, notebooks)
+    AcceleratorState._reset_state()
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """An Accelerator for this process, with this run's settings whatever an earlier run in it used."""
+    from accelerate import Accelerator
+
+    _forget_accelerator_state()
     mps = getattr(torch.backends, "mps", None)
     has_accelerator = torch.cuda.is_available() or bool(mps and mps.is_available())
     try:
