@@ -369,7 +369,8 @@ class Trainer:
                      total_updates)
         scheduler = cosine_with_warmup(optimizer, warmup, total_updates, constant_steps=constant_steps,
                                        constant_factor=config.warmup_lr / lr, min_factor=min(1.0, config.min_lr / lr),
-                                       steps_per_epoch=per_epoch if config.lr_per_epoch else None)
+                                       # a --steps budget has no epochs of the method's protocol to hold the lr for
+                                       steps_per_epoch=per_epoch if config.lr_per_epoch and not config.steps else None)
         self.model, optimizer = accelerator.prepare(self.method, optimizer)
         every = eval_interval(config, train, val)
         if val is not None and len(val) and every > 1:
