@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -446,6 +447,37 @@ def compare(methods, shots_list, seeds, steps, recipe, set_values, out, **option
                          options=_cli_values(**options), set_values=list(set_values))
     click.echo(render_markdown(result), nl=False)
     click.echo(f"compare folder: {out}  (compare.json, compare.md, compare.png, cells/)")
+
+
+@cli.command(cls=MethodOptionsCommand)
+@model_options
+@data_options
+@click.option("--method", help="Method to tune [linear-probe]; its search space: lr, budget and its own options.")
+@click.option("--shots", type=int, help="Images per class sampled from train (seeded).")
+@click.option("--trials", default=20, show_default=True, type=click.IntRange(min=1), help="Finished trials to reach (a rerun adds the missing ones).")
+@click.option("--timeout", type=click.FloatRange(min=1), help="Stop starting trials after this many seconds.")
+@click.option("--steps", type=int, help="Optimizer-step budget of every trial (then the budget is not searched).")
+@click.option("--space", type=click.Path(), help="YAML search space replacing the method's: key: {log|float|int: [low, high]} or {choice: [...]}.")
+@options_named(TRAINING_OPTIONS, "epochs", "lr", "batch_size", "optimizer", "weight_decay", "aug_views", "num_workers", "recipe",
+               "set_values")
+@click.option("--out", required=True, type=click.Path(), help="Sweep folder: sweep.db, trials/, cache/, sweep.json/.md/.png, best.yaml.")
+def sweep(trials, timeout, space, recipe, set_values, out, method_values, **options):
+    """Search a method's settings on val with Optuna (TPE, median pruning); the best trial is tested once.
+
+    Interrupted? Run the same command again: finished trials are kept (OUT/sweep.db).
+    """
+    from cliptune.commands.sweep import Sweep, read_space
+
+    study = Sweep(out, recipe, _cli_values(**options), list(set_values), method_values,
+                  space=read_space(space) if space else None)
+    result = study.run(trials, timeout)
+    best, zeroshot = result["best"], result["zeroshot"]
+    _echo_result(f"best trial {best['number']}: val top-1 {best['val']:.4f}  test top-1 {best['test']['top1']:.4f}  "
+                 f"({', '.join(f'{k}={v}' for k, v in best['params'].items())})")
+    _echo_result(f"zero-shot: val top-1 {zeroshot['val']['top1']:.4f}  test top-1 {zeroshot['test']['top1']:.4f}")
+    if result["guard"]["message"]:
+        _echo_result(result["guard"]["message"])
+    _echo_result(f"sweep folder: {out}  (sweep.json, sweep.md, sweep.png, best.yaml: cliptune finetune --recipe {Path(out) / 'best.yaml'} --out RUN)")
 
 
 @cli.group()

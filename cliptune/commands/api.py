@@ -8,7 +8,7 @@ import math
 import platform
 import re
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -58,11 +58,15 @@ def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite:
 
 
 def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False,
-             cache_dir: Optional[str | Path] = None) -> Dict:
+             cache_dir: Optional[str | Path] = None, session: Optional[Session] = None, test: bool = True,
+             on_validated: Optional[Callable[[int, float], None]] = None) -> Dict:
     """Train `config.method`, select the best epoch on val, evaluate on test; returns metrics.json's content.
 
     Image features are cached in `cache_dir` (default: the run's own `cache/`); runs of the same data and
     model may share one (as `cliptune compare` does), the cache key tells their features apart.
+    `session`: an open session on the same data and model to reuse (as `cliptune sweep`'s trials do: no model
+    or data loading); `test=False` leaves the test split alone (a trial is scored on val only);
+    `on_validated(epoch, val_top1)` is called after every validation pass (a sweep's pruner).
     """
     started = command_started()
     run = RunFolder(out)
@@ -72,7 +76,7 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
     check_config(config)
     accelerator = make_accelerator(config.mixed_precision)
     # bad data, model or method options fail here, before the run folder is touched
-    session = Session.open(config, accelerator)
+    session = Session.open(config, accelerator) if session is None else session.reused(config, accelerator)
     novel_session = None
     if config.base_novel:
         session, novel_session = split_base_novel(session)
@@ -95,29 +99,33 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
             save_config(config, run.config)
         clock.mark_startup()
         with clock.phase("zeroshot"):
-            zeroshot_test_logits = session.zeroshot_logits("test")  # before training: some methods train the towers in place
-            zeroshot_test = classification_metrics(zeroshot_test_logits, labels_tensor(data.split("test")), data.classes)
+            # before training: some methods train the towers in place
+            zeroshot_test_logits = session.zeroshot_logits("test") if test else None
+            zeroshot_test = classification_metrics(zeroshot_test_logits, labels_tensor(data.split("test")), data.classes) if test else None
             zeroshot_val = session.zeroshot_metrics("val") if len(data.splits["val"]) else None
             zeroshot_novel = novel_session.zeroshot_metrics("test") if novel_session is not None else None
-        log.info(_line("zero-shot test", zeroshot_test), extra=RESULT)
+        if test:
+            log.info(_line("zero-shot test", zeroshot_test), extra=RESULT)
         use_features = method.uses_image_features
         with clock.phase("inputs"):
             train = session.inputs("train", use_features, train=True)
             val = session.inputs("val", use_features) if len(data.splits["val"]) else None
         log.info("method %s: %d training images, %d classes", config.method, len(train), len(data.classes))
-        trainer = Trainer(method, config, run, accelerator)
+        trainer = Trainer(method, config, run, accelerator, on_validated=on_validated)
         summary = trainer.fit(train, val, data.classes, resume=resume)
         method = accelerator.unwrap_model(trainer.model)
         trainable = sum(p.numel() for p in method.trainable_parameters())  # after prepare(): some methods size them there
         load_method_state(method, run.checkpoints / "best")
-        with clock.phase("final_eval"):
-            test_inputs = session.inputs("test", use_features)
-            test_logits = trainer.predict(test_inputs)
-            test = classification_metrics(test_logits, test_inputs.labels, data.classes)
-        log.info(_line(f"{config.method} test", test), extra=RESULT)
+        test_metrics = None
+        if test:
+            with clock.phase("final_eval"):
+                test_inputs = session.inputs("test", use_features)
+                test_logits = trainer.predict(test_inputs)
+                test_metrics = classification_metrics(test_logits, test_inputs.labels, data.classes)
+            log.info(_line(f"{config.method} test", test_metrics), extra=RESULT)
         metrics = {
             "method": config.method, **_model_fields(config), "classes": data.classes, "classnames": data.classnames,
-            "test": test, "zeroshot": zeroshot_test,
+            "test": test_metrics, "zeroshot": zeroshot_test,
             "train": {"seconds": round(summary.seconds, 3), "eval_seconds": round(summary.eval_seconds, 3),
                       "images_seen": summary.images_seen, "epochs": summary.epochs,
                       "best_epoch": summary.best_epoch, "trainable_params": trainable, "n": len(train),
@@ -128,11 +136,11 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
             if val is not None:  # the best epoch's validation pass, when this process ran it (same weights)
                 metrics["val"] = trainer.validated.get(summary.best_epoch) or trainer.evaluate(val, data.classes)
             if novel_session is not None:
-                metrics.update(base_novel_metrics(trainer, method, test, zeroshot_test, novel_session, zeroshot_novel))
+                metrics.update(base_novel_metrics(trainer, method, test_metrics, zeroshot_test, novel_session, zeroshot_novel))
             metrics["zeroshot_val"] = zeroshot_val
             metrics["guard"] = zeroshot_guard(config.method, metrics.get("val"), zeroshot_val, config.result_fallback)
             if metrics["guard"]["fallback"]:
-                metrics.update(result="zero-shot", adapted={"test": test, "val": metrics["val"]}, test=zeroshot_test, val=zeroshot_val)
+                metrics.update(result="zero-shot", adapted={"test": test_metrics, "val": metrics["val"]}, test=zeroshot_test, val=zeroshot_val)
                 test_logits = zeroshot_test_logits
         earlier_train, earlier_eval = trainer.earlier_seconds
         metrics["time"] = clock.report(accelerator.device, train=summary.seconds - earlier_train,
@@ -141,9 +149,11 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
         if metrics["guard"]["message"]:
             log.warning(metrics["guard"]["message"], extra=RESULT)
         if accelerator.is_main_process:
-            save_predictions(run.root, "test", test_logits, test_inputs.labels)
+            if test:
+                save_predictions(run.root, "test", test_logits, labels_tensor(data.split("test")))
             atomic_write_json(run.metrics, metrics)
-            write_run_report(run.root)
+            if test:
+                write_run_report(run.root)
         return metrics
 
 
@@ -195,7 +205,7 @@ def base_novel_metrics(trainer: Trainer, method, base: Dict, zeroshot_base: Dict
 
 
 def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str = "test", classnames: Optional[str] = None,
-                 adapter: Optional[str] = None) -> Dict:
+                 adapter: Optional[str] = None, session: Optional[Session] = None) -> Dict:
     """Evaluate a finished run's best weights (or an exported `adapter` folder) on a dataset (its own, or another)."""
     run = RunFolder(run_dir)
     config = load_config(run.config)
@@ -205,7 +215,8 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
         config.classnames = None  # another dataset: its own folder names / classnames.yaml
     config.shots = None
     accelerator = make_accelerator(config.mixed_precision)
-    session = Session.open(config, accelerator, cache_dir=None, data_dir=data_dir)
+    # `session`: the open session the run was trained on (a sweep's), reused instead of loading model and data again
+    session = Session.open(config, accelerator, cache_dir=None, data_dir=data_dir) if session is None else session.reused(config, accelerator)
     if kept_zeroshot(run):  # the run's result is the zero-shot classifier (--fallback zero-shot)
         return _write_evaluation(run, config.method, session.data, split, session.zeroshot_metrics(split))
     saved = read_json(run.checkpoints / "best" / "method.json") if (run.checkpoints / "best" / "method.json").is_file() else None

@@ -91,6 +91,22 @@ class Method(nn.Module, metaclass=ABCMeta):
         """RunConfig values this method trains best with (between the engine defaults and a recipe)."""
         return {}
 
+    # ----- `cliptune sweep` -----
+    @classmethod
+    def search_space(cls, shots: Optional[int]) -> Dict[str, tuple]:
+        """What `cliptune sweep` searches by default: keys as `--set` names them, each `("log", low, high)`,
+        `("float", low, high)`, `("int", low, high)` or `("choice", [values])`. The base: the lr log-uniform within
+        10x of the method's default and the training budget between a quarter of its default and the default."""
+        defaults = cls.training_defaults(shots)
+        space: Dict[str, tuple] = {}
+        if "lr" in defaults:
+            space["lr"] = ("log", defaults["lr"] / 10, defaults["lr"] * 10)
+        for budget in ("steps", "epochs"):
+            if budget in defaults and defaults[budget] > 1:
+                space[budget] = ("int", max(1, defaults[budget] // 4), defaults[budget])
+                break
+        return space
+
     # ----- what the engine calls -----
     @abstractmethod
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,10 @@ class CLIPAdapter(Method):
         # with lr 0.01 instead of CoOp's 0.002 (measured on the bundled data: the adapter barely moves at 0.002).
         return dassl_schedule(0.01, 32, dassl_epochs(shots))
 
+    @classmethod
+    def search_space(cls, shots):
+        return {**super().search_space(shots), "clip-adapter.ratio": ("float", 0.05, 0.8)}
+
     def set_classes(self, classnames) -> None:
         super().set_classes(classnames)
         weights = zeroshot_weights(self.model.text, self.classnames, self.templates)

@@ -40,6 +40,10 @@ class CoCoOp(Method):
         # configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml:3,17,18: SGD 0.002, batch 1, 10 epochs
         return dassl_schedule(0.002, 1, 10)
 
+    @classmethod
+    def search_space(cls, shots):
+        return {**super().search_space(shots), "cocoop.ctx_init": ("choice", ["a photo of a", ""])}
+
     def __init__(self, model, classnames, templates, config: CoCoOpConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
         text = model.text

@@ -69,6 +69,10 @@ class CoOp(Method):
         # configs/trainers/CoOp/vit_b16.yaml:3,17 (batch 32, SGD lr 0.002); epochs by shots from COOP.md:18-22
         return dassl_schedule(0.002, 32, dassl_epochs(shots))
 
+    @classmethod
+    def search_space(cls, shots):
+        return {**super().search_space(shots), "coop.n_ctx": ("int", 2, 16), "coop.ctx_init": ("choice", ["", "a photo of a"])}
+
     def __init__(self, model, classnames, templates, config: CoOpConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
         text = model.text

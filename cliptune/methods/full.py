@@ -66,6 +66,10 @@ class FullFineTune(Method):
                 "warmup_epochs": 0, "warmup_steps": 500, "max_grad_norm": 1.0, "aug_crop_scale": [0.9, 1.0],
                 "aug_hflip": False, "select": "last"}
 
+    @classmethod
+    def search_space(cls, shots):
+        return {**super().search_space(shots), "weight_decay": ("log", 0.01, 0.3)}
+
     def __init__(self, model, classnames, templates, config: FullConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
         self.towers = comma_list(config.train_towers, TOWERS, "full.train_towers")

@@ -119,6 +119,11 @@ class LinearProbe(Method):
         # sgd solver only (lbfgs trains nothing in the loop): the engine's AdamW, a few hundred steps.
         return {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "epochs": 30, "batch_size": 32}
 
+    @classmethod
+    def search_space(cls, shots):
+        """Nothing by default: the lbfgs solver searches its C on val itself (for solver sgd, give `--space`)."""
+        return {}
+
     def linear_head(self):
         return self.head
 

@@ -201,6 +201,11 @@ class LoRA(Method):
                 "min_lr": 1e-6, "warmup_epochs": 0, "aug_crop_scale": [0.08, 1.0], "aug_hflip": True, "select": "last"}
 
     @classmethod
+    def search_space(cls, shots):
+        return {**super().search_space(shots), "lora.lora_r": ("choice", [1, 2, 4, 8, 16]), "lora.lora_alpha": ("log", 0.5, 16.0),
+                "lora.lora_towers": ("choice", ["vision,text", "vision", "text"])}
+
+    @classmethod
     def zeroshot_endpoint(cls, model, classnames, templates, options):
         """The base CLIP as a zero-shot classifier: WiSE-FT mixes the merged weights with it."""
         return FullFineTune(model, classnames, templates, FullConfig())

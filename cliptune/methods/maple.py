@@ -46,6 +46,10 @@ class MaPLe(Method):
         del schedule["aug_views"]
         return schedule
 
+    @classmethod
+    def search_space(cls, shots):
+        return {**super().search_space(shots), "maple.n_ctx": ("int", 1, 4), "maple.prompt_depth": ("int", 1, 9)}
+
     def __init__(self, model, classnames, templates, config: MaPLeConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
         text, image = model.text, model.image

@@ -22,7 +22,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -231,8 +231,10 @@ class StopRequest:
 
 
 class Trainer:
-    def __init__(self, method: Method, config: RunConfig, run: Optional[RunFolder], accelerator):
+    def __init__(self, method: Method, config: RunConfig, run: Optional[RunFolder], accelerator,
+                 on_validated: Optional[Callable[[int, float], None]] = None):
         self.method = method
+        self.on_validated = on_validated  # called with (epoch, val top-1) after each validation pass
         self.config = config
         self.run = run
         self.accelerator = accelerator
@@ -459,6 +461,8 @@ class Trainer:
                     result = self.evaluate(val, classes)
                     summary.eval_seconds += time.perf_counter() - evaluating
                     record["val_top1"] = result["top1"]
+                    if self.on_validated is not None:
+                        self.on_validated(epoch + 1, result["top1"])
                     if config.select == "best-val":
                         improved = record["val_top1"] > best_top1
                     best_top1 = max(best_top1, record["val_top1"])

@@ -6,6 +6,8 @@ has no import cycles (tests/test_imports.py walks them).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +106,14 @@ class Session:
         templates = load_templates(config.templates)
         model = model_from_config(config, accelerator.device)
         return cls(config, model, data, templates, accelerator, cache_dir)
+
+    def reused(self, config: RunConfig, accelerator) -> "Session":
+        """This session for another run of the same data and model (a sweep trial): the data, templates and
+        decoded images are shared; a method that trains inside the towers gets its own copy of the model."""
+        from cliptune.methods import method_class
+
+        model = self.model if method_class(config.method).uses_image_features else copy.deepcopy(self.model)
+        return dataclasses.replace(self, config=config, model=model, accelerator=accelerator)
 
     @property
     def eval_transform(self):
