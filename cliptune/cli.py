@@ -434,8 +434,10 @@ def methods_show(name, shots):
 @click.option("--steps", type=int, help="Optimizer-step budget of every cell instead of epochs [each method's default].")
 @options_named(TRAINING_OPTIONS, "epochs", "lr", "batch_size", "optimizer", "weight_decay", "warmup_steps", "grad_accum",
                "mixed_precision", "label_smoothing", "aug_views", "num_workers", "recipe", "set_values")
+@click.option("--sweep", "sweep_trials", default=0, type=click.IntRange(min=0),
+              help="Tune every (method, shots) pair first with an N-trial `cliptune sweep` on val [0: the defaults].")
 @click.option("--out", required=True, type=click.Path(), help="Compare folder: cells/ (one run folder each), cache/, compare.*")
-def compare(methods, shots_list, seeds, steps, recipe, set_values, out, **options):
+def compare(methods, shots_list, seeds, steps, recipe, set_values, out, sweep_trials, **options):
     """Every (method, shots, seed) cell as a run; writes compare.json/.md/.png and prints the table.
 
     Rerunning the same command skips finished cells and resumes interrupted ones.
@@ -444,7 +446,7 @@ def compare(methods, shots_list, seeds, steps, recipe, set_values, out, **option
 
     result = run_compare(out, parse_names(methods, "--methods"), parse_positive_ints(shots_list, "--shots"),
                          parse_positive_ints(seeds, "--seeds"), steps=steps, recipe=recipe,
-                         options=_cli_values(**options), set_values=list(set_values))
+                         options=_cli_values(**options), set_values=list(set_values), sweep=sweep_trials)
     click.echo(render_markdown(result), nl=False)
     click.echo(f"compare folder: {out}  (compare.json, compare.md, compare.png, cells/)")
 

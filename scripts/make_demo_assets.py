@@ -218,20 +218,25 @@ def same_class_clip_loss(image_features, text_features, logit_scale, labels):
 
 
 def train_model(images, targets, pre_idx, mean, std, tokenizer):
-    model = open_clip.create_model(MODEL_NAME, pretrained=None)
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-
-    # Pretraining images rendered exactly as the sample PNGs, as (N,1,32,32) in [0,1].
+    """The demo CLIP on the pretraining pool, rendered exactly as the sample PNGs ((N,1,32,32) in [0,1])."""
     x_all = torch.stack(
         [torch.from_numpy(np.asarray(digit_to_image(images[i]), dtype=np.float32) / 255.0)[None] for i in pre_idx]
     )
     y_all = torch.tensor([int(targets[i]) for i in pre_idx])
+    return train_clip(MODEL_NAME, x_all, y_all, CLASSES, TRAIN_TEMPLATES, mean, std, tokenizer)
+
+
+def train_clip(model_name, x_all, y_all, class_words, templates, mean, std, tokenizer, scale_schedule=True):
+    """Train open_clip model `model_name` from scratch on images `x_all` ((N,C,H,W) in [0,1], C 1 or 3) with
+    captions `template.format(class word)`; the logit scale follows the schedule (or stays at its initial 14.3)."""
+    model = open_clip.create_model(model_name, pretrained=None)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
     mean_t = torch.tensor(mean).view(1, 3, 1, 1)
     std_t = torch.tensor(std).view(1, 3, 1, 1)
 
     # All (template, class) captions tokenised once: index = t * n_classes + c.
-    captions = [t.format(c) for t in TRAIN_TEMPLATES for c in CLASSES]
+    captions = [t.format(c) for t in templates for c in class_words]
     cap_tokens = tokenizer(captions)
 
     decay, no_decay = [], []
@@ -245,7 +250,7 @@ def train_model(images, targets, pre_idx, mean, std, tokenizer):
     )
 
     def scale_at(step):
-        ramp = min(1.0, step / (STEPS / 2))
+        ramp = min(1.0, step / (STEPS / 2)) if scale_schedule else 0.0
         return float(np.log(SCALE_START) + ramp * (np.log(SCALE_END) - np.log(SCALE_START)))
 
     def lr_at(step, base=LR):
@@ -265,8 +270,8 @@ def train_model(images, targets, pre_idx, mean, std, tokenizer):
         pos += BATCH_SIZE
         x = random_affine(x_all[bidx], gen).clamp(0, 1).expand(-1, 3, -1, -1)
         x = (x - mean_t) / std_t
-        tmpl = torch.randint(len(TRAIN_TEMPLATES), (len(bidx),), generator=gen)
-        text = cap_tokens[tmpl * len(CLASSES) + y_all[bidx]]
+        tmpl = torch.randint(len(templates), (len(bidx),), generator=gen)
+        text = cap_tokens[tmpl * len(class_words) + y_all[bidx]]
 
         for g in opt.param_groups:
             g["lr"] = lr_at(step, g["base_lr"])

@@ -95,3 +95,20 @@ def test_unknown_space_key_is_a_one_line_error(tiny_config, split_data, tmp_path
     result = _sweep(tiny_config, split_data, tmp_path / "sweep", space, 1)
     assert result.exit_code == 2 and "unknown search key 'coop.n_tokens'" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "sweep").exists()
+
+
+def test_compare_sweep_runs_each_cell_with_its_tuned_settings(tiny_config, split_data, tmp_path):
+    out = tmp_path / "compare"
+    result = CliRunner().invoke(cli, ["compare", "--model-config", tiny_config, "--data", str(split_data),
+                                      "--methods", "coop,linear-probe", "--shots", "2", "--steps", "3", "--sweep", "2",
+                                      "--set", "coop.n_ctx=2", "--set", "aug_views=0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compare.json").read_text())
+    tuned = report["sweeps"]["coop-2shot"]["params"]
+    assert set(tuned) == {"lr", "coop.n_ctx", "coop.ctx_init"}
+    assert report["sweeps"]["linear-probe-2shot"]["params"] is None  # nothing to search: its defaults stand
+    cell = yaml.safe_load((out / "cells" / "coop-2shot-seed1" / "config.yaml").read_text())
+    assert cell["lr"] == tuned["lr"] and cell["coop"]["ctx_init"] == tuned["coop.ctx_init"]
+    assert "Settings from a sweep" in (out / "compare.md").read_text()
+    sweep = json.loads((out / "sweeps" / "coop-2shot" / "sweep.json").read_text())
+    assert len(sweep["trials"]) == 2 and sweep["best"]["params"] == tuned

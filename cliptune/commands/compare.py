@@ -112,12 +112,17 @@ def _saved_config(run: RunFolder) -> Optional[RunConfig]:
         return None
 
 
-def _check_out(root: Path, cells: List[Cell]) -> None:
-    """OUT is new, empty or an earlier compare folder whose finished cells used the same settings."""
+def _check_folder(root: Path) -> None:
+    """OUT is new, empty or an earlier compare folder."""
     if root.exists() and not root.is_dir():
         raise CliptuneError(f"--out {root} exists and is not a folder")
-    if root.is_dir() and any(root.iterdir()) and not ((root / "cells").is_dir() or (root / "compare.json").is_file()):
+    marks = ("cells", "compare.json", "sweeps")
+    if root.is_dir() and any(root.iterdir()) and not any((root / mark).exists() for mark in marks):
         raise CliptuneError(f"--out {root} is not empty and is not a cliptune compare folder; choose another folder")
+
+
+def _check_cells(root: Path, cells: List[Cell]) -> None:
+    """An earlier compare folder's finished cells used the same settings."""
     for cell in cells:
         run = RunFolder(root / "cells" / cell.name)
         if cell.config is None or not run.is_finished():
@@ -129,6 +134,24 @@ def _check_out(root: Path, cells: List[Cell]) -> None:
                 f"{run.root} finished with other settings ({key}: {saved.to_dict().get(key)!r}, now "
                 f"{cell.config.to_dict().get(key)!r}); choose another --out or delete that cell folder"
             )
+
+
+def tune(root: Path, methods, shots, seed: int, recipe, shared: Dict, set_values: List[str], trials: int) -> Dict:
+    """(method, shots) -> the best settings of an N-trial sweep as `--set` assignments (or why it was not tuned)."""
+    from cliptune.commands.sweep import Sweep, assignments
+
+    tuned = {}
+    for method in methods:
+        for k in shots:
+            try:
+                result = Sweep(root / f"{method}-{k}shot", recipe, {**shared, "method": method, "shots": k, "seed": seed},
+                               set_values).run(trials)
+                tuned[(method, k)] = {"params": result["best"]["params"], "val": result["best"]["val"],
+                                      "set": assignments(result["best"]["params"])}
+            except CliptuneError as exc:  # e.g. nothing to search: its defaults stand
+                tuned[(method, k)] = {"params": None, "error": _one_line(exc)}
+            log.info("sweep %s %d shots: %s", method, k, tuned[(method, k)].get("params") or tuned[(method, k)]["error"])
+    return tuned
 
 
 def _run_cell(cell: Cell, root: Path, cache: Path) -> Dict:
@@ -226,6 +249,11 @@ def render_markdown(result: Dict) -> str:
     lines += _table(header, [[name] + [accuracy(name, k) for k in shots] for name in names])
     lines += ["", "Training seconds per cell (mean over seeds).", ""]
     lines += _table(header, [[name] + [seconds(name, k) for k in shots] for name in result["methods"]])
+    sweeps = result.get("sweeps") or {}
+    if sweeps:
+        lines += ["", "Settings from a sweep per (method, shots) on val (`OUT/sweeps/`):", ""]
+        lines += [f"- {name}: " + (", ".join(f"`{k}={v}`" for k, v in record["params"].items()) if record["params"]
+                                    else f"defaults ({record['error']})") for name, record in sweeps.items()]
     below = [c for c in result["cells"] if c.get("guard")]
     if below:
         lines += ["", "Cells below zero-shot on val:", ""] + [f"- `{c['run']}`: {c['guard']}" for c in below]
@@ -272,11 +300,14 @@ def compare(
     recipe: Optional[str] = None,
     options: Optional[Dict] = None,
     set_values: Sequence[str] = (),
+    sweep: int = 0,
 ) -> Dict:
     """Run the grid (skipping finished cells) and write OUT/compare.json, compare.md and compare.png.
 
     `options` are CLI-layer config values shared by every cell (model, epochs, lr, ...); `set_values`
-    are `--set key=value` overrides. Returns compare.json's content.
+    are `--set key=value` overrides. `sweep` N > 0 first tunes every (method, shots) pair with an N-trial
+    `cliptune sweep` on val (OUT/sweeps/, first seed) and runs its cells with the best settings, so the
+    table compares tuned methods. Returns compare.json's content.
     """
     methods, shots, seeds, set_values = list(methods), list(shots), list(seeds), list(set_values)
     _check_grid(methods, shots, seeds, steps)
@@ -298,13 +329,21 @@ def compare(
     if not Path(first.data).is_dir():
         raise CliptuneError(f"--data {first.data} is not a folder")
     root = Path(out)
-    _check_out(root, cells)
+    _check_folder(root)
     Session.open(first, make_accelerator(first.mixed_precision))  # unreadable data or model: fail before any work
+    tuned = {}
+    if sweep:
+        root.mkdir(parents=True, exist_ok=True)
+        tuned = tune(root / "sweeps", methods, shots, seeds[0], recipe, shared, set_values, sweep)
+        cells = [_build_cells([c.method], [c.shots], [c.seed], recipe, shared, set_values + tuned[(c.method, c.shots)].get("set", []))[0]
+                 for c in cells]
+    _check_cells(root, cells)
 
     root.mkdir(parents=True, exist_ok=True)
     records = [_run_cell(cell, root, root / "cache") for cell in progress_bar(cells, desc="compare", unit="cell")]
     result = {"data": first.data, "methods": methods, "shots": shots, "seeds": seeds, "steps": steps,
               "recipe": recipe, "options": shared, "set": set_values, "cells": records,
+              "sweeps": {f"{method}-{k}shot": record for (method, k), record in tuned.items()},
               **summarise(records, methods, shots)}
     atomic_write_json(root / "compare.json", result)
     atomic_write_text(root / "compare.md", render_markdown(result))

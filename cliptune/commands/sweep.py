@@ -88,7 +88,7 @@ def _suggest(trial, key: str, spec: tuple):
     return trial.suggest_float(key, float(spec[1]), float(spec[2]), log=kind == "log")
 
 
-def _assignments(params: Dict[str, Any]) -> List[str]:
+def assignments(params: Dict[str, Any]) -> List[str]:
     return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
             for key, value in params.items()]
 
@@ -121,7 +121,7 @@ class Sweep:
             pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
 
     def trial_config(self, params: Dict[str, Any]) -> RunConfig:
-        return build_config(self.recipe, self.cli_values, self.set_values + _assignments(params), self.method_values)
+        return build_config(self.recipe, self.cli_values, self.set_values + assignments(params), self.method_values)
 
     def done(self) -> list:
         from optuna.trial import TrialState
