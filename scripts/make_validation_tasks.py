@@ -6,17 +6,18 @@ Run from the repository root (needs scikit-image at build time only; nothing her
 
     pip install scikit-image
     python scripts/make_validation_tasks.py --out validation_tasks            # textures and shapes
-    python scripts/make_validation_tasks.py --out /elsewhere --tasks letters  # a held-out task
+    python scripts/make_validation_tasks.py --out /elsewhere --tasks photos   # a held-out task
 
 Tasks (8 classes; train 40 / val 10 / test 40 images per class, 32x32 RGB; a disjoint pretraining pool of 150
 images per class trains the task's CLIP, with the demo's recipe from scripts/make_demo_assets.py):
 
 - `textures`: crops of scikit-image's bundled photographs (`skimage.data`: brick, grass, gravel, coins, moon,
-  Hubble deep field, immunohistochemistry stain, printed page; BSD-licensed sample data). The pretraining pool,
-  the sample train/val and the test images are cut from three disjoint vertical bands of each photograph.
+  Hubble deep field, immunohistochemistry stain, printed page; BSD-licensed sample data). The pretraining pool is
+  cut from the left half of each photograph, the task's train/val/test crops from the right half.
 - `shapes`: geometric shapes drawn with Pillow (random colours, size, rotation, position and noise).
-- `letters`: the letters A-H in Pillow's bundled font (random size, rotation, colours and noise); its CLIP keeps
-  the logit scale at its initial 14.3 (`scale_schedule=False`), as an under-trained model would.
+- `photos`: crops of eight other scikit-image photographs (coffee, cat, astronaut, rocket, horse, camera man, retina,
+  cell), cut as `textures`; its CLIP keeps the logit scale at its initial 14.3
+  (`scale_schedule=False`), as an under-trained model would. Meant to be held out: build it outside the repository.
 
 Each task is written as `OUT/<task>/{train,val,test}/<class>/<i>.png` plus `OUT/<task>/validation-<task>-clip.json`
 and `.safetensors` (an open_clip config and state_dict, loaded with `--model-config` / `--pretrained`).
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_demo_assets as demo  # noqa: E402  (the tiny-CLIP recipe and model config)
@@ -47,10 +48,12 @@ COUNTS = {"pretrain": 150, "train": 40, "val": 10, "test": 40}
 TEMPLATES = ["a photo of a {}.", "a picture of {}.", "an image of {}.", "{}."]
 TEXTURES = {"brick": "brick", "grass": "grass", "gravel": "gravel", "coins": "coins", "moon": "moon",
             "hubble_deep_field": "stars", "immunohistochemistry": "tissue", "page": "text"}
+PHOTOS = {"coffee": "coffee", "chelsea": "cat", "astronaut": "astronaut", "rocket": "rocket", "horse": "horse",
+          "camera": "camera man", "retina": "retina", "cell": "cell"}
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "stripes"]
-LETTERS = list("ABCDEFGH")
-# bands of each photograph's width: pretraining pool, sample train/val, test
-BANDS = {"pretrain": (0.0, 0.5), "train": (0.5, 0.75), "val": (0.5, 0.75), "test": (0.75, 1.0)}
+# bands of each photograph's width: the pretraining pool, and the few-shot task's splits (drawn alike, so that val
+# predicts test as in a real few-shot task)
+BANDS = {"pretrain": (0.0, 0.5), "train": (0.5, 1.0), "val": (0.5, 1.0), "test": (0.5, 1.0)}
 
 
 def texture_crop(photo: np.ndarray, split: str, rng: np.random.Generator) -> Image.Image:
@@ -109,36 +112,23 @@ def shape_image(name: str, rng: np.random.Generator) -> Image.Image:
     return _noisy(canvas.resize((SIZE, SIZE), Image.LANCZOS), rng)
 
 
-def letter_image(letter: str, rng: np.random.Generator) -> Image.Image:
-    scale = 4
-    canvas = Image.new("RGB", (SIZE * scale, SIZE * scale), _colour(rng))
-    font = ImageFont.load_default(size=int(rng.uniform(60, 100)))
-    layer = Image.new("L", canvas.size, 0)
-    ImageDraw.Draw(layer).text((SIZE * scale / 2, SIZE * scale / 2), letter, fill=255, font=font, anchor="mm")
-    layer = layer.rotate(float(rng.uniform(-25, 25)), resample=Image.BICUBIC,
-                         translate=tuple(float(v) for v in rng.uniform(-10, 10, 2)))
-    canvas.paste(Image.new("RGB", canvas.size, _colour(rng)), mask=layer)
-    return _noisy(canvas.resize((SIZE, SIZE), Image.LANCZOS), rng)
-
-
 def task_images(task: str, split: str, rng: np.random.Generator) -> dict:
     """{class word: [PIL images]} for one split of one task."""
     count = COUNTS[split]
-    if task == "textures":
-        import skimage.data
-
-        photos = {word: np.asarray(getattr(skimage.data, name)()) for name, word in TEXTURES.items()}
-        return {word: [texture_crop(photo, split, rng) for _ in range(count)] for word, photo in photos.items()}
     if task == "shapes":
         return {name: [shape_image(name, rng) for _ in range(count)] for name in SHAPES}
-    return {letter: [letter_image(letter, rng) for _ in range(count)] for letter in LETTERS}
+    import skimage.data
+
+    sources = TEXTURES if task == "textures" else PHOTOS
+    photos = {word: np.asarray(getattr(skimage.data, name)()) for name, word in sources.items()}
+    return {word: [texture_crop(photo, split, rng) for _ in range(count)] for word, photo in photos.items()}
 
 
 def build(task: str, out: Path) -> None:
     root = out / task
     if root.exists():
         shutil.rmtree(root)
-    rng = np.random.default_rng({"textures": 1, "shapes": 2, "letters": 3}[task])
+    rng = np.random.default_rng({"textures": 1, "shapes": 2, "photos": 3}[task])
     pools = {split: task_images(task, split, rng) for split in COUNTS}
     for split in ("train", "val", "test"):
         for word, images in pools[split].items():
@@ -158,7 +148,7 @@ def build(task: str, out: Path) -> None:
     y_all = torch.tensor([c for c, word in enumerate(words) for _ in pools["pretrain"][word]])
     demo.seed_everything(demo.SEED)
     model, seconds, _ = demo.train_clip(name, x_all, y_all, words, TEMPLATES, norm.mean, norm.std, open_clip.get_tokenizer(name),
-                                        scale_schedule=task != "letters")
+                                        scale_schedule=task != "photos")
     save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, str(root / f"{name}.safetensors"))
     print(f"{task}: {len(words)} classes, CLIP trained in {seconds:.0f} s, logit scale {float(model.logit_scale.detach().exp()):.1f}")
 
@@ -166,7 +156,7 @@ def build(task: str, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--tasks", default="textures,shapes", help="comma list of textures, shapes, letters")
+    parser.add_argument("--tasks", default="textures,shapes", help="comma list of textures, shapes, photos")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for task in args.tasks.split(","):
