@@ -43,6 +43,8 @@ def test_sweep_reports_val_scored_trials_and_best_yaml_reproduces_the_best(tiny_
     assert set(report["zeroshot"]) == {"val", "test"} and "top1" in report["zeroshot"]["test"]
     trial_metrics = json.loads((out / best["run"] / "metrics.json").read_text())
     assert trial_metrics["test"] is None  # trials never look at test
+    checkpoints = out / best["run"] / "checkpoints"
+    assert (checkpoints / "best").is_dir() and not (checkpoints / "last").exists()  # a trial is rerun, never resumed
     for name in ("sweep.md", "sweep.png", "best.yaml", "sweep.db"):
         assert (out / name).is_file()
     assert f"best trial {best['number']}" in result.output

@@ -59,14 +59,15 @@ def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite:
 
 def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False,
              cache_dir: Optional[str | Path] = None, session: Optional[Session] = None, test: bool = True,
-             on_validated: Optional[Callable[[int, float], None]] = None) -> Dict:
+             on_validated: Optional[Callable[[int, float], None]] = None, resumable: bool = True) -> Dict:
     """Train `config.method`, select the best epoch on val, evaluate on test; returns metrics.json's content.
 
     Image features are cached in `cache_dir` (default: the run's own `cache/`); runs of the same data and
     model may share one (as `cliptune compare` does), the cache key tells their features apart.
     `session`: an open session on the same data and model to reuse (as `cliptune sweep`'s trials do: no model
     or data loading); `test=False` leaves the test split alone (a trial is scored on val only);
-    `on_validated(epoch, val_top1)` is called after every validation pass (a sweep's pruner).
+    `on_validated(epoch, val_top1)` is called after every validation pass (a sweep's pruner); `resumable=False`
+    writes no per-epoch checkpoints (a sweep trial is rerun, never resumed).
     """
     started = command_started()
     run = RunFolder(out)
@@ -111,7 +112,7 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
             train = session.inputs("train", use_features, train=True)
             val = session.inputs("val", use_features) if len(data.splits["val"]) else None
         log.info("method %s: %d training images, %d classes", config.method, len(train), len(data.classes))
-        trainer = Trainer(method, config, run, accelerator, on_validated=on_validated)
+        trainer = Trainer(method, config, run, accelerator, on_validated=on_validated, resumable=resumable)
         summary = trainer.fit(train, val, data.classes, resume=resume)
         method = accelerator.unwrap_model(trainer.model)
         trainable = sum(p.numel() for p in method.trainable_parameters())  # after prepare(): some methods size them there

@@ -232,9 +232,13 @@ class StopRequest:
 
 class Trainer:
     def __init__(self, method: Method, config: RunConfig, run: Optional[RunFolder], accelerator,
-                 on_validated: Optional[Callable[[int, float], None]] = None):
+                 on_validated: Optional[Callable[[int, float], None]] = None, resumable: bool = True):
         self.method = method
         self.on_validated = on_validated  # called with (epoch, val top-1) after each validation pass
+        # False: no per-epoch checkpoints (a sweep trial is rerun, not resumed); the selected state is kept in memory
+        # and written once at the end
+        self.resumable = resumable
+        self._best_state: Optional[Dict[str, torch.Tensor]] = None
         self.config = config
         self.run = run
         self.accelerator = accelerator
@@ -320,7 +324,7 @@ class Trainer:
 
     # ----- checkpoints -----
     def _save_last(self, state: Dict) -> None:
-        if not self.accelerator.is_main_process or self.run is None:
+        if not self.accelerator.is_main_process or self.run is None or not self.resumable:
             return
         staging = self.run.checkpoints / ".last-staging"
         atomic_save_safetensors(staging / "trainable.safetensors", self._unwrapped().learned_state_dict())
@@ -331,6 +335,13 @@ class Trainer:
         if not self.accelerator.is_main_process or self.run is None:
             return
         save_method(self._unwrapped(), self.run.checkpoints / "best")
+
+    def _keep_best(self) -> None:
+        """The selected epoch's state: on disk (a resumable run), or in memory until `_finish`."""
+        if self.resumable:
+            self.save_best()
+        else:
+            self._best_state = self._unwrapped().learned_state_dict()
 
     def _unwrapped(self) -> Method:
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "model") else self.method
@@ -470,7 +481,7 @@ class Trainer:
                         self.validated = {epoch + 1: result}
             if improved:
                 summary.best_epoch = epoch + 1
-                self.save_best()
+                self._keep_best()
             summary.history.append(record)
             marker = (" (best)" if config.select == "best-val" else "") if improved else ""
             log.info("epoch %d/%d %s%s", epoch + 1, epochs,
@@ -484,13 +495,15 @@ class Trainer:
     def _finish(self, summary: TrainSummary, val: Optional[Inputs], trained: bool) -> TrainSummary:
         """Load the selected checkpoint, let the method replace it (`final_state`), and save the result as best."""
         method = self._unwrapped()
-        if trained and self.run is not None:
+        if trained and self._best_state is not None:
+            method.load_learned_state_dict(self._best_state)
+        elif trained and self.run is not None:
             load_method_state(method, self.run.checkpoints / "best")
         final = method.final_state(val)
         if final is not None:
             method.load_learned_state_dict(final)
             self.validated = {}  # validation results of the selected epoch no longer describe the method
-        if final is not None or not trained:
+        if final is not None or not trained or not self.resumable:
             self.save_best()
         return summary
 

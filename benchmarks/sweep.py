@@ -1,0 +1,49 @@
+"""What a sweep costs beyond its trials' training: target at most 1.3x (sum of the trials' training + one start-up
++ one feature pass), since every trial shares one open session (model and data loaded once, features encoded once).
+
+    python benchmarks/sweep.py [--method coop] [--trials 6] [--steps 200] [--recipe demo]
+
+Prints the sweep's wall time, its parts, and the ratio; run it alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from cliptune.commands.sweep import Sweep
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="demo")
+    parser.add_argument("--method", default="coop")
+    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "sweep"
+        began = time.perf_counter()
+        sweep = Sweep(out, args.recipe, {"method": args.method, "shots": args.shots, "steps": args.steps}, [])
+        startup = time.perf_counter() - began
+        result = sweep.run(args.trials)
+        total = time.perf_counter() - began
+        trials = [json.loads((out / t["run"] / "metrics.json").read_text()) for t in result["trials"] if t["state"] == "complete"]
+    training = sum(m["train"]["seconds"] for m in trials)
+    validation = sum(m["train"]["eval_seconds"] for m in trials)
+    features = trials[0]["time"]["inputs"]  # the first trial encodes the features every later one reads
+    budget = training + startup + features
+    print(f"{args.method}, {args.shots} shots, --steps {args.steps}: {len(trials)} finished trials "
+          f"({len(result['trials']) - len(trials)} pruned)")
+    print(f"sweep wall {total:.1f} s = start-up {startup:.1f} s + trials and the final test evaluation {total - startup:.1f} s")
+    print(f"trials' training {training:.1f} s (+ their validation passes {validation:.1f} s), one feature pass {features:.1f} s")
+    print(f"ratio: sweep wall / (training + start-up + feature pass) = {total / budget:.2f}x (target <= 1.3x)")
+    print(f"ratio with the validation passes counted as training: {total / (budget + validation):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
