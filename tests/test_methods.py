@@ -245,3 +245,30 @@ def test_every_method_beats_zero_shot_on_the_demo_with_its_defaults(tmp_path, me
     config = build_config(DEMO_RECIPE, {"method": method, "shots": 16, "steps": DEMO_STEPS[method]})
     metrics = api.finetune(config, tmp_path / method)
     assert metrics["test"]["top1"] > metrics["zeroshot"]["top1"] + 0.02, (method, metrics["test"]["top1"], metrics["zeroshot"]["top1"])
+
+
+def test_engine_hooks_are_declared_on_method_and_continual_forwards_them(tiny_config):
+    """Hooks the engine, continual and the classifier call are declared on Method (not looked up by attribute name),
+    and the continual wrapper forwards the all-gather one (a FLYP task under torchrun would otherwise hang)."""
+    import inspect
+    import pathlib
+    from types import SimpleNamespace
+
+    import cliptune
+    from cliptune.continual.loop import ContinualLearner
+    from cliptune.methods.base import Method
+
+    assert isinstance(inspect.getattr_static(Method, "gathers_across_processes"), property)
+    model = load_model(model_config=tiny_config)
+    coop = build_method("coop", model, ["red", "green"], ["a photo of a {}."], {"n_ctx": 2})
+    images = torch.randn(2, 3, 32, 32)
+    assert coop.gathers_across_processes is False
+    assert torch.equal(coop.image_features(images), model.image.encode(images, normalize=False))
+    flyp = build_method("full", model, ["red", "green"], ["a photo of a {}."], {"loss": "contrastive"}).train()
+    assert flyp.gathers_across_processes is True
+    assert ContinualLearner.gathers_across_processes.fget(SimpleNamespace(method=flyp)) is True
+    package = pathlib.Path(cliptune.__file__).parent
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        for hook in ("gathers_across_processes", "image_features", "uses_image_features"):
+            assert f'"{hook}"' not in text, f"{path.relative_to(package)} looks up {hook} by name"

@@ -243,6 +243,8 @@ class ContinualLearner(nn.Module):
     model = property(lambda self: self.method.model)
     classnames = property(lambda self: self.method.classnames)
     uses_image_features = property(lambda self: self.method.uses_image_features)
+    # a FLYP-loss task all-gathers its batch: every process must reach the loss (an empty slice included)
+    gathers_across_processes = property(lambda self: self.method.gathers_across_processes)
 
     def trainable_parameters(self):
         return self.method.trainable_parameters()

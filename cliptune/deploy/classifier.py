@@ -82,12 +82,10 @@ class ImageClassifier(nn.Module):
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embeddings; a method with a prompted image tower (MaPLe) supplies its own."""
-        own = getattr(self.method, "image_features", None)
-        features = own(images) if callable(own) else self.method.model.image.encode(images, normalize=False)
-        return F.normalize(features, dim=-1)
+        return F.normalize(self.method.image_features(images), dim=-1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if getattr(self.method, "uses_image_features", False):
+        if self.method.uses_image_features:
             return self.method(self.method.model.image.encode(images, normalize=False))
         return self.method(images)
 

@@ -139,6 +139,17 @@ class Method(nn.Module, metaclass=ABCMeta):
         """Switch to another class list for evaluation (only for methods that are not class-specific)."""
         self.classnames = list(classnames)
 
+    @property
+    def gathers_across_processes(self) -> bool:
+        """True while `loss` all-gathers the batch across processes: the engine then calls it on every process, even
+        one whose slice of the batch is empty (a process that skipped it would leave the others waiting)."""
+        return False
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(batch, dim) features of the images this method classifies (a method that prompts the image tower returns
+        its own); what `cliptune predict` and exports normalise and compare."""
+        return self.model.image.encode(images, normalize=False)
+
     # ----- WiSE-FT (cliptune/deploy/wise.py) -----
     def linear_head(self) -> Optional[nn.Linear]:
         """The linear classification head on image features, for methods that have one."""

@@ -431,7 +431,7 @@ class Trainer:
                     with accelerator.autocast():
                         logits = self.model(x)
                         # a loss that all-gathers the batch must run on every process, even on an empty slice
-                        if len(y) or getattr(self._unwrapped(), "gathers_across_processes", False):
+                        if len(y) or self._unwrapped().gathers_across_processes:
                             loss = self._unwrapped().loss(logits, y, config.label_smoothing)
                             scaled = loss * (len(y) / group_n) * accelerator.num_processes
                         else:  # an empty slice of a tiny last batch still joins the all-reduce
