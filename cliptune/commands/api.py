@@ -20,8 +20,8 @@ from cliptune.methods import build_method
 from cliptune.core.metrics import classification_metrics
 from cliptune.deploy.report import save_predictions, write_run_report
 from cliptune.core.progress import RESULT
-from cliptune.core.runfolder import RunFolder, atomic_write_json, read_json
-from cliptune.training.session import Session, kept_zeroshot, make_accelerator
+from cliptune.core.runfolder import RunFolder, atomic_write_json
+from cliptune.training.session import Session, finished_run, kept_zeroshot, make_accelerator
 from cliptune.core.timing import PhaseClock, command_started, describe
 
 log = logging.getLogger("cliptune")
@@ -220,9 +220,7 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
     session = Session.open(config, accelerator, cache_dir=None, data_dir=data_dir) if session is None else session.reused(config, accelerator)
     if kept_zeroshot(run):  # the run's result is the zero-shot classifier (--fallback zero-shot)
         return _write_evaluation(run, config.method, session.data, split, session.zeroshot_metrics(split))
-    saved = read_json(run.checkpoints / "best" / "method.json") if (run.checkpoints / "best" / "method.json").is_file() else None
-    if saved is None:
-        raise CliptuneError(f"{run.root} has no trained weights (checkpoints/best is missing)")
+    _, best, saved = finished_run(run.root)
     data = session.data
     method = build_method(config.method, session.model, data.classnames, session.templates, saved["config"], data.named_descriptions)
     if method.class_specific and data.classnames != saved["classes"]:
@@ -235,7 +233,7 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
 
         load_adapter(method, adapter)
     else:
-        load_method_state(method, run.checkpoints / "best")
+        load_method_state(method, best)
     method.to(accelerator.device)
     trainer = Trainer(method, config, None, accelerator)
     result = trainer.evaluate(session.inputs(split, method.uses_image_features), data.classes)

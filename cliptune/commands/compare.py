@@ -86,14 +86,16 @@ def _check_grid(methods: Sequence[str], shots: Sequence[int], seeds: Sequence[in
                 raise CliptuneError(f"{option} must be positive integers, got {value!r}")
 
 
-def _build_cells(methods, shots, seeds, recipe, shared: Dict, set_values: List[str]) -> List[Cell]:
-    """Every cell's config; a cell whose options fail for its method is kept with the error."""
+def _build_cells(methods, shots, seeds, recipe, shared: Dict, set_values: List[str], tuned: Optional[Dict] = None) -> List[Cell]:
+    """Every cell's config (with its (method, shots) pair's `tuned` settings); a cell whose options fail for its
+    method is kept with the error."""
     cells = []
     for method in methods:
         for k in shots:
+            extra = (tuned or {}).get((method, k), {}).get("set", [])
             for seed in seeds:
                 try:
-                    config = build_config(recipe, {**shared, "method": method, "shots": k, "seed": seed}, set_values)
+                    config = build_config(recipe, {**shared, "method": method, "shots": k, "seed": seed}, set_values + extra)
                     cells.append(Cell(method, k, seed, config))
                 except CliptuneError as exc:
                     cells.append(Cell(method, k, seed, None, _one_line(exc)))
@@ -335,8 +337,7 @@ def compare(
     if sweep:
         root.mkdir(parents=True, exist_ok=True)
         tuned = tune(root / "sweeps", methods, shots, seeds[0], recipe, shared, set_values, sweep)
-        cells = [_build_cells([c.method], [c.shots], [c.seed], recipe, shared, set_values + tuned[(c.method, c.shots)].get("set", []))[0]
-                 for c in cells]
+        cells = _build_cells(methods, shots, seeds, recipe, shared, set_values, tuned)
     _check_cells(root, cells)
 
     root.mkdir(parents=True, exist_ok=True)

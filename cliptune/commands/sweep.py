@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from cliptune.commands.api import evaluate_run, finetune, zeroshot_guard
-from cliptune.config.run import CONFIG_KEYS, PATH_KEYS, RunConfig, build_config, check_config, save_config
+from cliptune.config.run import CONFIG_KEYS, RunConfig, absolute_paths, build_config, check_config
 from cliptune.core.errors import CliptuneError
 from cliptune.core.figures import save_figure
 from cliptune.core.progress import RESULT
@@ -190,13 +190,7 @@ class Sweep:
 
 def write_recipe(config: RunConfig, path: Path, best: Dict) -> None:
     """The best trial's resolved config as a recipe (paths made absolute, so it works from any folder)."""
-    values = config.to_dict()
-    for key in PATH_KEYS:
-        value = values.get(key)
-        if isinstance(value, str) and value and Path(value).exists():
-            values[key] = str(Path(value).resolve())
-        elif isinstance(value, list):
-            values[key] = [str(Path(v).resolve()) if isinstance(v, str) and Path(v).exists() else v for v in value]
+    values = absolute_paths(config.to_dict(), Path.cwd())
     header = (f"# cliptune sweep: the best trial ({best['run']}, val top-1 {best['val']:.4f}) as a recipe.\n"
               f"# cliptune finetune --recipe {path} --out RUN reproduces it.\n")
     atomic_write_text(path, header + yaml.safe_dump({"name": "sweep-best", **values}, sort_keys=False))

@@ -291,14 +291,24 @@ def resolve_recipe_path(name_or_path: str, relative_to: Optional[Path] = None) -
     raise CliptuneError(f"recipe '{name_or_path}' not found (a YAML file path, or one of: {available})")
 
 
-def _relative_to_recipe(value, recipe: Path):
-    """Resolve a relative path (optionally `PATH:class,...`) against the recipe's folder when it exists there."""
+def _absolute_path(value, folder: Path):
+    """Resolve a relative path (optionally `PATH:class,...`) against `folder` when it exists there."""
     if not isinstance(value, str) or Path(value).is_absolute():
         return value
-    head, sep, tail = value.partition(":") if not (recipe.parent / value).exists() else (value, "", "")
-    if (recipe.parent / head).exists():
-        return str((recipe.parent / head).resolve()) + sep + tail
+    head, sep, tail = value.partition(":") if not (folder / value).exists() else (value, "", "")
+    if (folder / head).exists():
+        return str((folder / head).resolve()) + sep + tail
     return value
+
+
+def absolute_paths(values: Dict[str, Any], folder: Path) -> Dict[str, Any]:
+    """`values` with each path key (a path, or a list of them) resolved against `folder` where it exists there."""
+    resolved = dict(values)
+    for key in PATH_KEYS:
+        value = resolved.get(key)
+        if value is not None:
+            resolved[key] = [_absolute_path(v, folder) for v in value] if isinstance(value, list) else _absolute_path(value, folder)
+    return resolved
 
 
 def read_recipe(name_or_path: str, _seen: Optional[set] = None, relative_to: Optional[Path] = None) -> List[tuple]:
@@ -317,11 +327,7 @@ def read_recipe(name_or_path: str, _seen: Optional[set] = None, relative_to: Opt
         raise CliptuneError(f"malformed YAML in {path}{line}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(values, dict):
         raise CliptuneError(f"recipe {path} must be a mapping of config keys")
-    for key in PATH_KEYS:
-        if key not in values:
-            continue
-        value = values[key]
-        values[key] = [_relative_to_recipe(v, path) for v in value] if isinstance(value, list) else _relative_to_recipe(value, path)
+    values = absolute_paths(values, path.parent)
     layers = []
     if values.get("extends"):
         layers += read_recipe(str(values["extends"]), seen, relative_to=path.parent)

@@ -8,11 +8,10 @@ never silently drops augmentation.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
