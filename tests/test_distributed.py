@@ -41,3 +41,38 @@ def test_two_processes_with_grad_accum_match_one_and_print_once(tiny_config, col
     assert len(re.findall(r"epoch 2/2 loss", two.stderr)) == 1
     assert two.stderr.count("randomly initialised") == 1
     assert "top-1" not in two.stderr
+
+
+def _cache_features_in_two_processes(rank: int, port: int, tiny_config: str, data_dir: str, cache_dir: str) -> None:
+    """One of two gloo processes asking the feature cache for the same split; rank 1 starts late."""
+    import os
+    import time
+    from datetime import timedelta
+
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    from cliptune.data.folders import eval_transform, load_imagefolder
+    from cliptune.models.features import image_features
+    from cliptune.models.loading import load_model
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    # a short timeout: a barrier one process skips fails the test instead of hanging it
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=20))])
+    model = load_model(model_config=tiny_config)
+    split = load_imagefolder(data_dir).splits["test"]
+    if rank == 1:
+        time.sleep(3)  # the main process has written the cache file before this one looks
+    features = image_features(model, split, eval_transform(model.image_size, model.mean, model.std),
+                              cache_dir=cache_dir, accelerator=accelerator)
+    accelerator.wait_for_everyone()  # the same number of collectives in both processes, or this times out
+    assert features.shape[0] == len(split)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_late_process_joins_the_feature_cache_barrier(tiny_config, colour_data, tmp_path):
+    # a process that looked for the cache file only after the main process had written it used to skip the
+    # barrier the main process waited at: under CI load, a torchrun run hung in its zero-shot phase
+    torch.multiprocessing.spawn(_cache_features_in_two_processes, nprocs=2,
+                                args=(29541, tiny_config, str(colour_data), str(tmp_path / "cache")))
+    assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 1

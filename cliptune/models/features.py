@@ -69,32 +69,52 @@ def image_features(
         return _MEMORY[key]
     path = Path(cache_dir) / f"features-{key}.safetensors" if cache_dir else None
     is_main = accelerator is None or accelerator.is_main_process
-    if path is not None and not path.is_file() and not is_main:
+    shared = path is not None and accelerator is not None and accelerator.num_processes > 1
+    if path is not None and _cached_everywhere(path, accelerator if shared else None):
+        features = _load(path)
+    elif shared and not is_main:
         accelerator.wait_for_everyone()  # the main process computes and writes; the others read it
-    if path is not None and path.is_file():
-        from safetensors.torch import load_file
-
-        features = load_file(str(path))["features"]
+        features = _load(path)
     else:
-        images = images if images is not None else ImageDataset(split, transform)
-        if views > 0:
-            stacked = []
-            for view in range(views):
-                # the random transforms draw from the global generator: seeded per view, restored afterwards
-                with isolated_rng(seed * 1000 + view + 1):
-                    stacked.append(_encode(model, images, batch_size, num_workers, accelerator, f"{desc} view {view + 1}/{views}"))
-            features = torch.stack(stacked)
-        else:
-            with isolated_rng():  # a DataLoader draws its workers' base seed from the global generator
-                features = _encode(model, images, batch_size, num_workers, accelerator, desc)
+        features = _compute(model, split, transform, views, seed, batch_size, num_workers, accelerator, desc, images)
         if path is not None:
             from cliptune.core.runfolder import atomic_save_safetensors
 
             atomic_save_safetensors(path, {"features": features})
             log.info("cached %s %s at %s", desc, tuple(features.shape), path)
-        if path is not None and accelerator is not None:
+        if shared:
             accelerator.wait_for_everyone()
     _MEMORY[key] = features
     while len(_MEMORY) > MEMORY_ENTRIES:
         _MEMORY.popitem(last=False)
     return features
+
+
+def _cached_everywhere(path: Path, accelerator=None) -> bool:
+    """Whether `path` is cached, agreed by all processes (`accelerator`) before any of them writes it: a process
+    that looked only after a faster main process had written the file would skip the barrier the others wait at."""
+    present = path.is_file()
+    if accelerator is None:
+        return present
+    votes = accelerator.reduce(torch.tensor([float(present)], device=accelerator.device), "sum")
+    return bool(votes.item() == accelerator.num_processes)
+
+
+def _load(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["features"]
+
+
+def _compute(model: LoadedModel, split: Split, transform, views: int, seed: int, batch_size: int, num_workers: int,
+             accelerator, desc: str, images: Optional[Dataset]) -> torch.Tensor:
+    images = images if images is not None else ImageDataset(split, transform)
+    if views == 0:
+        with isolated_rng():  # a DataLoader draws its workers' base seed from the global generator
+            return _encode(model, images, batch_size, num_workers, accelerator, desc)
+    stacked = []
+    for view in range(views):
+        # the random transforms draw from the global generator: seeded per view, restored afterwards
+        with isolated_rng(seed * 1000 + view + 1):
+            stacked.append(_encode(model, images, batch_size, num_workers, accelerator, f"{desc} view {view + 1}/{views}"))
+    return torch.stack(stacked)
