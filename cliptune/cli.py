@@ -10,12 +10,14 @@ import json
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 
 import click
 
 from cliptune.core import progress
-from cliptune.config.run import CHOICES, build_config
+from cliptune.config.run import SETTING_TYPES, SETTINGS, build_config
+from cliptune.core.options import flag_name
 from cliptune.core.errors import CliptuneError
 
 log = logging.getLogger("cliptune")
@@ -108,75 +110,51 @@ def option_group(options):
     return decorate
 
 
-model_options = option_group([
-    click.option("--model", help="open_clip architecture (e.g. ViT-B-16) or hf-hub:org/repo."),
-    click.option("--pretrained", help="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local .pt/.pth/.bin/.safetensors file."),
-    click.option("--model-config", type=click.Path(), help="JSON open_clip model config for a custom architecture."),
-])
-
-DATA_OPTIONS = [
-    click.option("--data", type=click.Path(), help="ImageFolder root (class folders, or train/ val/ test/ of them)."),
-    click.option("--val-fraction", type=float, help="Validation share when the data has no val/ folder [0.1]."),
-    click.option("--test-fraction", type=float, help="Test share when the data has no test/ folder [0.2]."),
-    click.option("--classnames", type=click.Path(), help="YAML mapping class folder -> name (or {name, descriptions})."),
-    click.option("--templates", type=click.Path(), help="Prompt templates file (one per line, each with '{}')."),
-    click.option("--seed", type=int, help="Seed for splits, shots, initialisation and training [0]."),
-    click.option("--strict/--no-strict", default=None, help="Fail on unreadable image files instead of skipping them."),
-]
-data_options = option_group(DATA_OPTIONS)
+def _flag_spec(flag: str, name: str, annotation, metadata: dict, help_text: str) -> tuple:
+    """(declarations, settings) of the click option for one option-dataclass field. Bounds and choices are
+    checked by the config (one-line errors), not by click (a usage block); bools get a --x/--no-x pair;
+    list fields repeat."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list:
+        return [flag, name], {"multiple": True, "type": click.Path() if metadata.get("path") else str, "help": help_text}
+    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    if base is bool:
+        return [f"{flag}/--no-{flag[2:]}", name], {"default": None, "help": help_text}
+    choices = metadata.get("choices")
+    metavar = "[" + "|".join(map(str, choices)) + "]" if choices else None
+    kind = click.Path() if metadata.get("path") in ("file", "folder") else {int: int, float: float}.get(base, str)
+    return [flag, name], {"type": kind, "metavar": metavar, "help": help_text}
 
 
-def options_named(options, *names):
-    """The options of a shared list with these parameter names, in the list's order (to reuse flags)."""
-
-    def name(option):
-        return click.command("probe")(option(lambda: None)).params[0].name  # the parameter the decorator adds
-
-    chosen = [option for option in options if name(option) in names]
-    assert len(chosen) == len(names), f"no option for some of {names}"
-    return option_group(chosen)
+def config_flags(*names: str):
+    """The flags of these run settings, generated from their declarations in `RunConfig`."""
+    specs = [_flag_spec(flag_name(SETTINGS[name]), name, SETTING_TYPES[name], SETTINGS[name].metadata,
+                        SETTINGS[name].metadata["help"]) for name in names]
+    return option_group([click.option(*declarations, **settings) for declarations, settings in specs])
 
 
-TRAINING_OPTIONS = [
-    click.option("--shots", type=int, help="Images per class sampled from train (seeded)."),
-    click.option("--epochs", type=int, help="Training epochs [the method's default]."),
-    click.option("--steps", type=int, help="Optimizer-step budget instead of --epochs; the schedule scales to it."),
-    click.option("--lr", type=float, help="Learning rate [the method's default]."),
-    click.option("--batch-size", type=int, help="Global batch size (split across processes)."),
-    click.option("--optimizer", help="adamw | sgd | lion"),
-    click.option("--weight-decay", type=float),
-    click.option("--warmup-steps", type=int, help="Linear warm-up to --lr over this many optimizer steps."),
-    click.option("--warmup-epochs", type=int, help="Constant warm-up epochs at --warmup-lr first (Dassl) [method default]."),
-    click.option("--warmup-lr", type=float, help="Learning rate of the constant warm-up [1e-5]."),
-    click.option("--select", metavar="[" + "|".join(CHOICES["select"]) + "]", help="Checkpoint evaluated at the end [method default]."),
-    click.option("--val-shots", type=int, help="Validation images per class [min(--shots, 4) with --shots, else all]."),
-    click.option("--grad-accum", type=int, help="Gradient accumulation steps."),
-    click.option("--mixed-precision", help="no | fp16 | bf16"),
-    click.option("--label-smoothing", type=float, help="Label smoothing added to any loss [0]."),
-    click.option("--aug-views", type=int, help="Augmented views cached per training image when the image tower is frozen (0 = none)."),
-    click.option("--aug-per-step/--no-aug-per-step", default=None, help="Frozen image tower: re-augment and re-encode every step (exact, slower) instead of a view bank."),
-    click.option("--num-workers", type=int, help="DataLoader workers [0 on CPU (exact resume); up to 8 per process on GPU]."),
-    click.option("--image-cache", metavar="[" + "|".join(CHOICES["image_cache"]) + "]",
-                 help="Decode and resize images once: in memory, memory-mapped under RUN/cache, auto (memory when it fits) or off [auto]."),
-    click.option("--eval-every", type=int, help="Validate every N epochs and after the last [auto: validation under ~20% of training]."),
-    click.option("--grad-checkpointing/--no-grad-checkpointing", default=None,
-                 help="Recompute tower activations in the backward pass: less memory, one more forward per step [off]."),
-    click.option("--recipe", help="Recipe name (recipes/NAME.yaml) or YAML path."),
-    click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE", help="Override any config key (highest precedence)."),
+MODEL_SETTINGS = ("model", "pretrained", "model_config")
+DATA_SETTINGS = ("data", "val_fraction", "test_fraction", "classnames", "templates", "seed", "strict")
+TRAINING_SETTINGS = (
+    "shots", "epochs", "steps", "lr", "batch_size", "optimizer", "weight_decay", "warmup_steps", "warmup_epochs",
+    "warmup_lr", "select", "val_shots", "grad_accum", "mixed_precision", "label_smoothing", "aug_views", "aug_per_step",
+    "num_workers", "image_cache", "eval_every", "grad_checkpointing")
+recipe_option = click.option("--recipe", help="Recipe name (recipes/NAME.yaml) or YAML path.")
+set_option = click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE",
+                          help="Override any config key (highest precedence).")
+run_folder_options = option_group([
+    recipe_option,
+    set_option,
     click.option("--out", required=True, type=click.Path(), help="Run folder to write."),
     click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last checkpoint."),
     click.option("--overwrite", is_flag=True, help="Replace a finished run in --out."),
-]
-
-
-training_options = option_group(TRAINING_OPTIONS)  # shared by finetune and continual
-fallback_option = click.option(
-    "--fallback", "result_fallback", metavar="[" + "|".join(CHOICES["result_fallback"]) + "]",
-    help="What a run keeps when it ends below zero-shot on val: none (the adapted model, with a warning) or zero-shot [none].")
+])
 
 
 def _cli_values(**values):
-    return {key: value for key, value in values.items() if value is not None}
+    """Parsed flags as config values; a flag not given (None, or a repeatable flag given no times) is left out."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()
+            if value is not None and value != ()}
 
 
 class MethodOptionsCommand(click.Command):
@@ -210,10 +188,9 @@ class MethodOptionsCommand(click.Command):
 
 def method_flag_options(method_classes) -> list:
     """One click option per distinct method flag; a flag shared by several methods names one option field."""
-    import typing
     from dataclasses import fields
 
-    from cliptune.core.options import default_of, flag_name
+    from cliptune.core.options import default_of
 
     by_flag: dict = {}
     for cls in method_classes:
@@ -228,24 +205,16 @@ def method_flag_options(method_classes) -> list:
         _, spec, annotation = users[0]
         defaults = "/".join("unset" if default_of(s) is None else str(default_of(s)) for _, s, _ in users)
         text = f"{'/'.join(name for name, _, _ in users)}: {spec.metadata.get('help', '')} [{defaults}]"
-        args = typing.get_args(annotation)
-        base = next((a for a in args if a is not type(None)), annotation) if args else annotation
-        if base is bool:
-            options.append(click.Option([f"{flag}/--no-{flag[2:]}", spec.name], default=None, help=text))
-            continue
-        # choices are checked by the config dataclass (one-line error), not by click (a usage block)
-        choices = spec.metadata.get("choices")
-        metavar = "[" + "|".join(map(str, choices)) + "]" if choices else None
-        options.append(click.Option([flag, spec.name], type={int: int, float: float}.get(base, str), metavar=metavar, help=text))
+        declarations, settings = _flag_spec(flag, spec.name, annotation, spec.metadata, text)
+        options.append(click.Option(declarations, **settings))
     return options
 
 
 @cli.command()
-@model_options
-@data_options
+@config_flags(*MODEL_SETTINGS, *DATA_SETTINGS)
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
-@click.option("--recipe", help="Recipe name (recipes/NAME.yaml) or YAML path for defaults.")
-@click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+@recipe_option
+@set_option
 @click.option("--out", required=True, type=click.Path(), help="Run folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
 def zeroshot(split, recipe, set_values, out, overwrite, **options):
@@ -259,12 +228,10 @@ def zeroshot(split, recipe, set_values, out, overwrite, **options):
 
 
 @cli.command(cls=MethodOptionsCommand)
-@model_options
-@data_options
+@config_flags(*MODEL_SETTINGS, *DATA_SETTINGS)
 @click.option("--method", help="Adaptation method [linear-probe]; `cliptune methods` lists them.")
-@click.option("--base-novel/--no-base-novel", default=None, help="Base-to-novel protocol: train on the first half of the classes, test on base and novel.")
-@fallback_option
-@training_options
+@config_flags("base_novel", "result_fallback", *TRAINING_SETTINGS)
+@run_folder_options
 def finetune(recipe, set_values, out, resume, overwrite, method_values, **options):
     """Adapt the model with a method, then evaluate on the test split."""
     from cliptune.commands import api
@@ -375,29 +342,19 @@ def _mergeable_methods() -> list:
 
 
 @cli.command(cls=MethodOptionsCommand, methods=_mergeable_methods)
-@model_options
-@click.option("--task", "tasks", multiple=True, help="Task ImageFolder (repeat, in order); DIR:class,class selects classes.")
-@click.option("--control", "controls", multiple=True, help="Control ImageFolder evaluated zero-shot after each task (repeat).")
-@click.option("--reference", help="Reference images for zscl (any folder of images, unlabelled).")
-@click.option("--reference-texts", type=click.Path(), help="Reference phrases, one per line [bundled ~1,000 concept names].")
-@click.option("--strategy", help="naive | lwf | lwf-vr | zscl | wise [naive]")
+@config_flags(*MODEL_SETTINGS, "tasks", "controls", "reference", "reference_texts", "strategy")
 @click.option("--method", help="full | lora [full]")
-@click.option("--templates", type=click.Path(), help="Prompt templates file.")
-@click.option("--seed", type=int)
-@click.option("--distill-image", type=float, help="zscl: weight of the image-side distillation [1.0].")
-@click.option("--distill-text", type=float, help="zscl: weight of the text-side distillation [1.0].")
-@click.option("--avg-every", type=int, help="zscl: weight-average snapshot every N optimizer steps [100].")
-@click.option("--wise-alpha", type=float, help="wise: weight of the fine-tuned model after each task [0.8].")
-@click.option("--l2", type=float, help="any strategy: weight of ZSCL's L2 pull toward the task-start weights [0].")
-@training_options
-def continual(recipe, set_values, out, resume, overwrite, tasks, controls, method_values, **options):
+@config_flags("templates", "seed", "distill_image", "distill_text", "avg_every", "wise_alpha", "l2", *TRAINING_SETTINGS)
+@run_folder_options
+def continual(recipe, set_values, out, resume, overwrite, method_values, **options):
     """Learn a sequence of tasks, measuring forgetting and zero-shot transfer (MTIL metrics)."""
-    from cliptune.continual.loop import DEFAULT_METHOD, continual as run_continual
+    from cliptune.continual.loop import continual as run_continual
+    from cliptune.methods import CONTINUAL_DEFAULT_METHOD
 
     config = None
     if not resume:
-        values = _cli_values(**options, tasks=list(tasks) or None, controls=list(controls) or None)
-        config = build_config(recipe, values, list(set_values), method_values, default_method=DEFAULT_METHOD)
+        config = build_config(recipe, _cli_values(**options), list(set_values), method_values,
+                              default_method=CONTINUAL_DEFAULT_METHOD)
     result = run_continual(config, out, overwrite=overwrite, resume=resume)
     _echo_result(f"{result['strategy']} ({result['method']}): transfer {result['transfer']:.4f}  avg {result['avg']:.4f}  last {result['last']:.4f}")
     _echo_result(f"run folder: {out}  (continual.json, continual.png)")
@@ -426,14 +383,15 @@ def methods_show(name, shots):
 
 
 @cli.command()
-@model_options
-@options_named(DATA_OPTIONS, "data", "val_fraction", "test_fraction", "classnames", "templates", "strict")
+@config_flags(*MODEL_SETTINGS, "data", "val_fraction", "test_fraction", "classnames", "templates", "strict")
 @click.option("--methods", required=True, help="Comma list of methods, e.g. linear-probe,coop,lora.")
 @click.option("--shots", "shots_list", required=True, help="Comma list of images per class, e.g. 1,4,16.")
 @click.option("--seeds", default="1", show_default=True, help="Comma list of seeds; every cell runs once per seed.")
 @click.option("--steps", type=int, help="Optimizer-step budget of every cell instead of epochs [each method's default].")
-@options_named(TRAINING_OPTIONS, "epochs", "lr", "batch_size", "optimizer", "weight_decay", "warmup_steps", "grad_accum",
-               "mixed_precision", "label_smoothing", "aug_views", "num_workers", "recipe", "set_values")
+@config_flags("epochs", "lr", "batch_size", "optimizer", "weight_decay", "warmup_steps", "grad_accum", "mixed_precision",
+              "label_smoothing", "aug_views", "num_workers")
+@recipe_option
+@set_option
 @click.option("--sweep", "sweep_trials", default=0, type=click.IntRange(min=0),
               help="Tune every (method, shots) pair first with an N-trial `cliptune sweep` on val [0: the defaults].")
 @click.option("--out", required=True, type=click.Path(), help="Compare folder: cells/ (one run folder each), cache/, compare.*")
@@ -452,16 +410,16 @@ def compare(methods, shots_list, seeds, steps, recipe, set_values, out, sweep_tr
 
 
 @cli.command(cls=MethodOptionsCommand)
-@model_options
-@data_options
+@config_flags(*MODEL_SETTINGS, *DATA_SETTINGS)
 @click.option("--method", help="Method to tune [linear-probe]; its search space: lr, budget and its own options.")
-@click.option("--shots", type=int, help="Images per class sampled from train (seeded).")
+@config_flags("shots")
 @click.option("--trials", default=20, show_default=True, type=click.IntRange(min=1), help="Finished trials to reach (a rerun adds the missing ones).")
 @click.option("--timeout", type=click.FloatRange(min=1), help="Stop starting trials after this many seconds.")
 @click.option("--steps", type=int, help="Optimizer-step budget of every trial (then the budget is not searched).")
 @click.option("--space", type=click.Path(), help="YAML search space replacing the method's: key: {log|float|int: [low, high]} or {choice: [...]}.")
-@options_named(TRAINING_OPTIONS, "epochs", "lr", "batch_size", "optimizer", "weight_decay", "aug_views", "num_workers", "recipe",
-               "set_values")
+@config_flags("epochs", "lr", "batch_size", "optimizer", "weight_decay", "aug_views", "num_workers")
+@recipe_option
+@set_option
 @click.option("--out", required=True, type=click.Path(), help="Sweep folder: sweep.db, trials/, cache/, sweep.json/.md/.png, best.yaml.")
 def sweep(trials, timeout, space, recipe, set_values, out, method_values, **options):
     """Search a method's settings on val with Optuna (TPE, median pruning); the best trial is tested once.

@@ -289,7 +289,7 @@ def test_wise_strategy_interpolates_with_the_task_start_weights(tiny_config, spl
 def test_l2_flag_reaches_the_config_and_is_checked_before_the_run_folder(tiny_config, split_data, tmp_path):
     result = CliRunner().invoke(cli, ["continual", "--model-config", tiny_config, "--task", str(split_data),
                                       "--l2", "-1", "--out", str(tmp_path / "o")])
-    assert result.exit_code != 0 and "l2 must be at least 0" in result.output and not (tmp_path / "o").exists()
+    assert result.exit_code != 0 and "'l2' must be at least 0" in result.output and not (tmp_path / "o").exists()
     config = build_config(None, {"l2": 0.5, "wise_anchor": "initial"})
     assert config.l2 == 0.5 and config.wise_anchor == "initial" and config.vocab_per_step is None
     with pytest.raises(CliptuneError, match="wise_anchor"):

@@ -1,12 +1,16 @@
 """The shared training loop: equivalences, determinism, augmentation caching (resume: test_resume.py, torchrun: test_distributed.py)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cliptune.commands import api
+from cliptune.core.errors import CliptuneError
 from cliptune.training import session as session_lib
 from cliptune.config.run import build_config
 from cliptune.data.folders import eval_transform, load_imagefolder
@@ -98,5 +102,18 @@ def test_aug_views_are_cached_once_and_drawn_per_epoch(tiny_config, colour_data,
 
 
 def test_bf16_mixed_precision_runs_on_cpu(tiny_config, colour_data, tmp_path):
-    metrics = api.finetune(_config(colour_data, tiny_config, mixed_precision="bf16", epochs=2), tmp_path / "bf16")
-    assert 0 <= metrics["test"]["top1"] <= 1
+    # its own process: accelerate fixes the mixed precision per process (this one's runs use "no")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "cliptune", "--quiet", "finetune", "--data", str(colour_data), "--model-config",
+                           tiny_config, "--epochs", "2", "--mixed-precision", "bf16", "--out", str(tmp_path / "bf16")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((tmp_path / "bf16/metrics.json").read_text())
+    assert 0 <= metrics["test"]["top1"] <= 1 and "mixed_precision: bf16" in (tmp_path / "bf16/config.yaml").read_text()
+
+
+def test_another_mixed_precision_in_the_same_process_is_one_clear_error(tiny_config, colour_data, tmp_path):
+    session_lib.make_accelerator("no")
+    with pytest.raises(CliptuneError, match="cannot follow 'no' in one Python process"):
+        api.finetune(_config(colour_data, tiny_config, mixed_precision="bf16", epochs=1), tmp_path / "bf16")
+    assert not (tmp_path / "bf16").exists()  # refused before the run folder

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from cliptune.commands import api
 from cliptune.cli import cli
-from cliptune.config.run import RunConfig, build_config
-from cliptune.training.engine import budget_lr_factor, cosine_with_warmup, training_length
+from cliptune.config.run import RunConfig, build_config, load_config, save_config
+from cliptune.training.optim import budget_lr_factor, cosine_with_warmup, training_length, with_budget_lr
 from cliptune.core.errors import CliptuneError
 from cliptune.methods import METHODS, _checked, build_method
 from cliptune.methods.base import Method, MethodConfig
@@ -55,6 +55,18 @@ def test_lr_is_raised_only_for_a_steps_budget_the_user_chose():
     assert build_config(None, {"method": "lora", "shots": 16}).scale_lr is False
     coop = build_config(None, {"method": "coop", "shots": 16, "steps": 250})
     assert budget_lr_factor(coop, updates_per_epoch=5) == pytest.approx(math.sqrt(200 * 5 / 250))
+
+
+def test_the_budget_lr_is_resolved_once_into_the_saved_config(tmp_path):
+    # 40 images, batch 8: 5 updates per epoch; CoOp's 16-shot default is 200 epochs = 1000 updates, cut to 250
+    coop = build_config(None, {"method": "coop", "shots": 16, "steps": 250, "batch_size": 8})
+    resolved = with_budget_lr(coop, 40)
+    assert resolved.lr == pytest.approx(coop.lr * math.sqrt(1000 / 250)) and resolved.scale_lr is False
+    assert "raised for the --steps budget" in resolved.sources["lr"]
+    assert with_budget_lr(resolved, 40).lr == resolved.lr  # resolving again (a --resume) changes nothing
+    save_config(resolved, tmp_path / "config.yaml")
+    assert with_budget_lr(load_config(tmp_path / "config.yaml"), 40).lr == pytest.approx(resolved.lr)
+    assert with_budget_lr(build_config(None, {"method": "coop", "shots": 16}), 40).lr == coop.lr  # no budget: untouched
 
 
 def test_method_options_are_validated_before_any_work():

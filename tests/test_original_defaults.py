@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from cliptune.cli import cli
 from cliptune.config.run import RunConfig
 from cliptune.methods import method_class
-from cliptune.training.engine import batches_per_epoch, cosine_with_warmup, training_length, updates_per_epoch, warmup_length
+from cliptune.training.optim import batches_per_epoch, cosine_with_warmup, training_length, updates_per_epoch, warmup_length
 
 # Dassl (dassl/config/defaults.py:153-156, 176-185, 216; configs/trainers/CoOp/vit_b16.yaml:13, 20-22;
 # data_manager.py:43; trainers/coop.py:281-282)

@@ -71,7 +71,7 @@ def test_learning_rates_follow_linear_warmup_then_cosine(tiny_config, colour_dat
             used.append(self.param_groups[0]["lr"])
             return super().step(closure)
 
-    monkeypatch.setattr(engine, "build_optimizer", lambda config, parameters, lr: RecordingSGD(parameters, lr=lr))
+    monkeypatch.setattr(engine, "build_optimizer", lambda config, parameters: RecordingSGD(parameters, lr=config.lr))
     # 27 images, batch 4 -> 7 micro-batches, accumulation 2 -> 4 updates per epoch, 8 in all; a warm-up of 3 is
     # capped at a fifth of the run: 1 step
     _probe_fit(colour_data, tiny_config, batch_size=4, grad_accum=2, warmup_steps=3, lr=0.1)

@@ -28,7 +28,7 @@ PACKAGE = Path(cliptune.__file__).parent
 SOURCES = {path.relative_to(PACKAGE.parent).as_posix(): path.read_text() for path in sorted(PACKAGE.rglob("*.py"))}
 
 
-@pytest.mark.parametrize("forbidden", ["logging.disable", "matplotlib.use", "pyplot"])
+@pytest.mark.parametrize("forbidden", ["logging.disable", "matplotlib.use", "pyplot", "_reset_state"])
 def test_no_process_wide_switches_in_the_library(forbidden):
     assert [path for path, text in SOURCES.items() if forbidden in text] == []
 

@@ -219,7 +219,7 @@ def test_cli_options_and_bad_values(tiny_config, colour_data, tmp_path):
 
     base = ["finetune", "--data", str(colour_data), "--model-config", tiny_config, "--method", "full", "--epochs", "1"]
     bad = CliRunner().invoke(cli, [*base, "--eval-every", "0", "--out", str(tmp_path / "bad")])
-    assert bad.exit_code != 0 and "eval_every must be at least 1" in bad.output and not (tmp_path / "bad").exists()
+    assert bad.exit_code != 0 and "'eval_every' must be at least 1" in bad.output and not (tmp_path / "bad").exists()
     good = CliRunner().invoke(cli, [*base, "--eval-every", "1", "--image-cache", "disk", "--grad-checkpointing", "--out", str(tmp_path / "ok")])
     assert good.exit_code == 0, good.output
     assert list((tmp_path / "ok" / "cache").glob("images-*.npy"))  # train, val and test decoded to the run's cache

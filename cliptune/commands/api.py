@@ -14,7 +14,9 @@ import torch
 
 from cliptune.config.run import RunConfig, check_config, load_config, save_config
 from cliptune.data.folders import labels_tensor
-from cliptune.training.engine import Trainer, load_method_state
+from cliptune.training.checkpoints import load_method_state
+from cliptune.training.engine import Trainer
+from cliptune.training.optim import with_budget_lr
 from cliptune.core.errors import CliptuneError
 from cliptune.methods import build_method
 from cliptune.core.metrics import classification_metrics
@@ -78,6 +80,46 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
     accelerator = make_accelerator(config.mixed_precision)
     # bad data, model or method options fail here, before the run folder is touched
     session = Session.open(config, accelerator) if session is None else session.reused(config, accelerator)
+    session, novel_session, method = _sessions_and_method(config, session)
+    if accelerator.is_main_process:
+        run.prepare(overwrite=overwrite, resume=resume)
+    accelerator.wait_for_everyone()
+    for each in (session, novel_session):
+        if each is not None:
+            each.cache_dir = Path(cache_dir) if cache_dir is not None else run.cache
+            each.images_for_features = not method.uses_image_features
+    clock = PhaseClock(started, session.stats)
+    with run.log_to_file(accelerator.is_main_process):
+        config = with_budget_lr(config, len(session.data.split("train")))  # the lr it trains with is the one config.yaml holds
+        if accelerator.is_main_process and not resume:
+            save_config(config, run.config)
+        clock.mark_startup()
+        with clock.phase("zeroshot"):
+            zeroshot = _zeroshot_results(session, novel_session, test)  # before training: some methods train the towers in place
+        if test:
+            log.info(_line("zero-shot test", zeroshot["test"]), extra=RESULT)
+        with clock.phase("inputs"):
+            train = session.inputs("train", method.uses_image_features, train=True)
+            val = session.inputs("val", method.uses_image_features) if len(session.data.splits["val"]) else None
+        log.info("method %s: %d training images, %d classes", config.method, len(train), len(session.data.classes))
+        trainer = Trainer(method, config, run, accelerator, on_validated=on_validated, resumable=resumable)
+        summary = trainer.fit(train, val, session.data.classes, resume=resume)
+        method = accelerator.unwrap_model(trainer.model)
+        metrics, test_logits = _trained_metrics(config, session, trainer, method, summary, run, clock, test, val, novel_session,
+                                                zeroshot)
+        if metrics["guard"]["message"]:
+            log.warning(metrics["guard"]["message"], extra=RESULT)
+        if accelerator.is_main_process:
+            if test:
+                save_predictions(run.root, "test", test_logits, labels_tensor(session.data.split("test")))
+            atomic_write_json(run.metrics, metrics)
+            if test:
+                write_run_report(run.root)
+        return metrics
+
+
+def _sessions_and_method(config: RunConfig, session: Session) -> tuple:
+    """(session, base/novel session or None, the method built on the session's classes)."""
     novel_session = None
     if config.base_novel:
         session, novel_session = split_base_novel(session)
@@ -86,76 +128,58 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
                           config.method_options(), data.named_descriptions, seed=config.seed)
     if novel_session is not None and method.class_specific:
         raise CliptuneError(f"--base-novel needs a method that works on unseen classes; '{config.method}' learns class-specific state")
-    session.images_for_features = not method.uses_image_features
-    if accelerator.is_main_process:
-        run.prepare(overwrite=overwrite, resume=resume)
-    accelerator.wait_for_everyone()
-    session.cache_dir = Path(cache_dir) if cache_dir is not None else run.cache
-    if novel_session is not None:
-        novel_session.cache_dir = session.cache_dir
-        novel_session.images_for_features = session.images_for_features
-    clock = PhaseClock(started, session.stats)
-    with run.log_to_file(accelerator.is_main_process):
-        if accelerator.is_main_process and not resume:
-            save_config(config, run.config)
-        clock.mark_startup()
-        with clock.phase("zeroshot"):
-            # before training: some methods train the towers in place
-            zeroshot_test_logits = session.zeroshot_logits("test") if test else None
-            zeroshot_test = classification_metrics(zeroshot_test_logits, labels_tensor(data.split("test")), data.classes) if test else None
-            zeroshot_val = session.zeroshot_metrics("val") if len(data.splits["val"]) else None
-            zeroshot_novel = novel_session.zeroshot_metrics("test") if novel_session is not None else None
-        if test:
-            log.info(_line("zero-shot test", zeroshot_test), extra=RESULT)
-        use_features = method.uses_image_features
-        with clock.phase("inputs"):
-            train = session.inputs("train", use_features, train=True)
-            val = session.inputs("val", use_features) if len(data.splits["val"]) else None
-        log.info("method %s: %d training images, %d classes", config.method, len(train), len(data.classes))
-        trainer = Trainer(method, config, run, accelerator, on_validated=on_validated, resumable=resumable)
-        summary = trainer.fit(train, val, data.classes, resume=resume)
-        method = accelerator.unwrap_model(trainer.model)
-        trainable = sum(p.numel() for p in method.trainable_parameters())  # after prepare(): some methods size them there
-        load_method_state(method, run.checkpoints / "best")
-        test_metrics = None
-        if test:
-            with clock.phase("final_eval"):
-                test_inputs = session.inputs("test", use_features)
-                test_logits = trainer.predict(test_inputs)
-                test_metrics = classification_metrics(test_logits, test_inputs.labels, data.classes)
-            log.info(_line(f"{config.method} test", test_metrics), extra=RESULT)
-        metrics = {
-            "method": config.method, **_model_fields(config), "classes": data.classes, "classnames": data.classnames,
-            "test": test_metrics, "zeroshot": zeroshot_test,
-            "train": {"seconds": round(summary.seconds, 3), "eval_seconds": round(summary.eval_seconds, 3),
-                      "images_seen": summary.images_seen, "epochs": summary.epochs,
-                      "best_epoch": summary.best_epoch, "trainable_params": trainable, "n": len(train),
-                      "history": summary.history},
-            "processes": accelerator.num_processes,
-        }
+    return session, novel_session, method
+
+
+def _zeroshot_results(session: Session, novel_session: Optional[Session], test: bool) -> Dict:
+    """Zero-shot test logits and metrics, val and novel-class metrics: the baselines a trained run is judged against."""
+    data = session.data
+    logits = session.zeroshot_logits("test") if test else None
+    return {"test_logits": logits,
+            "test": classification_metrics(logits, labels_tensor(data.split("test")), data.classes) if test else None,
+            "val": session.zeroshot_metrics("val") if len(data.splits["val"]) else None,
+            "novel": novel_session.zeroshot_metrics("test") if novel_session is not None else None}
+
+
+def _trained_metrics(config: RunConfig, session: Session, trainer: Trainer, method, summary, run: RunFolder, clock: PhaseClock,
+                     test: bool, val, novel_session: Optional[Session], zeroshot: Dict) -> tuple:
+    """(metrics.json of a trained run, the test logits it reports): the selected checkpoint on test (and novel
+    classes), its val result, the zero-shot guard's verdict (zero-shot's logits when it falls back) and the timings."""
+    data = session.data
+    trainable = sum(p.numel() for p in method.trainable_parameters())  # after prepare(): some methods size them there
+    load_method_state(method, run.checkpoints / "best")
+    test_metrics = test_logits = None
+    if test:
         with clock.phase("final_eval"):
-            if val is not None:  # the best epoch's validation pass, when this process ran it (same weights)
-                metrics["val"] = trainer.validated.get(summary.best_epoch) or trainer.evaluate(val, data.classes)
-            if novel_session is not None:
-                metrics.update(base_novel_metrics(trainer, method, test_metrics, zeroshot_test, novel_session, zeroshot_novel))
-            metrics["zeroshot_val"] = zeroshot_val
-            metrics["guard"] = zeroshot_guard(config.method, metrics.get("val"), zeroshot_val, config.result_fallback)
-            if metrics["guard"]["fallback"]:
-                metrics.update(result="zero-shot", adapted={"test": test_metrics, "val": metrics["val"]}, test=zeroshot_test, val=zeroshot_val)
-                test_logits = zeroshot_test_logits
-        earlier_train, earlier_eval = trainer.earlier_seconds
-        metrics["time"] = clock.report(accelerator.device, train=summary.seconds - earlier_train,
-                                       eval=summary.eval_seconds - earlier_eval)
-        log.info(describe(metrics["time"]))
-        if metrics["guard"]["message"]:
-            log.warning(metrics["guard"]["message"], extra=RESULT)
-        if accelerator.is_main_process:
-            if test:
-                save_predictions(run.root, "test", test_logits, labels_tensor(data.split("test")))
-            atomic_write_json(run.metrics, metrics)
-            if test:
-                write_run_report(run.root)
-        return metrics
+            test_inputs = session.inputs("test", method.uses_image_features)
+            test_logits = trainer.predict(test_inputs)
+            test_metrics = classification_metrics(test_logits, test_inputs.labels, data.classes)
+        log.info(_line(f"{config.method} test", test_metrics), extra=RESULT)
+    metrics = {
+        "method": config.method, **_model_fields(config), "classes": data.classes, "classnames": data.classnames,
+        "test": test_metrics, "zeroshot": zeroshot["test"],
+        "train": {"seconds": round(summary.seconds, 3), "eval_seconds": round(summary.eval_seconds, 3),
+                  "images_seen": summary.images_seen, "epochs": summary.epochs,
+                  "best_epoch": summary.best_epoch, "trainable_params": trainable, "n": len(data.split("train")),
+                  "history": summary.history},
+        "processes": trainer.accelerator.num_processes,
+    }
+    with clock.phase("final_eval"):
+        if val is not None:  # the best epoch's validation pass, when this process ran it (same weights)
+            metrics["val"] = trainer.validated.get(summary.best_epoch) or trainer.evaluate(val, data.classes)
+        if novel_session is not None:
+            metrics.update(base_novel_metrics(trainer, method, test_metrics, zeroshot["test"], novel_session, zeroshot["novel"]))
+        metrics["zeroshot_val"] = zeroshot["val"]
+        metrics["guard"] = zeroshot_guard(config.method, metrics.get("val"), zeroshot["val"], config.result_fallback)
+        if metrics["guard"]["fallback"]:
+            metrics.update(result="zero-shot", adapted={"test": test_metrics, "val": metrics["val"]}, test=zeroshot["test"],
+                           val=zeroshot["val"])
+            test_logits = zeroshot["test_logits"]
+    earlier_train, earlier_eval = trainer.earlier_seconds
+    metrics["time"] = clock.report(trainer.accelerator.device, train=summary.seconds - earlier_train,
+                                   eval=summary.eval_seconds - earlier_eval)
+    log.info(describe(metrics["time"]))
+    return metrics, test_logits
 
 
 def zeroshot_guard(method_name: str, val: Optional[Dict], zeroshot_val: Optional[Dict], fallback: str = "none") -> Dict:

@@ -16,93 +16,120 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from cliptune.core.errors import CliptuneError
-from cliptune.core.options import coerce
+from cliptune.core.options import check_value, coerce, flag_name, option
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
 RECIPE_META_KEYS = ("extends", "name", "domain", "summary", "description", "fallback")
-PATH_KEYS = ("data", "pretrained", "model_config", "classnames", "templates", "reference", "reference_texts", "tasks", "controls")
 
 
 @dataclass
 class RunConfig:
-    """Everything a training run needs; field names are the recipe keys and `--set` keys."""
+    """Everything a training run needs; field names are the recipe keys and `--set` keys, and the CLI's
+    flags for them are generated from these declarations (`cliptune.cli.config_flags`)."""
 
     # model
-    model: Optional[str] = None
-    pretrained: Optional[str] = None
-    model_config: Optional[str] = None
+    model: Optional[str] = option(None, "open_clip architecture (e.g. ViT-B-16) or hf-hub:org/repo.")
+    pretrained: Optional[str] = option(
+        None, "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local .pt/.pth/.bin/.safetensors file.", path="any")
+    model_config: Optional[str] = option(None, "JSON open_clip model config for a custom architecture.", path="file")
     # data
-    data: Optional[str] = None
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    shots: Optional[int] = None
-    classnames: Optional[str] = None
-    templates: Union[None, str, List[str]] = None
-    strict: bool = False
+    data: Optional[str] = option(None, "ImageFolder root (class folders, or train/ val/ test/ of them).", path="folder")
+    val_fraction: float = option(0.1, "Validation share when the data has no val/ folder [0.1].", min=0, below=1)
+    test_fraction: float = option(0.2, "Test share when the data has no test/ folder [0.2].", min=0, below=1)
+    shots: Optional[int] = option(None, "Images per class sampled from train (seeded).", min=1, unset="for all images")
+    classnames: Optional[str] = option(None, "YAML mapping class folder -> name (or {name, descriptions}).", path="file")
+    templates: Union[None, str, List[str]] = option(None, "Prompt templates file (one per line, each with '{}').", path="file")
+    strict: bool = option(False, "Fail on unreadable image files instead of skipping them.")
+    seed: int = option(0, "Seed for splits, shots, initialisation and training [0].")
     # method and optimisation
-    method: str = "linear-probe"
-    epochs: int = 10
-    steps: Optional[int] = None  # optimizer-step budget instead of epochs (the schedule scales to it)
-    # raise a default lr when --steps cuts the method's default budget (see engine.budget_lr_factor);
-    # unset = on exactly when the steps come from you and the lr from the defaults
-    scale_lr: Optional[bool] = None
-    select: str = "best-val"  # checkpoint evaluated at the end: best-val (best validation top-1) or last
-    # `--fallback`: what a run keeps when its selected checkpoint is below zero-shot on val (none: the adapted
-    # model, with a warning; zero-shot: the zero-shot classifier, recorded as the run's result)
-    result_fallback: str = "none"
-    val_shots: Optional[int] = None  # validation images per class (0 = all); with --shots K default min(K, 4) (Dassl)
-    lr: float = 1e-3
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    optimizer: str = "adamw"
-    weight_decay: float = 0.01
-    momentum: float = 0.9
-    warmup_steps: int = 0  # linear warm-up to lr over this many optimizer steps
-    warmup_epochs: int = 0  # Dassl's constant warm-up: this many epochs at warmup_lr, then the schedule
-    warmup_lr: float = 1e-5
-    lr_per_epoch: bool = False  # hold the lr for a whole epoch (Dassl steps its scheduler once per epoch)
-    min_lr: float = 0.0  # the cosine's floor (CosineAnnealingLR's eta_min)
-    adam_eps: float = 1e-8  # AdamW's eps
-    drop_last: bool = False  # drop a last partial batch each epoch (Dassl's train loader)
-    grad_accum: int = 1
-    max_grad_norm: Optional[float] = None
-    label_smoothing: float = 0.0
-    mixed_precision: str = "no"
-    grad_checkpointing: bool = False  # recompute tower activations in the backward pass: less memory, one more forward per step
-    seed: int = 0
-    # validation every N epochs (the last epoch always); None = auto, keeping evaluation under ~20% of training
-    eval_every: Optional[int] = None
-    # base-to-novel protocol: train on the first half of the classes (by folder name), test on both halves
-    base_novel: bool = False
+    method: str = option("", "Adaptation method; unset: a layer's, else the registry's DEFAULT_METHOD (build_config).")
+    epochs: int = option(10, "Training epochs [the method's default].", min=1)
+    steps: Optional[int] = option(None, "Optimizer-step budget instead of --epochs; the schedule scales to it.", min=1,
+                                  unset="to train --epochs")
+    scale_lr: Optional[bool] = option(
+        None, "Raise a default lr when --steps cuts the method's default budget (training.optim.budget_lr_factor); "
+              "unset = on exactly when the steps come from you and the lr from the defaults.")
+    select: str = option("best-val", "Checkpoint evaluated at the end [method default].", choices=("best-val", "last"))
+    result_fallback: str = option(
+        "none", "What a run keeps when it ends below zero-shot on val: none (the adapted model, with a warning) or "
+                "zero-shot [none].", choices=("none", "zero-shot"), flag="--fallback")
+    val_shots: Optional[int] = option(None, "Validation images per class [min(--shots, 4) with --shots, else all; 0 = all].",
+                                      min=0, unset="for min(shots, 4)")
+    lr: float = option(1e-3, "Learning rate [the method's default].", above=0)
+    batch_size: int = option(32, "Global batch size (split across processes).", min=1)
+    eval_batch_size: int = option(128, "Images per evaluation forward pass.", min=1)
+    optimizer: str = option("adamw", "Optimizer [the method's default].", choices=("adamw", "sgd", "lion"))
+    weight_decay: float = option(0.01, "Weight decay [the method's default].", min=0)
+    momentum: float = option(0.9, "SGD momentum.", min=0, below=1)
+    warmup_steps: int = option(0, "Linear warm-up to --lr over this many optimizer steps.", min=0)
+    warmup_epochs: int = option(0, "Constant warm-up epochs at --warmup-lr first (Dassl) [method default].", min=0)
+    warmup_lr: float = option(1e-5, "Learning rate of the constant warm-up [1e-5].", above=0)
+    lr_per_epoch: bool = option(False, "Hold the lr for a whole epoch (Dassl steps its scheduler once per epoch).")
+    min_lr: float = option(0.0, "The cosine's floor (CosineAnnealingLR's eta_min).", min=0)
+    adam_eps: float = option(1e-8, "AdamW's eps.", above=0)
+    drop_last: bool = option(False, "Drop a last partial batch each epoch (Dassl's train loader).")
+    grad_accum: int = option(1, "Gradient accumulation steps.", min=1)
+    max_grad_norm: Optional[float] = option(None, "Clip the gradient norm at this value.", above=0, unset="")
+    label_smoothing: float = option(0.0, "Label smoothing added to any loss [0].", min=0, below=1)
+    mixed_precision: str = option("no", "Mixed precision (one per Python process).", choices=("no", "fp16", "bf16"))
+    grad_checkpointing: bool = option(
+        False, "Recompute tower activations in the backward pass: less memory, one more forward per step [off].")
+    eval_every: Optional[int] = option(
+        None, "Validate every N epochs and after the last [auto: validation under ~20% of training].", min=1,
+        unset="for the automatic cadence")
+    base_novel: bool = option(
+        False, "Base-to-novel protocol: train on the first half of the classes, test on base and novel.")
     # augmentation (and how many augmented views to cache when the image tower is frozen)
-    aug_views: int = 0
-    aug_per_step: bool = False  # frozen image tower: re-augment and re-encode every step instead of a view bank
-    aug_crop_scale: List[float] = field(default_factory=lambda: [0.5, 1.0])
-    aug_hflip: bool = True
-    aug_color_jitter: float = 0.0
-    num_workers: Optional[int] = None  # DataLoader workers; None = per device (0 on CPU, for exact resume)
-    image_cache: str = "auto"  # decoded-image cache: auto | memory | disk | off
+    aug_views: int = option(
+        0, "Augmented views cached per training image when the image tower is frozen (0 = none).", min=0)
+    aug_per_step: bool = option(
+        False, "Frozen image tower: re-augment and re-encode every step (exact, slower) instead of a view bank.")
+    aug_crop_scale: List[float] = option(help="RandomResizedCrop's area range [min, max].", factory=lambda: [0.5, 1.0])
+    aug_hflip: bool = option(True, "Random horizontal flips.")
+    aug_color_jitter: float = option(0.0, "Colour-jitter strength.", min=0)
+    num_workers: Optional[int] = option(
+        None, "DataLoader workers [0 on CPU (exact resume); up to 8 per process on GPU].", min=0, unset="")
+    image_cache: str = option(
+        "auto", "Decode and resize images once: in memory, memory-mapped under RUN/cache, auto (memory when it fits) "
+                "or off [auto].", choices=("auto", "memory", "disk", "off"))
     # continual learning (`cliptune continual`): task/control ImageFolders, optionally `DIR:class,class`
-    tasks: List[str] = field(default_factory=list)
-    controls: List[str] = field(default_factory=list)
-    reference: Optional[str] = None
-    reference_texts: Optional[str] = None
-    strategy: str = "naive"
-    distill_image: float = 1.0
-    distill_text: float = 1.0
-    distill_temperature: float = 2.0
-    avg_every: int = 100
-    wise_alpha: float = 0.8  # ZSCL's WiSE-FT baseline
-    wise_anchor: str = "task-start"  # wise: interpolate with the task-start weights (ZSCL) or the initial ones
-    vocab_per_step: Optional[int] = None  # zscl/lwf-vr: all reference texts every step (ZSCL); N: a random N
-    l2: float = 0.0  # ZSCL's --l2: weight of sum((θ - θ_task_start)²) over the trained weights
-    vocab_size: int = 1000  # lwf-vr: random token sequences in the virtual vocabulary (ZSCL's virtual_vocab)
-    vocab_length: int = 10  # lwf-vr: random tokens per sequence
+    tasks: List[str] = option(help="Task ImageFolder (repeat, in order); DIR:class,class selects classes.", flag="--task",
+                              path="folder", factory=list)
+    controls: List[str] = option(help="Control ImageFolder evaluated zero-shot after each task (repeat).",
+                                 flag="--control", path="folder", factory=list)
+    reference: Optional[str] = option(None, "Reference images for zscl (any folder of images, unlabelled).", path="folder")
+    reference_texts: Optional[str] = option(
+        None, "Reference phrases, one per line [bundled ~1,000 concept names].", path="file")
+    strategy: str = option("naive", "Continual strategy [naive].", choices=("naive", "lwf", "lwf-vr", "zscl", "wise"))
+    distill_image: float = option(1.0, "zscl: weight of the image-side distillation [1.0].", min=0)
+    distill_text: float = option(1.0, "zscl: weight of the text-side distillation [1.0].", min=0)
+    distill_temperature: float = option(2.0, "lwf/zscl: distillation temperature.", above=0)
+    avg_every: int = option(100, "zscl: weight-average snapshot every N optimizer steps [100].", min=1)
+    wise_alpha: float = option(0.8, "wise: weight of the fine-tuned model after each task [0.8].", min=0, max=1)
+    wise_anchor: str = option("task-start", "wise: interpolate with the task-start weights (ZSCL) or the initial ones.",
+                              choices=("task-start", "initial"))
+    vocab_per_step: Optional[int] = option(
+        None, "zscl/lwf-vr: reference texts per step; unset: all of them (ZSCL).", min=1, unset="for the whole vocabulary")
+    l2: float = option(0.0, "any strategy: weight of ZSCL's L2 pull toward the task-start weights [0].", min=0)
+    vocab_size: int = option(1000, "lwf-vr: random token sequences in the virtual vocabulary (ZSCL's virtual_vocab).",
+                             min=2)
+    vocab_length: int = option(10, "lwf-vr: random tokens per sequence.", min=1)
     # per-method options, keyed by method name
     methods: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     # the layer that set each key (build_config), logged when training starts; not a setting: never in
     # config.yaml, recipes or --set, and ignored when configs are compared
     sources: Dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def check_values(self) -> None:
+        """Every declared bound and choice, then the checks that span fields; one line names the first bad one."""
+        for spec in fields(self):
+            check_value(getattr(self, spec.name), spec.metadata, spec.name)
+        scale = self.aug_crop_scale
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise CliptuneError("'aug_crop_scale' must be two numbers [min, max] with 0 < min <= max <= 1, "
+                                f"got {self.aug_crop_scale!r}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise CliptuneError(f"val_fraction + test_fraction must be below 1 (got {self.val_fraction} + {self.test_fraction})")
 
     def method_options(self) -> Dict[str, Any]:
         return dict(self.methods.get(self.method, {}))
@@ -115,65 +142,10 @@ class RunConfig:
         return data
 
 
-CONFIG_KEYS = [f.name for f in fields(RunConfig) if f.name not in ("methods", "sources")]
-CHOICES = {
-    "optimizer": ("adamw", "sgd", "lion"),
-    "mixed_precision": ("no", "fp16", "bf16"),
-    "strategy": ("naive", "lwf", "lwf-vr", "zscl", "wise"),
-    "select": ("best-val", "last"),
-    "result_fallback": ("none", "zero-shot"),
-    "wise_anchor": ("task-start", "initial"),
-    "image_cache": ("auto", "memory", "disk", "off"),
-}
-
-
-# Numeric ranges every run needs, checked before any work: key -> (test, what it must be)
-RANGES = {
-    "epochs": (lambda v: v >= 1, "at least 1"),
-    "batch_size": (lambda v: v >= 1, "at least 1"),
-    "eval_batch_size": (lambda v: v >= 1, "at least 1"),
-    "grad_accum": (lambda v: v >= 1, "at least 1"),
-    "lr": (lambda v: v > 0, "greater than 0"),
-    "weight_decay": (lambda v: v >= 0, "at least 0"),
-    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "warmup_steps": (lambda v: v >= 0, "at least 0"),
-    "max_grad_norm": (lambda v: v is None or v > 0, "greater than 0 (or unset)"),
-    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "test_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "shots": (lambda v: v is None or v >= 1, "at least 1 (or unset for all images)"),
-    "aug_views": (lambda v: v >= 0, "at least 0"),
-    "aug_crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "two numbers [min, max] with 0 < min <= max <= 1"),
-    "aug_color_jitter": (lambda v: v >= 0, "at least 0"),
-    "num_workers": (lambda v: v is None or v >= 0, "at least 0"),
-    "distill_image": (lambda v: v >= 0, "at least 0"),
-    "distill_text": (lambda v: v >= 0, "at least 0"),
-    "distill_temperature": (lambda v: v > 0, "greater than 0"),
-    "avg_every": (lambda v: v >= 1, "at least 1"),
-    "wise_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "vocab_per_step": (lambda v: v is None or v >= 1, "at least 1 (or unset for the whole vocabulary)"),
-    "steps": (lambda v: v is None or v >= 1, "at least 1 (or unset to train --epochs)"),
-    "val_shots": (lambda v: v is None or v >= 0, "at least 0 (0 = every validation image; unset = min(shots, 4))"),
-    "warmup_epochs": (lambda v: v >= 0, "at least 0"),
-    "warmup_lr": (lambda v: v > 0, "greater than 0"),
-    "min_lr": (lambda v: v >= 0, "at least 0"),
-    "adam_eps": (lambda v: v > 0, "greater than 0"),
-    "eval_every": (lambda v: v is None or v >= 1, "at least 1 (or unset for the automatic cadence)"),
-    "l2": (lambda v: v >= 0, "at least 0"),
-    "vocab_size": (lambda v: v >= 2, "at least 2"),
-    "vocab_length": (lambda v: v >= 1, "at least 1"),
-}
-# Paths a run reads: key -> (command-line flag, "file" or "folder"); list keys hold `DIR` or `DIR:class,...`
-INPUT_PATHS = {
-    "data": ("--data", "folder"),
-    "model_config": ("--model-config", "file"),
-    "classnames": ("--classnames", "file"),
-    "templates": ("--templates", "file"),
-    "reference": ("--reference", "folder"),
-    "reference_texts": ("--reference-texts", "file"),
-    "tasks": ("--task", "folder"),
-    "controls": ("--control", "folder"),
-}
+SETTINGS = {spec.name: spec for spec in fields(RunConfig) if spec.name not in ("methods", "sources")}
+SETTING_TYPES = typing.get_type_hints(RunConfig)
+CONFIG_KEYS = list(SETTINGS)
+PATH_KEYS = [name for name, spec in SETTINGS.items() if spec.metadata.get("path")]
 
 
 def parse_dataset_spec(spec: str) -> tuple[str, Optional[List[str]]]:
@@ -189,22 +161,17 @@ def check_config(config: RunConfig, files: bool = True) -> None:
 
     One line names the first bad option. Method options are checked by their own config classes.
     """
-    for key, (valid, requirement) in RANGES.items():
-        value = getattr(config, key)
-        if not valid(value):
-            raise CliptuneError(f"{key} must be {requirement}, got {value!r}")
-    if config.val_fraction + config.test_fraction >= 1:
-        raise CliptuneError(f"val_fraction + test_fraction must be below 1 (got {config.val_fraction} + {config.test_fraction})")
+    config.check_values()
     if not files:
         return
-    for key, (flag, kind) in INPUT_PATHS.items():
-        value = getattr(config, key)
-        for item in value if key in ("tasks", "controls") else [value]:
-            if not isinstance(item, str) or not item:
-                continue  # unset, or templates given inline as a list
+    for key in PATH_KEYS:
+        kind, value = SETTINGS[key].metadata["path"], getattr(config, key)
+        for item in value if typing.get_origin(SETTING_TYPES[key]) is list else [value]:
+            if kind == "any" or not isinstance(item, str) or not item:
+                continue  # a tag or a path, unset, or templates given inline as a list
             path = Path(parse_dataset_spec(item)[0] if kind == "folder" else item)
             if not (path.is_dir() if kind == "folder" else path.is_file()):
-                raise CliptuneError(f"{flag} {item}: no such {kind}")
+                raise CliptuneError(f"{flag_name(SETTINGS[key])} {item}: no such {kind}")
 
 
 def _method_registry():
@@ -226,7 +193,6 @@ def _unknown_key(key: str, where: str) -> CliptuneError:
 
 def apply_values(config: RunConfig, values: Dict[str, Any], where: str = "", lines: Optional[Dict[str, int]] = None) -> None:
     """Validate and apply a flat-or-sectioned mapping of config values onto `config`."""
-    hints = typing.get_type_hints(RunConfig)
     registry = _method_registry()
     lines = lines or {}
 
@@ -252,11 +218,10 @@ def apply_values(config: RunConfig, values: Dict[str, Any], where: str = "", lin
         if key not in CONFIG_KEYS:
             raise _unknown_key(key, location)
         try:
-            coerced = coerce(value, hints[key], key)
+            coerced = coerce(value, SETTING_TYPES[key], key)
+            check_value(coerced, SETTINGS[key].metadata, key)
         except CliptuneError as exc:
             raise CliptuneError(f"{exc}{location}") from None
-        if key in CHOICES and coerced not in CHOICES[key]:
-            raise CliptuneError(f"'{key}' must be one of {', '.join(CHOICES[key])}, got {coerced!r}{location}")
         setattr(config, key, coerced)
 
 
@@ -364,7 +329,7 @@ def build_config(
     cli_values: Optional[Dict[str, Any]] = None,
     set_values: Optional[List[str]] = None,
     method_values: Optional[Dict[str, Any]] = None,
-    default_method: str = "linear-probe",
+    default_method: Optional[str] = None,
 ) -> RunConfig:
     """Merge the layers in precedence order and validate them, naming the bad key and its file/line.
 
@@ -372,7 +337,8 @@ def build_config(
     `method_values` are CLI flags of method options (e.g. `--n-ctx` -> `n_ctx`); they go into the
     section of whichever method the run uses. A layer that sets `epochs` but not `steps` replaces a
     lower layer's step budget (and the other way round). The returned config's `sources` field
-    names the layer that set each key (logged with the run).
+    names the layer that set each key (logged with the run). `default_method`: the method when no layer names
+    one (default: the registry's DEFAULT_METHOD).
     """
     recipe_layers = read_recipe(recipe) if recipe else []
     cli = {k: v for k, v in (cli_values or {}).items() if v is not None}
@@ -380,6 +346,10 @@ def build_config(
     if set_values:
         overrides = parse_set(set_values)
     registry = _method_registry()
+    if default_method is None:
+        from cliptune.methods import DEFAULT_METHOD
+
+        default_method = DEFAULT_METHOD
 
     # the method and shot count decide the method defaults, so find them first (highest layer wins)
     probe = RunConfig(method=default_method)

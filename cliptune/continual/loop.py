@@ -40,12 +40,15 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cliptune.config.run import CHOICES, RunConfig, check_config, load_config, parse_dataset_spec, save_config
+from cliptune.config.run import RunConfig, check_config, load_config, parse_dataset_spec, save_config
 from cliptune.data.folders import IMAGE_EXTENSIONS, ImageFolderData, eval_transform, load_imagefolder
-from cliptune.training.engine import Trainer, load_method_state
+from cliptune.training.checkpoints import load_method_state
+from cliptune.training.engine import Trainer
+from cliptune.training.optim import with_budget_lr
 from cliptune.core.errors import CliptuneError
 from cliptune.core.figures import new_figure, save_figure
-from cliptune.methods import build_method, methods_exporting
+from cliptune.core.options import choices_of
+from cliptune.methods import build_method, method_class, methods_exporting
 from cliptune.models.loading import LoadedModel
 from cliptune.core.progress import RESULT
 from cliptune.core.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json
@@ -57,9 +60,8 @@ from cliptune.models.zeroshot import zeroshot_weights
 
 log = logging.getLogger("cliptune")
 DEFAULT_REFERENCE_TEXTS = Path(__file__).resolve().parents[1] / "assets" / "reference_texts.txt"
-STRATEGIES = CHOICES["strategy"]
+STRATEGIES = choices_of(RunConfig, "strategy")
 DISTILLING = ("lwf", "lwf-vr", "zscl")
-DEFAULT_METHOD = "full"  # continual learning needs a method whose weights merge into CLIP
 
 
 # ----- losses and weight averaging (pure functions, tested directly) -----
@@ -369,28 +371,16 @@ def _plot(path: Path, acc, tasks, title: str) -> None:
 
 def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False) -> Dict:
     """Learn `config.tasks` in order with `config.strategy`; returns (and writes) RUN/continual.json."""
-
     run = RunFolder(out)
     if resume:
         config = load_config(run.config)
-    check_config(config)
-    if not config.tasks:
-        raise CliptuneError("no tasks given: pass --task DIR (one per task, in order) or a recipe with 'tasks:'")
-    if config.strategy not in STRATEGIES:
-        raise CliptuneError(f"unknown strategy '{config.strategy}' (available: {', '.join(STRATEGIES)})")
-    mergeable = methods_exporting("merged")
-    if config.method not in mergeable:
-        raise CliptuneError(f"continual learning carries merged weights from task to task: use --method {' or '.join(mergeable)}")
-    if config.strategy == "zscl" and not config.reference:
-        raise CliptuneError("zscl needs reference images: pass --reference DIR (any folder of images, unlabelled)")
-    if config.method_options().get("head", "zeroshot") != "zeroshot":
-        raise CliptuneError("continual learning evaluates every task with the zero-shot head: use full.head=zeroshot")
+    _check_continual(config)
     run.check_reusable(overwrite=overwrite, resume=resume)
     tasks = [load_task(spec, config, config.shots) for spec in config.tasks]
     controls = [load_task(spec, config, None) for spec in config.controls]
     templates = load_templates(config.templates)
-    ref_images = reference_images(config.reference) if config.strategy == "zscl" else None
-    ref_texts = reference_texts(config.reference_texts) if config.strategy == "zscl" else None
+    references = ((reference_images(config.reference), reference_texts(config.reference_texts)) if config.strategy == "zscl"
+                  else (None, None))
     accelerator = make_accelerator(config.mixed_precision)
     model = model_from_config(config, accelerator.device)
     if accelerator.is_main_process:
@@ -399,63 +389,13 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
     with run.log_to_file(accelerator.is_main_process):
         if accelerator.is_main_process and not resume:
             save_config(config, run.config)
-        pristine = copy.deepcopy(model.clip)
-        initial = dataclasses.replace(model, clip=copy.deepcopy(model.clip))
-        initial_state = {k: v.detach().clone() for k, v in model.clip.state_dict().items()}
-        names = [name for name, _ in tasks]
-        progress_dir = run.checkpoints / "last"
-        if resume and (progress_dir / "progress.json").is_file():
-            from safetensors.torch import load_file
-
-            progress = read_json(progress_dir / "progress.json")
-            model = _with_weights(pristine, model, load_file(str(progress_dir / "model.safetensors")), f"task{len(progress['acc']) - 1}")
-            log.info("resuming after task %d of %d", len(progress["acc"]), len(tasks))
-        else:
-            progress = {"acc": [], "control_acc": [],
-                        "zeroshot": [_evaluate(config, model, d, templates, accelerator, run.cache) for _, d in tasks],
-                        "zeroshot_control": [_evaluate(config, model, d, templates, accelerator, run.cache) for _, d in controls]}
+        sequence = _Sequence(config, run, accelerator, templates, tasks, controls, references, pristine=copy.deepcopy(model.clip),
+                             initial=dataclasses.replace(model, clip=copy.deepcopy(model.clip)))
+        model, progress = sequence.start(model, resume)
         for index in range(len(progress["acc"]), len(tasks)):
-            name, data = tasks[index]
-            log.info("task %d/%d: %s (%d classes, %d training images)", index + 1, len(tasks), name, len(data.classes), len(data.splits["train"]))
-            previous = dataclasses.replace(model, clip=copy.deepcopy(model.clip))
-            teacher = initial if config.strategy == "zscl" else previous
-            method = build_method(config.method, model, data.classnames, templates, config.method_options(),
-                                  data.named_descriptions, seed=config.seed)
-            learner = method
-            if config.strategy == "zscl":
-                learner = ContinualLearner(method, config.strategy, config, teacher, ref_images, ref_texts)
-            elif config.strategy == "lwf-vr":
-                vocabulary = virtual_vocabulary(teacher.text, config.vocab_size, config.vocab_length, config.seed)
-                learner = ContinualLearner(method, config.strategy, config, teacher, data.split("train").files, vocabulary)
-            elif config.strategy == "lwf" or config.l2 > 0:
-                learner = ContinualLearner(method, config.strategy, config, teacher)
-            session = Session(config, model, data, templates, accelerator, run.cache)
-            train = session.inputs("train", method.uses_image_features, train=True)
-            val = session.inputs("val", method.uses_image_features) if len(data.splits["val"]) else None
-            task_run = RunFolder(run.root / "tasks" / f"{index + 1}")
-            if accelerator.is_main_process:
-                task_run.prepare(overwrite=True)
-            trainer = Trainer(learner, config, task_run, accelerator)
-            trainer.fit(train, val, data.classes)
-            learner = accelerator.unwrap_model(trainer.model)
-            if isinstance(learner, ContinualLearner):
-                learner.release()
-            load_method_state(learner, task_run.checkpoints / "best")  # the selected epoch, or ZSCL's weight average
-            state = method.merged_state_dict()
-            if config.strategy == "wise":  # ZSCL's WiSE-FT baseline: with the task-start weights (`--wise_merge`)
-                anchor = previous.clip.state_dict() if config.wise_anchor == "task-start" else initial_state
-                state = interpolate(anchor, state, config.wise_alpha)
-            model = _with_weights(pristine, model, state, f"task{index}")
-            progress["acc"].append([_evaluate(config, model, d, templates, accelerator, run.cache) for _, d in tasks])
-            progress["control_acc"].append([_evaluate(config, model, d, templates, accelerator, run.cache) for _, d in controls])
-            log.info("after %s: %s", name, "  ".join(f"{n} {a:.2%}" for n, a in zip(names, progress["acc"][-1])))
-            if accelerator.is_main_process:
-                from cliptune.core.runfolder import replace_dir
-
-                staging = run.checkpoints / ".last-staging"
-                atomic_save_safetensors(staging / "model.safetensors", model.clip.state_dict())
-                atomic_write_json(staging / "progress.json", progress)
-                replace_dir(staging, progress_dir)
+            model = sequence.learn(model, index)
+            sequence.record(model, progress, index)
+        names = [name for name, _ in tasks]
         result = {"strategy": config.strategy, "method": config.method, "tasks": names,
                   "controls": [name for name, _ in controls], "acc": progress["acc"], "zeroshot": progress["zeroshot"],
                   "control_acc": progress["control_acc"], "zeroshot_control": progress["zeroshot_control"],
@@ -467,3 +407,113 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
         log.info("transfer %.2f%%  avg %.2f%%  last %.2f%%", 100 * result["transfer"], 100 * result["avg"], 100 * result["last"],
                  extra=RESULT)
         return result
+
+
+def _check_continual(config: RunConfig) -> None:
+    """Refuse, before any work, a task list, strategy or method that cannot make a continual run."""
+    check_config(config)
+    if not config.tasks:
+        raise CliptuneError("no tasks given: pass --task DIR (one per task, in order) or a recipe with 'tasks:'")
+    if config.strategy not in STRATEGIES:
+        raise CliptuneError(f"unknown strategy '{config.strategy}' (available: {', '.join(STRATEGIES)})")
+    mergeable = methods_exporting("merged")
+    if config.method not in mergeable:
+        raise CliptuneError(f"continual learning carries merged weights from task to task: use --method {' or '.join(mergeable)}")
+    problem = method_class(config.method).continual_problem(config.method_options())
+    if problem:
+        raise CliptuneError(problem)
+    if config.strategy == "zscl" and not config.reference:
+        raise CliptuneError("zscl needs reference images: pass --reference DIR (any folder of images, unlabelled)")
+
+
+@dataclasses.dataclass
+class _Sequence:
+    """One continual run's fixed parts: the tasks, the untouched CLIP (`pristine`: the module each task's weights are
+    loaded into; `initial`: ZSCL's teacher), and where progress is checkpointed."""
+
+    config: RunConfig
+    run: RunFolder
+    accelerator: object
+    templates: List[str]
+    tasks: List[tuple]
+    controls: List[tuple]
+    references: tuple  # ZSCL's (reference images, reference texts), else (None, None)
+    pristine: nn.Module
+    initial: LoadedModel
+
+    def __post_init__(self):
+        self.initial_state = {k: v.detach().clone() for k, v in self.initial.clip.state_dict().items()}
+
+    @property
+    def progress_dir(self) -> Path:
+        return self.run.checkpoints / "last"
+
+    def evaluate(self, model: LoadedModel, tasks: List[tuple]) -> List[float]:
+        return [_evaluate(self.config, model, data, self.templates, self.accelerator, self.run.cache) for _, data in tasks]
+
+    def start(self, model: LoadedModel, resume: bool) -> tuple:
+        """(model, progress): after the last finished task when resuming, else the zero-shot model and its accuracies."""
+        if resume and (self.progress_dir / "progress.json").is_file():
+            from safetensors.torch import load_file
+
+            progress = read_json(self.progress_dir / "progress.json")
+            model = _with_weights(self.pristine, model, load_file(str(self.progress_dir / "model.safetensors")),
+                                  f"task{len(progress['acc']) - 1}")
+            log.info("resuming after task %d of %d", len(progress["acc"]), len(self.tasks))
+            return model, progress
+        return model, {"acc": [], "control_acc": [], "zeroshot": self.evaluate(model, self.tasks),
+                       "zeroshot_control": self.evaluate(model, self.controls)}
+
+    def learner(self, method, teacher: LoadedModel, data: ImageFolderData):
+        """The method, wrapped with the strategy's extra losses when it has any."""
+        config = self.config
+        if config.strategy == "zscl":
+            return ContinualLearner(method, config.strategy, config, teacher, *self.references)
+        if config.strategy == "lwf-vr":
+            vocabulary = virtual_vocabulary(teacher.text, config.vocab_size, config.vocab_length, config.seed)
+            return ContinualLearner(method, config.strategy, config, teacher, data.split("train").files, vocabulary)
+        if config.strategy == "lwf" or config.l2 > 0:
+            return ContinualLearner(method, config.strategy, config, teacher)
+        return method
+
+    def learn(self, model: LoadedModel, index: int) -> LoadedModel:
+        """Train task `index` from `model`; returns the model holding its (strategy-merged) weights."""
+        config, accelerator = self.config, self.accelerator
+        name, data = self.tasks[index]
+        log.info("task %d/%d: %s (%d classes, %d training images)", index + 1, len(self.tasks), name, len(data.classes),
+                 len(data.splits["train"]))
+        previous = dataclasses.replace(model, clip=copy.deepcopy(model.clip))
+        method = build_method(config.method, model, data.classnames, self.templates, config.method_options(),
+                              data.named_descriptions, seed=config.seed)
+        learner = self.learner(method, self.initial if config.strategy == "zscl" else previous, data)
+        session = Session(config, model, data, self.templates, accelerator, self.run.cache)
+        train = session.inputs("train", method.uses_image_features, train=True)
+        val = session.inputs("val", method.uses_image_features) if len(data.splits["val"]) else None
+        task_run = RunFolder(self.run.root / "tasks" / f"{index + 1}")
+        if accelerator.is_main_process:
+            task_run.prepare(overwrite=True)
+        trainer = Trainer(learner, with_budget_lr(config, len(train)), task_run, accelerator)
+        trainer.fit(train, val, data.classes)
+        learner = accelerator.unwrap_model(trainer.model)
+        if isinstance(learner, ContinualLearner):
+            learner.release()
+        load_method_state(learner, task_run.checkpoints / "best")  # the selected epoch, or ZSCL's weight average
+        state = method.merged_state_dict()
+        if config.strategy == "wise":  # ZSCL's WiSE-FT baseline: with the task-start weights (`--wise_merge`)
+            anchor = previous.clip.state_dict() if config.wise_anchor == "task-start" else self.initial_state
+            state = interpolate(anchor, state, config.wise_alpha)
+        return _with_weights(self.pristine, model, state, f"task{index}")
+
+    def record(self, model: LoadedModel, progress: Dict, index: int) -> None:
+        """Accuracies after task `index` on every task and control, checkpointed with the weights (for --resume)."""
+        progress["acc"].append(self.evaluate(model, self.tasks))
+        progress["control_acc"].append(self.evaluate(model, self.controls))
+        log.info("after %s: %s", self.tasks[index][0],
+                 "  ".join(f"{name} {a:.2%}" for (name, _), a in zip(self.tasks, progress["acc"][-1])))
+        if self.accelerator.is_main_process:
+            from cliptune.core.runfolder import replace_dir
+
+            staging = self.run.checkpoints / ".last-staging"
+            atomic_save_safetensors(staging / "model.safetensors", model.clip.state_dict())
+            atomic_write_json(staging / "progress.json", progress)
+            replace_dir(staging, self.progress_dir)

@@ -18,18 +18,44 @@ from cliptune.core.errors import CliptuneError
 
 
 def option(default: Any = MISSING, help: str = "", *, choices: Optional[Sequence] = None, min: Optional[float] = None,
-           max: Optional[float] = None, above: Optional[float] = None, flag: Optional[str] = None,
+           max: Optional[float] = None, above: Optional[float] = None, below: Optional[float] = None,
+           unset: Optional[str] = None, flag: Optional[str] = None, path: Optional[str] = None,
            factory: Any = MISSING, comma_choices: Optional[Sequence[str]] = None):
     """A dataclass field with what validation and the CLI need to know about it.
 
-    `min`/`max` are inclusive bounds, `above` an exclusive lower bound; `comma_choices` makes the value
-    a comma-separated subset of those names; `flag` is the CLI flag (default: `--field-name`).
+    `min`/`max` are inclusive bounds, `above`/`below` exclusive ones; `unset` says what None means
+    ("" when nothing needs saying), for error messages; `comma_choices` makes the value a comma-separated
+    subset of those names; `flag` is the CLI flag (default: `--field-name`); `path` marks an input path
+    ("file" or "folder": checked before a run starts; "any": resolved against a recipe's folder only).
     """
     metadata = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max, "above": above,
-                "flag": flag, "comma_choices": tuple(comma_choices) if comma_choices else None}
+                "below": below, "unset": unset, "flag": flag, "path": path,
+                "comma_choices": tuple(comma_choices) if comma_choices else None}
     if factory is not MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def choices_of(cls, name: str) -> tuple:
+    """The declared choices of one field of an option dataclass."""
+    return next(spec.metadata["choices"] for spec in fields(cls) if spec.name == name)
+
+
+def requirement(metadata: Dict) -> str:
+    """What the declared bounds ask for, in words: "at least 1", "in [0, 1)", "greater than 0 (or unset)"."""
+    low, high, above, below = (metadata.get(k) for k in ("min", "max", "above", "below"))
+    if low is not None and (high is not None or below is not None):
+        text = f"in [{low:g}, {high:g}]" if high is not None else f"in [{low:g}, {below:g})"
+    elif low is not None:
+        text = f"at least {low:g}"
+    elif above is not None:
+        text = f"greater than {above:g}"
+    elif high is not None:
+        text = f"at most {high:g}"
+    else:
+        text = f"below {below:g}"
+    unset = metadata.get("unset")
+    return text if unset is None else f"{text} (or unset{' ' + unset if unset else ''})"
 
 
 def _type_name(tp) -> str:
@@ -89,13 +115,10 @@ def check_value(value: Any, metadata: Dict, key: str) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
             raise CliptuneError(f"'{key}' must be a finite number, got {value!r}")
-        low, high, above = metadata.get("min"), metadata.get("max"), metadata.get("above")
-        if low is not None and value < low:
-            raise CliptuneError(f"'{key}' must be at least {low:g}, got {value!r}")
-        if high is not None and value > high:
-            raise CliptuneError(f"'{key}' must be at most {high:g}, got {value!r}")
-        if above is not None and value <= above:
-            raise CliptuneError(f"'{key}' must be above {above:g}, got {value!r}")
+        low, high, above, below = (metadata.get(k) for k in ("min", "max", "above", "below"))
+        if ((low is not None and value < low) or (high is not None and value > high)
+                or (above is not None and value <= above) or (below is not None and value >= below)):
+            raise CliptuneError(f"'{key}' must be {requirement(metadata)}, got {value!r}")
 
 
 def validate_fields(instance: Any, prefix: str = "") -> None:

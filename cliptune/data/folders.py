@@ -173,30 +173,54 @@ def load_imagefolder(
     root = Path(root)
     if not root.is_dir():
         raise CliptuneError(f"data directory not found: {root}")
+    per_split, skipped = _scan_splits(root, strict)
+    classes = sorted(per_split["train"])
+    splits = _stratified_splits(per_split, classes, val_fraction, test_fraction, seed)
+    if shots is not None:
+        splits["train"] = _few_shot(splits["train"], classes, shots, seed)
+    if val_shots is not None:
+        splits["val"] = _few_shot(splits["val"], classes, val_shots, seed, split_name="val")
+    if skipped:
+        log.warning("skipped %d file(s) that are not readable images (use --strict to make this an error)", skipped)
+    classnames_path = Path(classnames_file) if classnames_file else root / CLASSNAMES_FILE
+    if classnames_file and not classnames_path.is_file():
+        raise CliptuneError(f"classnames file not found: {classnames_file}")
+    names, descriptions = _load_classnames(classnames_path if classnames_path.is_file() else None, classes)
+    return ImageFolderData(root, classes, names, descriptions, splits, skipped)
+
+
+def _scan_splits(root: Path, strict: bool) -> tuple:
+    """({split: {class: files}}, files skipped): the split folders when `root/train` exists (the root itself is
+    "train" otherwise); refuses fewer than two classes, an empty class, and a class missing from train."""
     has_splits = (root / "train").is_dir()
     per_split: Dict[str, Dict[str, List[Path]]] = {}
     skipped = 0
-    for name in SPLIT_NAMES if has_splits else ("all",):
+    for name in SPLIT_NAMES if has_splits else ("train",):
         split_root = root / name if has_splits else root
         if split_root.is_dir():
             per_split[name], count = _scan_class_dirs(split_root, strict)
             skipped += count
-    train_key = "train" if has_splits else "all"
-    classes = sorted(per_split[train_key])
+    train_root = root / "train" if has_splits else root
+    classes = sorted(per_split["train"])
     if len(classes) < 2:
-        raise CliptuneError(f"{root / train_key if has_splits else root} has {len(classes)} class folder(s); need at least 2")
-    empty = [c for c in classes if not per_split[train_key][c]]
+        raise CliptuneError(f"{train_root} has {len(classes)} class folder(s); need at least 2")
+    empty = [c for c in classes if not per_split["train"][c]]
     if empty:
-        raise CliptuneError(f"class folder '{empty[0]}' in {root / train_key if has_splits else root} has no readable images")
+        raise CliptuneError(f"class folder '{empty[0]}' in {train_root} has no readable images")
     for name, dirs in per_split.items():
         extra = sorted(set(dirs) - set(classes))
         if extra:
             raise CliptuneError(f"{root / name} has class folder '{extra[0]}' that is not in {root / 'train'}")
+    return per_split, skipped
 
+
+def _stratified_splits(per_split: Dict[str, Dict[str, List[Path]]], classes: List[str], val_fraction: float,
+                       test_fraction: float, seed: int) -> Dict[str, Split]:
+    """Train/val/test: the given split folders, the missing ones carved per class (seeded) out of train."""
     rng = random.Random(seed)
     splits = {name: Split() for name in SPLIT_NAMES}
     for label, cls in enumerate(classes):
-        train = per_split[train_key][cls]
+        train = per_split["train"][cls]
         if "test" in per_split:
             test = per_split["test"].get(cls, [])
         else:
@@ -208,18 +232,7 @@ def load_imagefolder(
         splits["train"].add(train, label)
         splits["val"].add(val, label)
         splits["test"].add(test, label)
-    if shots is not None:
-        splits["train"] = _few_shot(splits["train"], classes, shots, seed)
-    if val_shots is not None:
-        splits["val"] = _few_shot(splits["val"], classes, val_shots, seed, split_name="val")
-    if skipped:
-        log.warning("skipped %d file(s) that are not readable images (use --strict to make this an error)", skipped)
-
-    classnames_path = Path(classnames_file) if classnames_file else root / CLASSNAMES_FILE
-    if classnames_file and not classnames_path.is_file():
-        raise CliptuneError(f"classnames file not found: {classnames_file}")
-    names, descriptions = _load_classnames(classnames_path if classnames_path.is_file() else None, classes)
-    return ImageFolderData(root, classes, names, descriptions, splits, skipped)
+    return splits
 
 
 def _few_shot(split: Split, classes: Sequence[str], shots: int, seed: int, split_name: str = "train") -> Split:

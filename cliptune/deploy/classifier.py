@@ -31,7 +31,7 @@ from torch import nn
 
 from cliptune.config.run import load_config
 from cliptune.data.folders import IMAGE_EXTENSIONS, eval_transform
-from cliptune.training.engine import load_method_state
+from cliptune.training.checkpoints import load_method_state
 from cliptune.core.errors import CliptuneError
 from cliptune.methods import build_method
 from cliptune.models.loading import LoadedModel, _resolve_local_text_paths, load_model

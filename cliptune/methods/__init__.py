@@ -48,6 +48,8 @@ def _checked(cls: Type[Method]) -> Type[Method]:
 
 
 METHODS: Dict[str, Type[Method]] = {cls.name: _checked(cls) for cls in REGISTERED}
+DEFAULT_METHOD = LinearProbe.name  # what `finetune` trains without --method: cheap, and never worse than its start
+CONTINUAL_DEFAULT_METHOD = FullFineTune.name  # continual learning carries merged weights from task to task
 
 
 def method_class(name: str) -> Type[Method]:

@@ -150,6 +150,13 @@ class Method(nn.Module, metaclass=ABCMeta):
         its own); what `cliptune predict` and exports normalise and compare."""
         return self.model.image.encode(images, normalize=False)
 
+    # ----- continual learning (cliptune/continual/) -----
+    @classmethod
+    def continual_problem(cls, options: Dict[str, Any]) -> Optional[str]:
+        """Why this method, with these options, cannot learn a sequence of tasks although its weights merge into
+        CLIP (None when it can): continual learning evaluates every task with the zero-shot head."""
+        return None
+
     # ----- WiSE-FT (cliptune/deploy/wise.py) -----
     def linear_head(self) -> Optional[nn.Linear]:
         """The linear classification head on image features, for methods that have one."""

@@ -101,6 +101,13 @@ class FullFineTune(Method):
 
     def linear_head(self):
         return self.head if self.has_linear_head else None
+
+    @classmethod
+    def continual_problem(cls, options):
+        if cls.config_class.from_options(options).head != "zeroshot":
+            return "continual learning evaluates every task with the zero-shot head: use full.head=zeroshot"
+        return None
+
     def _unlocked_parameters(self) -> List[torch.nn.Parameter]:
         n = self.config.unlock_last
         towers = {"vision": self.model.image, "text": self.model.text}

@@ -22,7 +22,8 @@ from torchvision import transforms as T
 
 from cliptune.data.folders import (ImageDataset, split_key, ImageFolderData, augments, eval_geometry, eval_transform, labels_tensor, load_imagefolder,
                            loader_settings, train_transform)
-from cliptune.training.engine import Inputs, load_method_state
+from cliptune.training.checkpoints import load_method_state
+from cliptune.training.engine import Inputs
 from cliptune.core.errors import CliptuneError
 from cliptune.models.features import image_features
 from cliptune.data.imagecache import DecodedImages, decode_split, train_size
@@ -50,24 +51,18 @@ def validation_shots(config: RunConfig) -> Optional[int]:
     return min(config.shots, 4) if config.shots else None
 
 
-def _forget_accelerator_state() -> None:
-    """Let the next `Accelerator(...)` choose its settings again, as in a new process.
-
-    accelerate keeps one `AcceleratorState` per process and refuses an Accelerator whose settings (e.g.
-    mixed precision) differ from the first one's. Several runs in one Python process (the API, tests,
-    notebooks) each need their own, and accelerate (1.x) has no public way to start over: its own tests
-    call this private method. The process-level `PartialState` (device, process group) is kept.
-    Listed in cliptune/core/private_api.py."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-
-
 def make_accelerator(mixed_precision: str = "no"):
-    """An Accelerator for this process, with this run's settings whatever an earlier run in it used."""
-    from accelerate import Accelerator
+    """An Accelerator for one run of this process.
 
-    _forget_accelerator_state()
+    accelerate keeps one process-wide `AcceleratorState` whose mixed precision cannot change once set (and has
+    no public way to start over): the runs of one Python process (the API, notebooks, `compare`, `sweep`) share
+    the first run's precision, and a run asking for another one is refused with one line instead of a traceback."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if is_initialized() and AcceleratorState().mixed_precision != mixed_precision:
+        raise CliptuneError(f"mixed precision '{mixed_precision}' cannot follow '{AcceleratorState().mixed_precision}' in one "
+                            "Python process (accelerate fixes it per process): run it in a new process")
     mps = getattr(torch.backends, "mps", None)
     has_accelerator = torch.cuda.is_available() or bool(mps and mps.is_available())
     try:
