@@ -348,13 +348,13 @@ def _mergeable_methods() -> list:
 @run_folder_options
 def continual(recipe, set_values, out, resume, overwrite, method_values, **options):
     """Learn a sequence of tasks, measuring forgetting and zero-shot transfer (MTIL metrics)."""
-    from cliptune.continual.loop import continual as run_continual
+    from cliptune.continual.loop import continual as run_continual, continual_defaults
     from cliptune.methods import CONTINUAL_DEFAULT_METHOD
 
     config = None
     if not resume:
         config = build_config(recipe, _cli_values(**options), list(set_values), method_values,
-                              default_method=CONTINUAL_DEFAULT_METHOD)
+                              default_method=CONTINUAL_DEFAULT_METHOD, protocol=continual_defaults)
     result = run_continual(config, out, overwrite=overwrite, resume=resume)
     _echo_result(f"{result['strategy']} ({result['method']}): transfer {result['transfer']:.4f}  avg {result['avg']:.4f}  last {result['last']:.4f}")
     _echo_result(f"run folder: {out}  (continual.json, continual.png)")

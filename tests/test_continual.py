@@ -11,8 +11,10 @@ from click.testing import CliRunner
 
 from cliptune.cli import cli
 from cliptune.config.run import build_config
-from cliptune.continual.loop import (ContinualLearner, WeightAverage, continual, distillation_kl, feature_distillation,
-                                mtil_metrics, reference_texts, virtual_vocabulary)
+from cliptune.continual.loop import (ContinualLearner, WeightAverage, _Sequence, continual, continual_defaults, distillation_kl,
+                                    encode_texts, feature_distillation, load_task,
+                                    mtil_metrics, reference_texts, virtual_vocabulary)
+from cliptune.core.runfolder import RunFolder
 from cliptune.training.engine import Trainer
 from cliptune.core.errors import CliptuneError, InterruptedRun
 from cliptune.methods import build_method
@@ -86,7 +88,8 @@ def test_regulariser_is_zero_before_training(tiny_config, split_data, strategy):
     config = build_config(None, {"data": str(split_data), "model_config": tiny_config, "method": "full", "batch_size": 4})
     method = build_method("full", model, ["tomato", "corn"], ["a photo of a {}."])
     references = sorted((split_data / "val").rglob("*.png"))
-    learner = ContinualLearner(method, strategy, config, teacher, references, ["cat", "dog", "leaf", "car"]).train()
+    texts = encode_texts(teacher.text, teacher.text.tokenize(["cat", "dog", "leaf", "car"]))
+    learner = ContinualLearner(method, strategy, config, teacher, references, texts).train()
     images = torch.randn(3, 3, 32, 32)
     learner(images)
     assert learner._regulariser is not None
@@ -164,19 +167,32 @@ def test_continual_cli_errors_and_defaults(tiny_config, split_data, tmp_path):
 
 
 def test_demo_zscl_keeps_more_control_accuracy_than_naive(tmp_path):
-    """The README's continual demo: ZSCL preserves zero-shot ability on never-trained classes better."""
-    results = {strategy: continual(build_config("continual-demo", {"strategy": strategy}), tmp_path / strategy)
+    """The README's continual demo (as the CLI builds it): ZSCL preserves zero-shot ability on never-trained classes better."""
+    results = {strategy: continual(build_config("continual-demo", {"strategy": strategy}, protocol=continual_defaults),
+                                   tmp_path / strategy)
                for strategy in ("naive", "zscl")}
     control = {s: sum(row[0] for row in r["control_acc"]) / len(r["control_acc"]) for s, r in results.items()}
     assert control["zscl"] > control["naive"]
     assert results["zscl"]["transfer"] > results["naive"]["transfer"]
 
 
-def test_lwf_with_a_contrastive_loss_is_refused(tiny_config, split_data, colour_data, tmp_path):
-    config = _continual_config(split_data, colour_data, tiny_config, "lwf")
-    config.methods["full"] = {"loss": "contrastive"}
-    with pytest.raises(CliptuneError, match="lwf distils class logits"):
-        continual(config, tmp_path / "run")
+def test_continual_defaults_are_zscls_protocol_and_every_layer_above_overrides_them(tiny_config, split_data):
+    values = {"model_config": tiny_config, "tasks": [str(split_data)], "reference": str(split_data)}
+    zscl = build_config(None, {**values, "strategy": "zscl"}, default_method="full", protocol=continual_defaults)
+    # Thunderbeee/ZSCL mtil/scripts/ZSCL.sh:9-26 (lr, --ls 0.2, --iterations 1000, --l2 1), mtil/src/args.py:11-16
+    expected = {"lr": 1e-5, "batch_size": 64, "weight_decay": 0.0, "label_smoothing": 0.2, "warmup_steps": 100,
+                "steps": 1000, "max_grad_norm": None, "select": "last", "l2": 1.0}
+    assert {key: getattr(zscl, key) for key in expected} == expected
+    assert zscl.sources["lr"] == "protocol defaults" and zscl.scale_lr is False
+    naive = build_config(None, values, default_method="full", protocol=continual_defaults)
+    assert naive.l2 == 0.0 and naive.select == "last"  # only ZSCL.sh adds --l2 1
+    lora = build_config(None, {**values, "method": "lora"}, protocol=continual_defaults)
+    assert lora.select == "last" and lora.lr == build_config(None, {"method": "lora"}).lr
+    demo = build_config("continual-demo", {"strategy": "zscl"}, protocol=continual_defaults)
+    assert demo.epochs == 5 and demo.steps is None and demo.lr == 1e-4  # the recipe's budget replaces the protocol's
+    result = CliRunner().invoke(cli, ["continual", "--model-config", tiny_config, "--task", str(split_data),
+                                      "--steps", "0", "--out", str(split_data.parent / "o")])
+    assert result.output.strip() == "error: 'steps' must be at least 1 (or unset to train --epochs), got 0"
 
 
 def test_virtual_vocabulary_is_1000_seeded_sequences_of_10_random_tokens(tiny_config):
@@ -201,8 +217,8 @@ def _learner(tiny_config, split_data, strategy, **values):
                                  **values})
     method = build_method("full", model, ["tomato", "corn"], ["a photo of a {}."])
     images = sorted((split_data / "val").rglob("*.png"))
-    texts = virtual_vocabulary(teacher.text, 20, 10) if strategy == "lwf-vr" else ["cat", "dog", "leaf", "car"]
-    return ContinualLearner(method, strategy, config, teacher, images, texts).train(), teacher
+    tokens = virtual_vocabulary(teacher.text, 20, 10) if strategy == "lwf-vr" else teacher.text.tokenize(["cat", "dog", "leaf", "car"])
+    return ContinualLearner(method, strategy, config, teacher, images, encode_texts(teacher.text, tokens)).train(), teacher
 
 
 def _perturb(method, seed=0):
@@ -235,15 +251,31 @@ def test_l2_pull_toward_the_task_start_weights(tiny_config, split_data):
     assert torch.allclose(learner.loss(logits, labels), expected, rtol=1e-5)
 
 
-def test_lwf_distils_both_directions(tiny_config, split_data):
-    learner, teacher = _learner(tiny_config, split_data, "lwf", distill_image=0.3, distill_text=0.7)
+def test_lwf_distils_the_previous_models_class_prompts_on_the_tasks_own_image_stream(tiny_config, split_data, colour_data,
+                                                                                        tmp_path):
+    """ZSCL's LwF (lwf.sh): the ZSCL code path with the current task's training images (eval transform) and the
+    previous model's features of its class prompts, image->text and text->image."""
+    config = _continual_config(split_data, colour_data, tiny_config, "lwf", distill_image=0.3, distill_text=0.7)
+    model = load_model(model_config=tiny_config)
+    teacher = dataclasses.replace(model, clip=copy.deepcopy(model.clip))
+    sequence = _Sequence(config, RunFolder(tmp_path / "run"), None, ["a photo of a {}."], [], [], (None, None),
+                         pristine=model.clip, initial=teacher)
+    name, data = load_task(config.tasks[0], config, None)
+    method = build_method("full", model, data.classnames, ["a photo of a {}."])
+    learner = sequence.learner(method, teacher, data).train()
+    assert learner._stream.dataset.files == data.split("train").files
     _perturb(learner.method)
-    images = torch.randn(3, 3, 32, 32)
-    logits = learner(images)
+    drawn = []
+    next_images = learner._next_images
+    learner._next_images = lambda device: drawn.append(next_images(device)) or drawn[-1]
+    learner(torch.randn(2, 3, 32, 32))  # the training batch is not what is distilled
+    (images,) = drawn
     with torch.no_grad():
-        teacher_logits = teacher.logit_scale * teacher.image.encode(images) @ zeroshot_weights(teacher.text, ["tomato", "corn"], ["a photo of a {}."]).T
-    expected = (0.3 * distillation_kl(teacher_logits, logits) + 0.7 * distillation_kl(teacher_logits.T, logits.T))
-    assert torch.allclose(learner._regulariser, expected, atol=1e-5)
+        texts = zeroshot_weights(teacher.text, data.classnames, ["a photo of a {}."])
+        student, reference = learner.method.model.image.encode(images), teacher.image.encode(images)
+    image_side, text_side = feature_distillation(student, reference, texts, teacher.logit_scale)
+    assert torch.allclose(learner._regulariser, 0.3 * image_side + 0.7 * text_side, atol=1e-5)
+    assert image_side > 0 and text_side > 0
 
 
 def test_lwf_vr_scores_the_whole_vocabulary_on_its_own_image_stream(tiny_config, split_data):

@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import yaml
 
@@ -330,6 +330,7 @@ def build_config(
     set_values: Optional[List[str]] = None,
     method_values: Optional[Dict[str, Any]] = None,
     default_method: Optional[str] = None,
+    protocol: Optional[Callable[[RunConfig], Dict[str, Any]]] = None,
 ) -> RunConfig:
     """Merge the layers in precedence order and validate them, naming the bad key and its file/line.
 
@@ -338,28 +339,18 @@ def build_config(
     section of whichever method the run uses. A layer that sets `epochs` but not `steps` replaces a
     lower layer's step budget (and the other way round). The returned config's `sources` field
     names the layer that set each key (logged with the run). `default_method`: the method when no layer names
-    one (default: the registry's DEFAULT_METHOD).
+    one (default: the registry's DEFAULT_METHOD). `protocol`: a command's own defaults (e.g. continual
+    learning's), computed from the highest layers' method and settings, between the method defaults and the recipe.
     """
     recipe_layers = read_recipe(recipe) if recipe else []
     cli = {k: v for k, v in (cli_values or {}).items() if v is not None}
-    overrides = {}
-    if set_values:
-        overrides = parse_set(set_values)
+    overrides = parse_set(set_values) if set_values else {}
     registry = _method_registry()
     if default_method is None:
         from cliptune.methods import DEFAULT_METHOD
 
         default_method = DEFAULT_METHOD
-
-    # the method and shot count decide the method defaults, so find them first (highest layer wins)
-    probe = RunConfig(method=default_method)
-    for values, path, lines in recipe_layers:
-        apply_values(probe, values, where=str(path), lines=lines)
-    apply_values(probe, cli)
-    _apply_set(probe, overrides)
-    if probe.method not in registry:
-        raise CliptuneError(f"unknown method '{probe.method}' (available: {', '.join(sorted(registry))})")
-
+    probe = _probe(recipe_layers, cli, overrides, default_method)
     config = RunConfig(method=default_method)
     flags = {k: v for k, v in (method_values or {}).items() if v is not None}
     accepted = {f.name for f in fields(registry[probe.method].config_class)}
@@ -368,6 +359,8 @@ def build_config(
             raise CliptuneError(f"--{option.replace('_', '-')} does not apply to method '{probe.method}'")
     sources: Dict[str, str] = {}
     layers = [("method defaults", registry[probe.method].training_defaults(probe.shots), None, None)]
+    if protocol is not None:
+        layers.append(("protocol defaults", protocol(probe), None, None))
     layers += [(f"recipe {path.name}", values, str(path), lines) for values, path, lines in recipe_layers]
     layers += [("CLI flags", {**cli, probe.method: flags} if flags else cli, None, None)]
     for name, values, where, lines in layers:
@@ -376,11 +369,24 @@ def build_config(
         _apply_layer(config, overrides, "--set", sources, set_layer=True)
     registry[config.method].config_class.from_options(config.method_options())  # validates before any work
     if config.scale_lr is None:
-        defaults = ("method defaults", None)
+        defaults = ("method defaults", "protocol defaults", None)
         config.scale_lr = sources.get("lr") in defaults and sources.get("steps") not in defaults
     config.sources = sources
     check_config(config, files=False)  # paths are checked when a run starts (recipes may name data not here yet)
     return config
+
+
+def _probe(recipe_layers: List[tuple], cli: Dict[str, Any], overrides: Dict[str, Any], default_method: str) -> RunConfig:
+    """The layers without the defaults: the method and shot count (highest layer wins) decide the method defaults."""
+    probe = RunConfig(method=default_method)
+    for values, path, lines in recipe_layers:
+        apply_values(probe, values, where=str(path), lines=lines)
+    apply_values(probe, cli)
+    _apply_set(probe, overrides)
+    registry = _method_registry()
+    if probe.method not in registry:
+        raise CliptuneError(f"unknown method '{probe.method}' (available: {', '.join(sorted(registry))})")
+    return probe
 
 
 def _apply_set(config: RunConfig, overrides: Dict[str, Any]) -> None:

@@ -4,19 +4,20 @@ Each task is learned with a mergeable method (`full` or `lora`) on the shared en
 a regulariser to that method's loss and/or post-processes the weights after the task:
 
 - `naive`: sequential fine-tuning.
-- `lwf`: distil the previous model's class logits on the current images (Li & Hoiem, LwF), image->text
-  and text->image (the transposed logits).
+- `lwf`: LwF (Li & Hoiem) as ZSCL's baseline runs it (Thunderbeee/ZSCL `mtil/scripts/lwf.sh`: the ZSCL code
+  path with `--ref-dataset` the current task and `--ref-model` the previous one): the previous model's
+  features of the current task's class prompts, scored on a separate stream of the current task's training
+  images read with the eval transform (`finetune.py:140-145`, `:172-175`).
 - `lwf-vr`: LwF with a virtual vocabulary ("Don't Stop Learning", Ding et al. 2022), as ZSCL's code runs it
-  (Thunderbeee/ZSCL `mtil/src/models/helpers.py::virtual_vocab`, `finetune.py` with `--ref-sentences
-  random`): `vocab_size` fixed random token sequences of `vocab_length` tokens, all of them every step,
-  scored by the previous model on a separate stream of current-task images (eval transform).
+  (`mtil/src/models/helpers.py::virtual_vocab`, `lwf_vr.sh` with `--ref-sentences random`): `vocab_size`
+  fixed random token sequences of `vocab_length` tokens instead of the class prompts, all of them every step.
 - `zscl`: ZSCL (Zheng et al., ICCV'23; `mtil/src/models/finetune.py::finetune`): distillation in feature
   space against the *initial* model on reference images and all reference texts, plus the weight
   ensemble of the task-start weights and a snapshot every `avg_every` steps from the first, used as
   the task's result.
 - `wise`: after each task, interpolate with the task-start (or initial) weights (WiSE-FT).
 
-Feature distillation (zscl, lwf-vr) follows ZSCL: the teacher's text features on both sides, student
+Feature distillation (every distilling strategy) follows ZSCL: the teacher's text features on both sides, student
 and teacher image features, KL of the image->text and of the text->image distributions. Every strategy
 can add ZSCL's `l2` pull toward the task-start weights. All distillation terms are KL divergences
 (ZSCL's cross-entropy minus the teacher's entropy: same gradient), so they are exactly zero when
@@ -62,6 +63,15 @@ log = logging.getLogger("cliptune")
 DEFAULT_REFERENCE_TEXTS = Path(__file__).resolve().parents[1] / "assets" / "reference_texts.txt"
 STRATEGIES = choices_of(RunConfig, "strategy")
 DISTILLING = ("lwf", "lwf-vr", "zscl")
+STRATEGY_DEFAULTS = {"zscl": {"l2": 1.0}}  # ZSCL.sh:13-26 adds --l2 1 to the ZSCL runs (not to lwf.sh, finetune.sh)
+
+
+def continual_defaults(config: RunConfig) -> Dict:
+    """The defaults layer of a continual run, above the method's training defaults (`build_config(protocol=...)`):
+    the last iterate carries on to the next task (ZSCL keeps no best-val epoch), the method's continual
+    settings (ZSCL's protocol for full fine-tuning) and the strategy's own."""
+    return {"select": "last", **method_class(config.method).continual_defaults(),
+            **STRATEGY_DEFAULTS.get(config.strategy, {})}
 
 
 # ----- losses and weight averaging (pure functions, tested directly) -----
@@ -205,14 +215,14 @@ class ContinualLearner(nn.Module):
     """Wraps a task's method: same forward and parameters; the loss adds the strategy's regularisers.
 
     Presents the engine's method interface (forward, loss, trainable_*, after_optimizer_step) by
-    delegating to the wrapped method, so the shared training loop is unchanged. `images` are the
-    reference images (zscl) or the current task's training images (lwf-vr), read with the eval
-    transform as a stream of their own; `texts` are the reference texts (zscl) or the virtual
-    vocabulary's token ids (lwf-vr).
+    delegating to the wrapped method, so the shared training loop is unchanged. A distilling strategy
+    scores `images` (the reference images for zscl, the current task's training images for lwf and
+    lwf-vr), read with the eval transform as a stream of their own, against `text_features`: the teacher's
+    features of the reference texts, the class prompts or the virtual vocabulary (`distillation_inputs`).
     """
 
     def __init__(self, method, strategy: str, config: RunConfig, teacher: Optional[LoadedModel] = None,
-                 images: Optional[List[Path]] = None, texts: Optional[List[str] | torch.Tensor] = None):
+                 images: Optional[List[Path]] = None, text_features: Optional[torch.Tensor] = None):
         super().__init__()
         self.method = method
         self.strategy = strategy
@@ -228,16 +238,13 @@ class ContinualLearner(nn.Module):
             self.average = WeightAverage()
             self.average.add(method.trainable_state_dict())
         self._stream = None
-        if strategy in ("zscl", "lwf-vr"):
+        if strategy in DISTILLING:
             model = method.model
             transform = eval_transform(model.image_size, model.mean, model.std, model.interpolation)
             self._stream = DataLoader(UnlabelledImages(images, transform), batch_size=config.batch_size, shuffle=True,
                                       generator=torch.Generator().manual_seed(config.seed), drop_last=len(images) > config.batch_size)
             self._stream_iter = iter(self._stream)
-            tokens = texts if isinstance(texts, torch.Tensor) else teacher.text.tokenize(texts)
-            self._teacher_texts = encode_texts(teacher.text, tokens)
-        elif strategy == "lwf":
-            self._teacher_classes = zeroshot_weights(teacher.text, method.classnames, method.templates)
+            self._teacher_texts = text_features
 
     # engine interface
     name = property(lambda self: self.method.name)
@@ -282,7 +289,8 @@ class ContinualLearner(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         logits = self.method(inputs)
         if self.training and self.strategy in DISTILLING:
-            self._regulariser = self._distillation(inputs, logits)
+            image_side, text_side = self._feature_terms(inputs.device, self.teacher.logit_scale)
+            self._regulariser = self.settings.distill_image * image_side + self.settings.distill_text * text_side
         return logits
 
     def loss(self, logits, labels, label_smoothing: float = 0.0):
@@ -304,21 +312,6 @@ class ContinualLearner(nn.Module):
         self._regulariser = None
 
     # distillation terms
-    def _distillation(self, inputs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        settings, teacher = self.settings, self.teacher
-        scale = teacher.logit_scale
-        if self.strategy == "lwf":
-            if logits.shape[-1] != len(self.method.classnames):
-                raise CliptuneError("lwf distils class logits: use it with a classification loss (e.g. --set full.loss=ce)")
-            with torch.no_grad():
-                # cached features come from the frozen image tower, which is the previous model's
-                teacher_images = inputs if self.method.uses_image_features else teacher.image.encode(inputs)
-                teacher_logits = scale * F.normalize(teacher_images.float(), dim=-1) @ self._teacher_classes.T
-            image_side, text_side = symmetric_distillation(teacher_logits, logits, settings.distill_temperature)
-        else:
-            image_side, text_side = self._feature_terms(inputs.device, scale)
-        return settings.distill_image * image_side + settings.distill_text * text_side
-
     def _next_images(self, device) -> torch.Tensor:
         try:
             batch = next(self._stream_iter)
@@ -467,14 +460,24 @@ class _Sequence:
     def learner(self, method, teacher: LoadedModel, data: ImageFolderData):
         """The method, wrapped with the strategy's extra losses when it has any."""
         config = self.config
-        if config.strategy == "zscl":
-            return ContinualLearner(method, config.strategy, config, teacher, *self.references)
-        if config.strategy == "lwf-vr":
-            vocabulary = virtual_vocabulary(teacher.text, config.vocab_size, config.vocab_length, config.seed)
-            return ContinualLearner(method, config.strategy, config, teacher, data.split("train").files, vocabulary)
-        if config.strategy == "lwf" or config.l2 > 0:
+        if config.strategy in DISTILLING:
+            return ContinualLearner(method, config.strategy, config, teacher, *self.distillation_inputs(teacher, data))
+        if config.l2 > 0:
             return ContinualLearner(method, config.strategy, config, teacher)
         return method
+
+    def distillation_inputs(self, teacher: LoadedModel, data: ImageFolderData) -> tuple:
+        """(images, the teacher's text features) a distilling strategy scores, as ZSCL's scripts give them: the
+        reference images and sentences (zscl), else the task's training images with its class prompts (lwf) or
+        the virtual vocabulary (lwf-vr)."""
+        config = self.config
+        if config.strategy == "zscl":
+            images, phrases = self.references
+            return images, encode_texts(teacher.text, teacher.text.tokenize(phrases))
+        if config.strategy == "lwf-vr":
+            vocabulary = virtual_vocabulary(teacher.text, config.vocab_size, config.vocab_length, config.seed)
+            return data.split("train").files, encode_texts(teacher.text, vocabulary)
+        return data.split("train").files, zeroshot_weights(teacher.text, data.classnames, self.templates)
 
     def learn(self, model: LoadedModel, index: int) -> LoadedModel:
         """Train task `index` from `model`; returns the model holding its (strategy-merged) weights."""

@@ -157,6 +157,12 @@ class Method(nn.Module, metaclass=ABCMeta):
         CLIP (None when it can): continual learning evaluates every task with the zero-shot head."""
         return None
 
+    @classmethod
+    def continual_defaults(cls) -> Dict[str, Any]:
+        """Run settings that replace `training_defaults` when the method learns the tasks of `cliptune continual`
+        (a recipe, flag or `--set` still overrides them)."""
+        return {}
+
     # ----- WiSE-FT (cliptune/deploy/wise.py) -----
     def linear_head(self) -> Optional[nn.Linear]:
         """The linear classification head on image features, for methods that have one."""

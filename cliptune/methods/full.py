@@ -108,6 +108,14 @@ class FullFineTune(Method):
             return "continual learning evaluates every task with the zero-shot head: use full.head=zeroshot"
         return None
 
+    @classmethod
+    def continual_defaults(cls):
+        # ZSCL's MTIL protocol (Thunderbeee/ZSCL): mtil/scripts/ZSCL.sh:9-26 (lr 1e-5, --ls 0.2, --iterations 1000),
+        # mtil/src/args.py:11-16 (batch 64, wd 0, 100 warm-up steps); finetune.py:305-307 (no gradient clipping)
+        # and :346-349 (the last iterate, or the weight ensemble, carries on to the next task).
+        return {"lr": 1e-5, "batch_size": 64, "weight_decay": 0.0, "label_smoothing": 0.2, "warmup_steps": 100,
+                "steps": 1000, "max_grad_norm": None, "select": "last"}
+
     def _unlocked_parameters(self) -> List[torch.nn.Parameter]:
         n = self.config.unlock_last
         towers = {"vision": self.model.image, "text": self.model.text}
