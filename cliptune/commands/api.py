@@ -61,15 +61,15 @@ def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite:
 
 def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False,
              cache_dir: Optional[str | Path] = None, session: Optional[Session] = None, test: bool = True,
-             on_validated: Optional[Callable[[int, float], None]] = None, resumable: bool = True) -> Dict:
+             on_validated: Optional[Callable[[int, float], None]] = None, trial: bool = False) -> Dict:
     """Train `config.method`, select the best epoch on val, evaluate on test; returns metrics.json's content.
 
     Image features are cached in `cache_dir` (default: the run's own `cache/`); runs of the same data and
     model may share one (as `cliptune compare` does), the cache key tells their features apart.
     `session`: an open session on the same data and model to reuse (as `cliptune sweep`'s trials do: no model
     or data loading); `test=False` leaves the test split alone (a trial is scored on val only);
-    `on_validated(epoch, val_top1)` is called after every validation pass (a sweep's pruner); `resumable=False`
-    writes no per-epoch checkpoints (a sweep trial is rerun, never resumed).
+    `on_validated(epoch, val_top1)` is called after every validation pass (a sweep's pruner); `trial=True` (a sweep
+    trial: rerun, never resumed) writes no per-epoch checkpoints and validates sparsely (`Trainer`).
     """
     started = command_started()
     run = RunFolder(out)
@@ -102,7 +102,8 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
             train = session.inputs("train", method.uses_image_features, train=True)
             val = session.inputs("val", method.uses_image_features) if len(session.data.splits["val"]) else None
         log.info("method %s: %d training images, %d classes", config.method, len(train), len(session.data.classes))
-        trainer = Trainer(method, config, run, accelerator, on_validated=on_validated, resumable=resumable)
+        trainer = Trainer(method, config, run, accelerator, on_validated=on_validated, resumable=not trial,
+                          sparse_validation=trial)
         summary = trainer.fit(train, val, session.data.classes, resume=resume)
         method = accelerator.unwrap_model(trainer.model)
         metrics, test_logits = _trained_metrics(config, session, trainer, method, summary, run, clock, test, val, novel_session,

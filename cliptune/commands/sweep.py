@@ -25,6 +25,7 @@ from cliptune.core.figures import save_figure
 from cliptune.core.progress import RESULT
 from cliptune.core.runfolder import atomic_write_json, atomic_write_text
 from cliptune.methods import method_class
+from cliptune.training.engine import doubling
 from cliptune.training.session import Session, make_accelerator
 
 log = logging.getLogger("cliptune")
@@ -138,16 +139,18 @@ class Sweep:
         trial.set_user_attr("run", str(folder.relative_to(self.root)))
 
         def report(epoch: int, top1: float) -> None:
-            if epoch & (epoch - 1):  # epochs 1, 2, 4, 8, ...: each report is a database write, enough to prune on
+            if not doubling(epoch):  # each report is a database write: epochs 1, 2, 4, 8, ... are enough to prune on
                 return
             trial.report(top1, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val top-1 {top1:.4f} at epoch {epoch} below the median of earlier trials")
 
         began = time.perf_counter()
-        metrics = finetune(self.trial_config(params), folder, cache_dir=self.session.cache_dir, session=self.session,
-                           test=False, on_validated=report, resumable=False)
-        trial.set_user_attr("seconds", round(time.perf_counter() - began, 3))
+        try:
+            metrics = finetune(self.trial_config(params), folder, cache_dir=self.session.cache_dir, session=self.session,
+                               test=False, on_validated=report, trial=True)
+        finally:  # pruned trials too: sweep.json shows what each trial cost
+            trial.set_user_attr("seconds", round(time.perf_counter() - began, 3))
         log.info("trial %d: val top-1 %.4f with %s", trial.number, metrics["val"]["top1"], params, extra=RESULT)
         return metrics["val"]["top1"]
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cliptune.config.run import RunConfig
@@ -64,6 +65,11 @@ class TrainSummary:
 
 
 EVAL_SHARE = 0.2  # auto --eval-every keeps validation under about this share of training time
+
+
+def doubling(epoch: int) -> bool:
+    """Epochs 1, 2, 4, 8, ...: a sparse validation cadence (what a sweep's pruner reads)."""
+    return epoch & (epoch - 1) == 0
 
 
 def eval_interval(config: RunConfig, train: Inputs, val: Optional[Inputs]) -> int:
@@ -126,12 +132,18 @@ class StopRequest:
 
 class Trainer:
     def __init__(self, method: Method, config: RunConfig, run: Optional[RunFolder], accelerator,
-                 on_validated: Optional[Callable[[int, float], None]] = None, resumable: bool = True):
+                 on_validated: Optional[Callable[[int, float], None]] = None, resumable: bool = True,
+                 sparse_validation: bool = False):
         self.method = method
+        # what trains: the method as the accelerator prepared it (`_start`; e.g. wrapped in DDP), `method` inside it
+        self.model: nn.Module = method
         self.on_validated = on_validated  # called with (epoch, val top-1) after each validation pass
         # False: no per-epoch checkpoints (a sweep trial is rerun, not resumed); the selected state is kept in memory
         # and written once at the end
         self.resumable = resumable
+        # True: a run that selects its latest epoch validates only on `doubling` epochs and the last (its result does
+        # not depend on validation; a sweep's pruner reads no other epoch)
+        self.sparse_validation = sparse_validation
         self._best_state: Optional[Dict[str, torch.Tensor]] = None
         self.config = config
         self.run = run
@@ -195,7 +207,7 @@ class Trainer:
     # ----- evaluation -----
     @torch.no_grad()
     def predict(self, inputs: Inputs) -> torch.Tensor:
-        method = self.accelerator.unwrap_model(self.model) if hasattr(self, "model") else self.method
+        method = self.method
         method.eval()
         outputs = []
         size = self.config.eval_batch_size
@@ -219,21 +231,19 @@ class Trainer:
     # ----- checkpoints -----
     def _save_last(self, state: Dict) -> None:
         if self.accelerator.is_main_process and self.run is not None and self.resumable:
-            save_last(self.run.checkpoints / "last", self._unwrapped(), state)
+            save_last(self.run.checkpoints / "last", self.method, state)
 
     def save_best(self) -> None:
         if self.accelerator.is_main_process and self.run is not None:
-            save_method(self._unwrapped(), self.run.checkpoints / "best")
+            save_method(self.method, self.run.checkpoints / "best")
 
-    def _keep_best(self) -> None:
-        """The selected epoch's state: on disk (a resumable run), or in memory until `_finish`."""
+    def _keep_best(self, fit: "_Fit") -> None:
+        """The selected epoch's state: on disk (a resumable run), else in memory until `_finish`, where a run that
+        selects its latest epoch (`select: last`, or no val) needs no copy: training ends with that state."""
         if self.resumable:
             self.save_best()
-        else:
-            self._best_state = self._unwrapped().learned_state_dict()
-
-    def _unwrapped(self) -> Method:
-        return self.accelerator.unwrap_model(self.model) if hasattr(self, "model") else self.method
+        elif not fit.selects_latest:
+            self._best_state = self.method.learned_state_dict()
 
     # ----- training -----
     def fit(self, train: Inputs, val: Optional[Inputs], classes, resume: bool = False) -> TrainSummary:
@@ -245,7 +255,6 @@ class Trainer:
             self.method.prepare(train, val)
             prepare_seconds = time.perf_counter() - preparing  # fitting (e.g. the L-BFGS probe) is training time
             if not self.method.trainable_parameters():  # nothing to train (Tip-Adapter, an L-BFGS probe): fitted in prepare()
-                self.model = self.method
                 return self._finish(TrainSummary(seconds=prepare_seconds), val, trained=False)
             fit = self._start(train, val, resume)
             fit.summary.seconds += prepare_seconds
@@ -270,11 +279,12 @@ class Trainer:
         every = eval_interval(config, train, val)
         if val is not None and len(val) and every > 1:
             log.info("validation every %d epochs and after the last (--eval-every)", every)
-        fit = _Fit(optimizer, scheduler, epochs, last_epoch_batches, every, TrainSummary())
+        fit = _Fit(optimizer, scheduler, epochs, last_epoch_batches, every, TrainSummary(),
+                   selects_latest=config.select == "last" or val is None or not len(val))
         if resume:
             if self.run is None:
                 raise CliptuneError("nothing to resume: no run folder")
-            state = load_last(self.run.checkpoints / "last", self._unwrapped(), optimizer, scheduler)
+            state = load_last(self.run.checkpoints / "last", self.method, optimizer, scheduler)
             fit.start_epoch, fit.start_step, fit.best_top1 = state["epoch"], state["step_in_epoch"], state["best_top1"]
             fit.summary = TrainSummary(state["seconds"], state["images_seen"], state["epoch"], state["best_epoch"], state["history"],
                                        eval_seconds=state.get("eval_seconds", 0.0))
@@ -297,7 +307,8 @@ class Trainer:
         if epoch == fit.epochs - 1:
             batches = batches[: fit.last_epoch_batches]  # a --steps budget may end mid-epoch
         views = self._view_choice(train, epoch)
-        self.model.train()
+        if not self.method.training:  # the first epoch, or after a validation pass
+            self.model.train()
         began = time.perf_counter()
         loss_sum, seen = (fit.partial_loss if resuming_mid_epoch else (0.0, 0))
         bar = progress_bar(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}/{fit.epochs}",
@@ -310,7 +321,7 @@ class Trainer:
             loss_sum += loss * len(y)
             seen += len(y)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / max(1, seen):.4f}")
+            bar.set_postfix(loss=f"{loss_sum / max(1, seen):.4f}", refresh=False)  # shown at the bar's next (rate-limited) refresh
             # Ctrl-C: stop here, where the state is whole (in the last step: after the epoch's checkpoint)
             if synced and step + 1 < len(batches) and self._stop.agreed(accelerator):
                 bar.close()
@@ -322,7 +333,7 @@ class Trainer:
         bar.close()
         summary.seconds += time.perf_counter() - began
         summary.epochs = epoch + 1
-        self._unwrapped().after_epoch(epoch + 1)
+        self.method.after_epoch(epoch + 1)
         totals = accelerator.reduce(torch.tensor([loss_sum, seen], dtype=torch.float64, device=accelerator.device), "sum")
         return float(totals[0] / totals[1].clamp(min=1))
 
@@ -338,8 +349,8 @@ class Trainer:
             with accelerator.autocast():
                 logits = self.model(x)
                 # a loss that all-gathers the batch must run on every process, even on an empty slice
-                if len(y) or self._unwrapped().gathers_across_processes:
-                    loss = self._unwrapped().loss(logits, y, config.label_smoothing)
+                if len(y) or self.method.gathers_across_processes:
+                    loss = self.method.loss(logits, y, config.label_smoothing)
                     scaled = loss * (len(y) / group_n) * accelerator.num_processes
                 else:  # an empty slice of a tiny last batch still joins the all-reduce
                     loss, scaled = logits.sum() * 0, logits.sum() * 0
@@ -352,7 +363,7 @@ class Trainer:
             fit.optimizer.step()
             fit.scheduler.step()
             fit.optimizer.zero_grad(set_to_none=True)
-            self._unwrapped().after_optimizer_step()
+            self.method.after_optimizer_step()
         return float(loss.detach()), synced
 
     def _end_epoch(self, fit: "_Fit", val: Optional[Inputs], classes, epoch: int, loss: float) -> None:
@@ -362,12 +373,13 @@ class Trainer:
         improved = self._validate_and_select(fit, val, classes, epoch, record)
         if improved:
             summary.best_epoch = epoch + 1
-            self._keep_best()
+            self._keep_best(fit)
         summary.history.append(record)
         marker = (" (best)" if self.config.select == "best-val" else "") if improved else ""
         log.info("epoch %d/%d %s%s", epoch + 1, fit.epochs,
                  " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"), marker)
-        self._save_last(training_state(fit.optimizer, fit.scheduler, epoch + 1, 0, fit.best_top1, summary))
+        if self.resumable:
+            self._save_last(training_state(fit.optimizer, fit.scheduler, epoch + 1, 0, fit.best_top1, summary))
         if self._stop.agreed(self.accelerator):
             raise InterruptedRun(f"interrupted after epoch {epoch + 1}; checkpoint saved, continue with --resume")
 
@@ -378,7 +390,8 @@ class Trainer:
         if val is None or not len(val):
             return True
         improved = config.select == "last"  # best-val: the best is chosen among validated epochs
-        if (epoch + 1) % fit.every == 0 or epoch + 1 == fit.epochs:
+        due = doubling(epoch + 1) if self.sparse_validation and fit.selects_latest else (epoch + 1) % fit.every == 0
+        if due or epoch + 1 == fit.epochs:
             evaluating = time.perf_counter()
             result = self.evaluate(val, classes)
             fit.summary.eval_seconds += time.perf_counter() - evaluating
@@ -394,10 +407,10 @@ class Trainer:
 
     def _finish(self, summary: TrainSummary, val: Optional[Inputs], trained: bool) -> TrainSummary:
         """Load the selected checkpoint, let the method replace it (`final_state`), and save the result as best."""
-        method = self._unwrapped()
+        method = self.method
         if trained and self._best_state is not None:
             method.load_learned_state_dict(self._best_state)
-        elif trained and self.run is not None:
+        elif trained and self.run is not None and self.resumable:
             load_method_state(method, self.run.checkpoints / "best")
         final = method.final_state(val)
         if final is not None:
@@ -410,7 +423,7 @@ class Trainer:
     @torch.no_grad()
     def _frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
         with self.accelerator.autocast():
-            return self._unwrapped().model.image.encode(images, normalize=False).float()
+            return self.method.model.image.encode(images, normalize=False).float()
 
 
 @dataclass
@@ -423,6 +436,7 @@ class _Fit:
     last_epoch_batches: int  # micro-batches of the last epoch (a --steps budget may end mid-epoch)
     every: int  # epochs between validation passes
     summary: TrainSummary
+    selects_latest: bool = False  # every epoch becomes the selected one (select: last, or no val)
     best_top1: float = -1.0
     start_epoch: int = 0
     start_step: int = 0
