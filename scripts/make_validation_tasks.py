@@ -6,7 +6,7 @@ Run from the repository root (needs scikit-image at build time only; nothing her
 
     pip install scikit-image
     python scripts/make_validation_tasks.py --out validation_tasks            # textures and shapes
-    python scripts/make_validation_tasks.py --out /elsewhere --tasks photos   # a held-out task
+    python scripts/make_validation_tasks.py --out /elsewhere --tasks photos,patterns   # held-out tasks
 
 Tasks (8 classes; train 40 / val 10 / test 40 images per class, 32x32 RGB; a disjoint pretraining pool of 150
 images per class trains the task's CLIP, with the demo's recipe from scripts/make_demo_assets.py):
@@ -18,6 +18,8 @@ images per class trains the task's CLIP, with the demo's recipe from scripts/mak
 - `photos`: crops of eight other scikit-image photographs (coffee, cat, astronaut, rocket, horse, camera man, retina,
   cell), cut as `textures`; its CLIP keeps the logit scale at its initial 14.3
   (`scale_schedule=False`), as an under-trained model would. Meant to be held out: build it outside the repository.
+- `patterns`: two-colour periodic patterns drawn with numpy (checkerboard, dots, waves, zigzag, grid, spiral,
+  rings, blotches; random colours, frequency, phase and rotation); held out like `photos`, its CLIP at 14.3 too.
 
 Each task is written as `OUT/<task>/{train,val,test}/<class>/<i>.png` plus `OUT/<task>/validation-<task>-clip.json`
 and `.safetensors` (an open_clip config and state_dict, loaded with `--model-config` / `--pretrained`).
@@ -51,6 +53,8 @@ TEXTURES = {"brick": "brick", "grass": "grass", "gravel": "gravel", "coins": "co
 PHOTOS = {"coffee": "coffee", "chelsea": "cat", "astronaut": "astronaut", "rocket": "rocket", "horse": "horse",
           "camera": "camera man", "retina": "retina", "cell": "cell"}
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "stripes"]
+PATTERNS = ["checkerboard", "dots", "waves", "zigzag", "grid", "spiral", "rings", "blotches"]
+HELD_OUT = ("photos", "patterns")  # their CLIPs keep the initial logit scale, as an under-trained model would
 # bands of each photograph's width: the pretraining pool, and the few-shot task's splits (drawn alike, so that val
 # predicts test as in a real few-shot task)
 BANDS = {"pretrain": (0.0, 0.5), "train": (0.5, 1.0), "val": (0.5, 1.0), "test": (0.5, 1.0)}
@@ -112,11 +116,42 @@ def shape_image(name: str, rng: np.random.Generator) -> Image.Image:
     return _noisy(canvas.resize((SIZE, SIZE), Image.LANCZOS), rng)
 
 
+def pattern_image(name: str, rng: np.random.Generator) -> Image.Image:
+    """A two-colour periodic pattern at a random frequency, phase and rotation (drawn at 4x, downsampled)."""
+    n = SIZE * 4
+    turn = rng.uniform(0, 2 * math.pi)
+    y, x = np.mgrid[-1:1:n * 1j, -1:1:n * 1j]
+    x, y = x - rng.uniform(-0.3, 0.3), y - rng.uniform(-0.3, 0.3)
+    u, v = x * math.cos(turn) - y * math.sin(turn), x * math.sin(turn) + y * math.cos(turn)
+    f, phase = rng.uniform(2.5, 5.0) * math.pi, rng.uniform(0, 2 * math.pi)
+    radius, angle = np.hypot(u, v), np.arctan2(v, u)
+    if name == "checkerboard":
+        mask = np.sin(f * u + phase) * np.sin(f * v + phase) > 0
+    elif name == "dots":
+        mask = np.cos(f * u + phase) + np.cos(f * v + phase) > 1.1
+    elif name == "waves":
+        mask = np.sin(f * u + 1.5 * np.sin(2.5 * v + phase)) > 0
+    elif name == "zigzag":
+        mask = np.sin(f * (u + 0.35 * np.abs((v * 2.5 + phase) % 2 - 1))) > 0
+    elif name == "grid":
+        mask = (np.abs(np.sin(f * u + phase)) < 0.3) | (np.abs(np.sin(f * v + phase)) < 0.3)
+    elif name == "spiral":
+        mask = np.sin(3 * angle + 2 * f * radius + phase) > 0
+    elif name == "rings":
+        mask = np.sin(2 * f * radius + phase) > 0
+    else:  # blotches: smoothed noise, thresholded
+        coarse = rng.normal(size=(6, 6))
+        mask = np.asarray(Image.fromarray(coarse.astype(np.float32)).resize((n, n), Image.BICUBIC)) > 0
+    pixels = np.where(mask[..., None], np.array(_colour(rng)), np.array(_colour(rng))).astype(np.uint8)
+    return _noisy(Image.fromarray(pixels).resize((SIZE, SIZE), Image.LANCZOS), rng)
+
+
 def task_images(task: str, split: str, rng: np.random.Generator) -> dict:
     """{class word: [PIL images]} for one split of one task."""
     count = COUNTS[split]
-    if task == "shapes":
-        return {name: [shape_image(name, rng) for _ in range(count)] for name in SHAPES}
+    if task in ("shapes", "patterns"):
+        draw, names = (shape_image, SHAPES) if task == "shapes" else (pattern_image, PATTERNS)
+        return {name: [draw(name, rng) for _ in range(count)] for name in names}
     import skimage.data
 
     sources = TEXTURES if task == "textures" else PHOTOS
@@ -128,7 +163,7 @@ def build(task: str, out: Path) -> None:
     root = out / task
     if root.exists():
         shutil.rmtree(root)
-    rng = np.random.default_rng({"textures": 1, "shapes": 2, "photos": 3}[task])
+    rng = np.random.default_rng({"textures": 1, "shapes": 2, "photos": 3, "patterns": 4}[task])
     pools = {split: task_images(task, split, rng) for split in COUNTS}
     for split in ("train", "val", "test"):
         for word, images in pools[split].items():
@@ -148,7 +183,7 @@ def build(task: str, out: Path) -> None:
     y_all = torch.tensor([c for c, word in enumerate(words) for _ in pools["pretrain"][word]])
     demo.seed_everything(demo.SEED)
     model, seconds, _ = demo.train_clip(name, x_all, y_all, words, TEMPLATES, norm.mean, norm.std, open_clip.get_tokenizer(name),
-                                        scale_schedule=task != "photos")
+                                        scale_schedule=task not in HELD_OUT)
     save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, str(root / f"{name}.safetensors"))
     print(f"{task}: {len(words)} classes, CLIP trained in {seconds:.0f} s, logit scale {float(model.logit_scale.detach().exp()):.1f}")
 
@@ -156,7 +191,7 @@ def build(task: str, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--tasks", default="textures,shapes", help="comma list of textures, shapes, photos")
+    parser.add_argument("--tasks", default="textures,shapes", help="comma list of textures, shapes, photos, patterns")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for task in args.tasks.split(","):
