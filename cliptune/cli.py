@@ -122,7 +122,7 @@ def _flag_spec(flag: str, name: str, annotation, metadata: dict, help_text: str)
         return [f"{flag}/--no-{flag[2:]}", name], {"default": None, "help": help_text}
     choices = metadata.get("choices")
     metavar = "[" + "|".join(map(str, choices)) + "]" if choices else None
-    kind = click.Path() if metadata.get("path") in ("file", "folder") else {int: int, float: float}.get(base, str)
+    kind = click.Path() if metadata.get("path") in ("file", "folder", "dataset") else {int: int, float: float}.get(base, str)
     return [flag, name], {"type": kind, "metavar": metavar, "help": help_text}
 
 
@@ -134,7 +134,8 @@ def config_flags(*names: str):
 
 
 MODEL_SETTINGS = ("model", "pretrained", "model_config")
-DATA_SETTINGS = ("data", "val_fraction", "test_fraction", "classnames", "templates", "seed", "strict")
+DATA_SETTINGS = ("data", "data_format", "path_col", "label_col", "split_col", "val_fraction", "test_fraction", "classnames",
+                 "templates", "seed", "strict")
 TRAINING_SETTINGS = (
     "shots", "epochs", "steps", "lr", "batch_size", "optimizer", "weight_decay", "warmup_steps", "warmup_epochs",
     "warmup_lr", "select", "val_shots", "grad_accum", "mixed_precision", "label_smoothing", "aug_views", "aug_per_step",
@@ -252,7 +253,7 @@ def finetune(recipe, set_values, out, resume, overwrite, method_values, **option
 
 @cli.command("eval")
 @click.argument("run", type=click.Path())
-@click.option("--data", type=click.Path(), help="ImageFolder to evaluate on [the run's own data].")
+@click.option("--data", type=click.Path(), help="ImageFolder or manifest to evaluate on [the run's own data].")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
 @click.option("--classnames", type=click.Path(), help="Class names YAML for --data.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
@@ -271,7 +272,7 @@ def eval_command(run, data, split, classnames, as_json, adapter):
 
 @cli.command()
 @click.argument("run", type=click.Path())
-@click.option("--data", type=click.Path(), help="ImageFolder to evaluate on [the run's own data].")
+@click.option("--data", type=click.Path(), help="ImageFolder or manifest to evaluate on [the run's own data].")
 @click.option("--alphas", default="0,0.25,0.5,0.75,1", show_default=True, help="Mixing weights of the fine-tuned model.")
 def wise(run, data, alphas):
     """WiSE-FT: evaluate (1-A)*zero-shot + A*fine-tuned weights; writes RUN/wise.json and RUN/wise.png."""
@@ -383,7 +384,7 @@ def methods_show(name, shots):
 
 
 @cli.command()
-@config_flags(*MODEL_SETTINGS, "data", "val_fraction", "test_fraction", "classnames", "templates", "strict")
+@config_flags(*MODEL_SETTINGS, *[name for name in DATA_SETTINGS if name != "seed"])
 @click.option("--methods", required=True, help="Comma list of methods, e.g. linear-probe,coop,lora.")
 @click.option("--shots", "shots_list", required=True, help="Comma list of images per class, e.g. 1,4,16.")
 @click.option("--seeds", default="1", show_default=True, help="Comma list of seeds; every cell runs once per seed.")

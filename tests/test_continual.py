@@ -160,7 +160,7 @@ def test_continual_cli_errors_and_defaults(tiny_config, split_data, tmp_path):
     assert result.exit_code != 0 and "no tasks given" in result.output
     result = runner.invoke(cli, ["continual", "--model-config", tiny_config, "--task", f"{split_data}:nope",
                                  "--out", str(tmp_path / "o")])
-    assert result.exit_code != 0 and "no class folder 'nope'" in result.output
+    assert result.exit_code != 0 and "no class 'nope'" in result.output
     result = runner.invoke(cli, ["continual", "--model-config", tiny_config, "--task", str(split_data),
                                  "--method", "linear-probe", "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "use --method" in result.output

@@ -55,7 +55,7 @@ def test_out_of_range_option_is_refused_before_any_work(args, message, tiny_conf
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flag, kind", [("--data", "folder"), ("--model-config", "file"), ("--classnames", "file"),
+@pytest.mark.parametrize("flag, kind", [("--data", "folder or file"), ("--model-config", "file"), ("--classnames", "file"),
                                         ("--templates", "file")])
 def test_missing_input_path_is_named(flag, kind, tiny_config, split_data, tmp_path, no_model_loading):
     missing = tmp_path / "missing"

@@ -33,7 +33,14 @@ class RunConfig:
         None, "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local .pt/.pth/.bin/.safetensors file.", path="any")
     model_config: Optional[str] = option(None, "JSON open_clip model config for a custom architecture.", path="file")
     # data
-    data: Optional[str] = option(None, "ImageFolder root (class folders, or train/ val/ test/ of them).", path="folder")
+    data: Optional[str] = option(
+        None, "ImageFolder root (class folders, or train/ val/ test/ of them), or a CSV/TSV/JSONL manifest (path, label "
+              "[, split] columns).", path="dataset")
+    data_format: str = option("auto", "What --data is [auto: a .csv/.tsv/.jsonl file is a manifest, a folder an ImageFolder].",
+                              choices=("auto", "imagefolder", "manifest"))
+    path_col: str = option("path", "Manifest column of the image paths (relative to the manifest) [path].")
+    label_col: str = option("label", "Manifest column of the labels [label].")
+    split_col: str = option("split", "Manifest column of the splits (train/val/test; absent: seeded splits) [split].")
     val_fraction: float = option(0.1, "Validation share when the data has no val/ folder [0.1].", min=0, below=1)
     test_fraction: float = option(0.2, "Test share when the data has no test/ folder [0.2].", min=0, below=1)
     shots: Optional[int] = option(None, "Images per class sampled from train (seeded).", min=1, unset="for all images")
@@ -169,9 +176,10 @@ def check_config(config: RunConfig, files: bool = True) -> None:
         for item in value if typing.get_origin(SETTING_TYPES[key]) is list else [value]:
             if kind == "any" or not isinstance(item, str) or not item:
                 continue  # a tag or a path, unset, or templates given inline as a list
-            path = Path(parse_dataset_spec(item)[0] if kind == "folder" else item)
-            if not (path.is_dir() if kind == "folder" else path.is_file()):
-                raise CliptuneError(f"{flag_name(SETTINGS[key])} {item}: no such {kind}")
+            path = Path(parse_dataset_spec(item)[0] if kind in ("folder", "dataset") else item)
+            found = {"folder": path.is_dir(), "file": path.is_file(), "dataset": path.exists()}[kind]
+            if not found:
+                raise CliptuneError(f"{flag_name(SETTINGS[key])} {item}: no such {'folder or file' if kind == 'dataset' else kind}")
 
 
 def _method_registry():

@@ -42,7 +42,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cliptune.config.run import RunConfig, check_config, load_config, parse_dataset_spec, save_config
-from cliptune.data.folders import IMAGE_EXTENSIONS, ImageFolderData, eval_transform, load_imagefolder
+from cliptune.data.folders import IMAGE_EXTENSIONS, ImageFolderData, eval_transform
+from cliptune.data.sources import load_data
 from cliptune.training.checkpoints import load_method_state
 from cliptune.training.engine import Trainer
 from cliptune.training.optim import with_budget_lr
@@ -53,7 +54,7 @@ from cliptune.methods import build_method, method_class, methods_exporting
 from cliptune.models.loading import LoadedModel
 from cliptune.core.progress import RESULT
 from cliptune.core.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json
-from cliptune.training.session import Session, make_accelerator, model_from_config
+from cliptune.training.session import Session, data_source, make_accelerator, model_from_config
 from cliptune.data.templates import load_templates
 from cliptune.models.towers import TextTower
 from cliptune.models.interpolation import interpolate
@@ -165,12 +166,13 @@ def mtil_metrics(acc: Sequence[Sequence[float]]) -> Dict[str, float]:
 # ----- data -----
 def load_task(spec: str, config: RunConfig, shots: Optional[int]) -> tuple[str, ImageFolderData]:
     root, classes = parse_dataset_spec(spec)
-    data = load_imagefolder(root, config.val_fraction, config.test_fraction, config.seed, shots, None, config.strict)
+    data = load_data(root, config.val_fraction, config.test_fraction, config.seed, shots, None, config.strict,
+                     **data_source(config))
     name = Path(root).name
     if classes:
         unknown = sorted(set(classes) - set(data.classes))
         if unknown:
-            raise CliptuneError(f"{root} has no class folder '{unknown[0]}' (from '{spec}')")
+            raise CliptuneError(f"{root} has no class '{unknown[0]}' (from '{spec}')")
         data = data.restrict_to(classes)
         name = f"{name}:{'+'.join(classes)}" if len(classes) <= 3 else f"{name}:{classes[0]}..{classes[-1]}"
     return name, data

@@ -26,7 +26,7 @@ def option(default: Any = MISSING, help: str = "", *, choices: Optional[Sequence
     `min`/`max` are inclusive bounds, `above`/`below` exclusive ones; `unset` says what None means
     ("" when nothing needs saying), for error messages; `comma_choices` makes the value a comma-separated
     subset of those names; `flag` is the CLI flag (default: `--field-name`); `path` marks an input path
-    ("file" or "folder": checked before a run starts; "any": resolved against a recipe's folder only).
+    ("file", "folder" or "dataset", either: checked before a run starts; "any": resolved against a recipe's folder only).
     """
     metadata = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max, "above": above,
                 "below": below, "unset": unset, "flag": flag, "path": path,

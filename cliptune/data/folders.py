@@ -1,4 +1,4 @@
-"""ImageFolder data: class discovery and naming, seeded splits and few-shot sampling, transforms."""
+"""Labelled image data: ImageFolder scanning, class naming, seeded splits and few-shot sampling, transforms."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ class ImageFolderData:
         )
 
 
-def _is_readable_image(path: Path) -> bool:
+def readable_image(path: Path) -> bool:
     try:
         with Image.open(path) as image:
             image.verify()
@@ -107,7 +107,7 @@ def _scan_class_dirs(root: Path, strict: bool) -> tuple[Dict[str, List[Path]], i
         for path in sorted(class_dir.rglob("*")):
             if not path.is_file() or path.name.startswith("."):
                 continue
-            if path.suffix.lower() in IMAGE_EXTENSIONS and _is_readable_image(path):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and readable_image(path):
                 images.append(path)
             elif strict:
                 raise CliptuneError(f"not a readable image: {path} (remove it, or drop --strict to skip such files)")
@@ -127,10 +127,10 @@ def _load_classnames(path: Optional[Path], classes: Sequence[str]) -> tuple[List
     except yaml.YAMLError as exc:
         raise CliptuneError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(mapping, dict):
-        raise CliptuneError(f"{path} must map class folder names to display names")
+        raise CliptuneError(f"{path} must map classes (folder names or manifest labels) to display names")
     unknown = sorted(set(mapping) - set(classes))
     if unknown:
-        raise CliptuneError(f"{path} names classes that are not folders of the data: {', '.join(map(str, unknown))}")
+        raise CliptuneError(f"{path} names classes the data does not have: {', '.join(map(str, unknown))}")
     for folder, value in mapping.items():
         if isinstance(value, str):
             names[folder] = value
@@ -174,6 +174,15 @@ def load_imagefolder(
     if not root.is_dir():
         raise CliptuneError(f"data directory not found: {root}")
     per_split, skipped = _scan_splits(root, strict)
+    return assemble(root, per_split, skipped, val_fraction, test_fraction, seed, shots, classnames_file, val_shots)
+
+
+def assemble(root: Path, per_split: Dict[str, Dict[str, List[Path]]], skipped: int, val_fraction: float,
+             test_fraction: float, seed: int, shots: Optional[int], classnames_file: Optional[str],
+             val_shots: Optional[int]) -> ImageFolderData:
+    """The dataset of `{split: {class: files}}` (an ImageFolder's folders, a manifest's rows): seeded splits carved
+    where a split is missing, few-shot sampling, and class names (`classnames_file`, else `classnames.yaml` beside
+    the data)."""
     classes = sorted(per_split["train"])
     splits = _stratified_splits(per_split, classes, val_fraction, test_fraction, seed)
     if shots is not None:
@@ -182,7 +191,7 @@ def load_imagefolder(
         splits["val"] = _few_shot(splits["val"], classes, val_shots, seed, split_name="val")
     if skipped:
         log.warning("skipped %d file(s) that are not readable images (use --strict to make this an error)", skipped)
-    classnames_path = Path(classnames_file) if classnames_file else root / CLASSNAMES_FILE
+    classnames_path = Path(classnames_file) if classnames_file else (root if root.is_dir() else root.parent) / CLASSNAMES_FILE
     if classnames_file and not classnames_path.is_file():
         raise CliptuneError(f"classnames file not found: {classnames_file}")
     names, descriptions = _load_classnames(classnames_path if classnames_path.is_file() else None, classes)

@@ -49,13 +49,14 @@ def save_predictions(run_dir: str | Path, split: str, logits: torch.Tensor, labe
 
 def _split_labels(run: RunFolder, split: str) -> Tuple[List[Path], List[int]]:
     from cliptune.config.run import load_config
-    from cliptune.data.folders import load_imagefolder
+    from cliptune.data.sources import load_data
+    from cliptune.training.session import data_source
 
     config = load_config(run.config)
     if config.base_novel or not config.data:
         raise CliptuneError("the split cannot be rebuilt here")  # base classes only: not worth a second copy of the protocol
-    data = load_imagefolder(config.data, config.val_fraction, config.test_fraction, config.seed, config.shots,
-                            config.classnames, config.strict)
+    data = load_data(config.data, config.val_fraction, config.test_fraction, config.seed, config.shots, config.classnames,
+                     config.strict, **data_source(config))
     return data.split(split).files, data.split(split).labels
 
 

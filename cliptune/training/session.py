@@ -11,7 +11,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +20,15 @@ from cliptune.config.run import RunConfig, load_config
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from cliptune.data.folders import (ImageDataset, split_key, ImageFolderData, augments, eval_geometry, eval_transform, labels_tensor, load_imagefolder,
+from cliptune.data.folders import (ImageDataset, split_key, ImageFolderData, augments, eval_geometry, eval_transform, labels_tensor, 
                            loader_settings, train_transform)
 from cliptune.training.checkpoints import load_method_state
 from cliptune.training.engine import Inputs
 from cliptune.core.errors import CliptuneError
 from cliptune.models.features import image_features
 from cliptune.data.imagecache import DecodedImages, decode_split, train_size
+from cliptune.data.manifest import ManifestColumns
+from cliptune.data.sources import load_data
 from cliptune.methods import build_method
 from cliptune.methods.base import Method
 from cliptune.core.metrics import classification_metrics
@@ -72,6 +74,11 @@ def make_accelerator(mixed_precision: str = "no"):
         raise CliptuneError(f"mixed precision '{mixed_precision}' is not available here: {exc}") from None
 
 
+def data_source(config: RunConfig) -> Dict[str, Any]:
+    """How the run reads `--data` and continual task specs: their format and a manifest's column names."""
+    return {"data_format": config.data_format, "columns": ManifestColumns(config.path_col, config.label_col, config.split_col)}
+
+
 @dataclass
 class Session:
     """Model, data and templates of one command, on the accelerator's device."""
@@ -93,11 +100,9 @@ class Session:
     def open(cls, config: RunConfig, accelerator, cache_dir: Optional[Path] = None, data_dir: Optional[str] = None) -> "Session":
         data_dir = data_dir or config.data
         if not data_dir:
-            raise CliptuneError("no data given: pass --data DIR (an ImageFolder root)")
-        data = load_imagefolder(
-            data_dir, config.val_fraction, config.test_fraction, config.seed, config.shots, config.classnames, config.strict,
-            val_shots=validation_shots(config),
-        )
+            raise CliptuneError("no data given: pass --data DIR (an ImageFolder root) or --data FILE (a CSV/TSV/JSONL manifest)")
+        data = load_data(data_dir, config.val_fraction, config.test_fraction, config.seed, config.shots, config.classnames,
+                         config.strict, validation_shots(config), **data_source(config))
         templates = load_templates(config.templates)
         model = model_from_config(config, accelerator.device)
         return cls(config, model, data, templates, accelerator, cache_dir)

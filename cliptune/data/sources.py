@@ -1,0 +1,28 @@
+"""Where a dataset comes from: `--data` names an ImageFolder root or a CSV/TSV/JSONL manifest, told apart by what
+it points at (`--data-format` forces one). Both give the same `ImageFolderData`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from cliptune.core.errors import CliptuneError
+from cliptune.data.folders import ImageFolderData, load_imagefolder
+from cliptune.data.manifest import MANIFEST_SUFFIXES, ManifestColumns, is_manifest, load_manifest
+
+DATA_FORMATS = ("auto", "imagefolder", "manifest")
+
+
+def load_data(source: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
+              shots: Optional[int] = None, classnames_file: Optional[str] = None, strict: bool = False,
+              val_shots: Optional[int] = None, data_format: str = "auto",
+              columns: ManifestColumns = ManifestColumns()) -> ImageFolderData:
+    """The dataset at `source`, split and sampled as `load_imagefolder` describes."""
+    settings = (val_fraction, test_fraction, seed, shots, classnames_file, strict, val_shots)
+    manifest = is_manifest(source) if data_format == "auto" else data_format == "manifest"
+    if manifest:
+        return load_manifest(source, *settings, columns=columns)
+    if Path(source).is_file():
+        raise CliptuneError(f"--data {source} is a file: give an ImageFolder root, or a manifest ending in "
+                            f"{', '.join(MANIFEST_SUFFIXES)}")
+    return load_imagefolder(source, *settings)
