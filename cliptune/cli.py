@@ -138,7 +138,7 @@ DATA_SETTINGS = ("data", "data_format", "path_col", "label_col", "split_col", "v
                  "templates", "seed", "strict")
 TRAINING_SETTINGS = (
     "shots", "epochs", "steps", "lr", "batch_size", "optimizer", "weight_decay", "warmup_steps", "warmup_epochs",
-    "warmup_lr", "select", "val_shots", "grad_accum", "mixed_precision", "label_smoothing", "aug_views", "aug_per_step",
+    "warmup_lr", "select", "metric", "val_shots", "grad_accum", "mixed_precision", "label_smoothing", "aug_views", "aug_per_step",
     "num_workers", "image_cache", "eval_every", "grad_checkpointing")
 recipe_option = click.option("--recipe", help="Recipe name (recipes/NAME.yaml) or YAML path.")
 set_option = click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE",
@@ -243,6 +243,8 @@ def finetune(recipe, set_values, out, resume, overwrite, method_values, **option
     _echo_result(f"zero-shot test: top-1 {zs['top1']:.4f}  top-5 {zs['top5']:.4f}")
     kept = " (the zero-shot fallback)" if metrics.get("result") == "zero-shot" else ""
     _echo_result(f"{metrics['method']} test{kept}: top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  n={test['n']}")
+    _echo_result(f"{metrics['method']} test{kept}: balanced accuracy {test['balanced_accuracy']:.4f}  macro-F1 "
+                 f"{test['macro_f1']:.4f}  AUROC {'-' if test['auroc'] is None else format(test['auroc'], '.4f')}")
     if "novel" in metrics:
         _echo_result(f"zero-shot novel: top-1 {metrics['zeroshot_novel']['top1']:.4f}  harmonic mean {metrics['zeroshot_hm']:.4f}")
         _echo_result(f"{metrics['method']} novel: top-1 {metrics['novel']['top1']:.4f}  harmonic mean {metrics['hm']:.4f}")
@@ -390,7 +392,7 @@ def methods_show(name, shots):
 @click.option("--seeds", default="1", show_default=True, help="Comma list of seeds; every cell runs once per seed.")
 @click.option("--steps", type=int, help="Optimizer-step budget of every cell instead of epochs [each method's default].")
 @config_flags("epochs", "lr", "batch_size", "optimizer", "weight_decay", "warmup_steps", "grad_accum", "mixed_precision",
-              "label_smoothing", "aug_views", "num_workers")
+              "label_smoothing", "aug_views", "num_workers", "metric")
 @recipe_option
 @set_option
 @click.option("--sweep", "sweep_trials", default=0, type=click.IntRange(min=0),
@@ -418,7 +420,7 @@ def compare(methods, shots_list, seeds, steps, recipe, set_values, out, sweep_tr
 @click.option("--timeout", type=click.FloatRange(min=1), help="Stop starting trials after this many seconds.")
 @click.option("--steps", type=int, help="Optimizer-step budget of every trial (then the budget is not searched).")
 @click.option("--space", type=click.Path(), help="YAML search space replacing the method's: key: {log|float|int: [low, high]} or {choice: [...]}.")
-@config_flags("epochs", "lr", "batch_size", "optimizer", "weight_decay", "aug_views", "num_workers")
+@config_flags("epochs", "lr", "batch_size", "optimizer", "weight_decay", "aug_views", "num_workers", "metric")
 @recipe_option
 @set_option
 @click.option("--out", required=True, type=click.Path(), help="Sweep folder: sweep.db, trials/, cache/, sweep.json/.md/.png, best.yaml.")
@@ -432,10 +434,13 @@ def sweep(trials, timeout, space, recipe, set_values, out, method_values, **opti
     study = Sweep(out, recipe, _cli_values(**options), list(set_values), method_values,
                   space=read_space(space) if space else None)
     result = study.run(trials, timeout)
-    best, zeroshot = result["best"], result["zeroshot"]
-    _echo_result(f"best trial {best['number']}: val top-1 {best['val']:.4f}  test top-1 {best['test']['top1']:.4f}  "
+    from cliptune.core.metrics import score
+
+    best, zeroshot, metric = result["best"], result["zeroshot"], result["metric"]
+    label = "top-1" if metric == "top1" else metric
+    _echo_result(f"best trial {best['number']}: val {label} {best['val']:.4f}  test {label} {score(best['test'], metric):.4f}  "
                  f"({', '.join(f'{k}={v}' for k, v in best['params'].items())})")
-    _echo_result(f"zero-shot: val top-1 {zeroshot['val']['top1']:.4f}  test top-1 {zeroshot['test']['top1']:.4f}")
+    _echo_result(f"zero-shot: val {label} {score(zeroshot['val'], metric):.4f}  test {label} {score(zeroshot['test'], metric):.4f}")
     if result["guard"]["message"]:
         _echo_result(result["guard"]["message"])
     _echo_result(f"sweep folder: {out}  (sweep.json, sweep.md, sweep.png, best.yaml: cliptune finetune --recipe {Path(out) / 'best.yaml'} --out RUN)")

@@ -130,7 +130,7 @@ def test_rerun_skips_finished_cells_and_resumes_interrupted_ones(grid, tiny_conf
     (["--seeds", "1,1"], "--seeds lists 1 more than once"),
     (["--methods", "coop,"], "--methods expects a comma list without empty entries"),
     (["--steps", "0"], "--steps must be positive integers, got 0"),
-    (["--data", "/nonexistent/images"], "--data /nonexistent/images is not a folder"),
+    (["--data", "/nonexistent/images"], "--data /nonexistent/images: no such folder or file"),
     (["--set", "seed=3"], "the grid sets seed; use --methods, --shots and --seeds instead"),
     (["--set", "no_such_key=1"], "unknown config key 'no_such_key'"),
     (["--pretrained", "/nonexistent/weights.safetensors"], "checkpoint file not found"),
@@ -154,11 +154,12 @@ def test_summary_of_partial_groups():
     """Hand-made cells: a group with one failed seed, zero-shot averaged per seed first, then over seeds."""
     def cell(method, seed, top1, zeroshot):
         return {"method": method, "shots": 4, "seed": seed, "run": f"cells/{cell_name(method, 4, seed)}",
-                "status": "finished", "top1": top1, "zeroshot_top1": zeroshot, "train_seconds": 2.0 * seed}
+                "status": "finished", "top1": top1, "zeroshot_top1": zeroshot, "train_seconds": 2.0 * seed,
+                "score": top1, "zeroshot_score": zeroshot}  # --metric top1
 
     cells = [cell("coop", 1, 0.6, 0.5), cell("coop", 2, 0.9, 0.7), cell("lora", 1, 0.8, 0.5),
              {"method": "lora", "shots": 4, "seed": 2, "run": "cells/lora-4shot-seed2", "status": "failed", "error": "boom"}]
-    result = {"data": "d", "methods": ["coop", "lora"], "shots": [4], "seeds": [1, 2], "cells": cells,
+    result = {"data": "d", "metric": "top1", "methods": ["coop", "lora"], "shots": [4], "seeds": [1, 2], "cells": cells,
               **compare_module.summarise(cells, ["coop", "lora"], [4])}
     coop, lora = result["summary"]
     assert (coop["top1_mean"], coop["top1_std"], coop["train_seconds_mean"]) == pytest.approx((0.75, 0.15, 3.0))
@@ -168,3 +169,11 @@ def test_summary_of_partial_groups():
     md = compare_module.render_markdown(result)
     assert "| lora | **80.0 ± 0.0 (1/2 seeds)** |" in md and "| coop | 75.0 ± 15.0 |" in md
     assert "| zero-shot | 60.0 ± 10.0 |" in md and "- `cells/lora-4shot-seed2`: boom" in md
+    assert md.startswith("Test top-1 (%) on d")
+    # --metric macro_f1: the table ranks and shows that score; top-1 stays in compare.json
+    for c, f1 in zip(cells[:3], (0.5, 0.7, 0.4)):
+        c.update(score=f1, zeroshot_score=0.3)
+    result.update(metric="macro_f1", **compare_module.summarise(cells, ["coop", "lora"], [4]))
+    md = compare_module.render_markdown(result)
+    assert md.startswith("Test macro-F1 (%) on d") and "| coop | **60.0 ± 10.0** |" in md and "| lora | 40.0 ± 0.0 (1/2 seeds) |" in md
+    assert result["summary"][0]["top1_mean"] == pytest.approx(0.75)

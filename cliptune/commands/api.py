@@ -19,7 +19,7 @@ from cliptune.training.engine import Trainer
 from cliptune.training.optim import with_budget_lr
 from cliptune.core.errors import CliptuneError
 from cliptune.methods import build_method
-from cliptune.core.metrics import classification_metrics
+from cliptune.core.metrics import classification_metrics, score
 from cliptune.deploy.report import save_predictions, write_run_report
 from cliptune.core.progress import RESULT
 from cliptune.core.runfolder import RunFolder, atomic_write_json
@@ -34,7 +34,10 @@ def _model_fields(config: RunConfig) -> Dict:
 
 
 def _line(name: str, metrics: Dict) -> str:
-    return f"{name}: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  (n={metrics['n']})"
+    auroc = metrics.get("auroc")
+    return (f"{name}: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  balanced accuracy "
+            f"{metrics['balanced_accuracy']:.2%}  macro-F1 {metrics['macro_f1']:.2%}  AUROC "
+            f"{'-' if auroc is None else f'{auroc:.4f}'}  (n={metrics['n']})")
 
 
 def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite: bool = False) -> Dict:
@@ -171,7 +174,8 @@ def _trained_metrics(config: RunConfig, session: Session, trainer: Trainer, meth
         if novel_session is not None:
             metrics.update(base_novel_metrics(trainer, method, test_metrics, zeroshot["test"], novel_session, zeroshot["novel"]))
         metrics["zeroshot_val"] = zeroshot["val"]
-        metrics["guard"] = zeroshot_guard(config.method, metrics.get("val"), zeroshot["val"], config.result_fallback)
+        metrics["guard"] = zeroshot_guard(config.method, metrics.get("val"), zeroshot["val"], config.result_fallback,
+                                          config.metric)
         if metrics["guard"]["fallback"]:
             metrics.update(result="zero-shot", adapted={"test": test_metrics, "val": metrics["val"]}, test=zeroshot["test"],
                            val=zeroshot["val"])
@@ -183,22 +187,25 @@ def _trained_metrics(config: RunConfig, session: Session, trainer: Trainer, meth
     return metrics, test_logits
 
 
-def zeroshot_guard(method_name: str, val: Optional[Dict], zeroshot_val: Optional[Dict], fallback: str = "none") -> Dict:
-    """Whether the selected checkpoint ended below zero-shot on val, what the run keeps, and the line that says so.
+def zeroshot_guard(method_name: str, val: Optional[Dict], zeroshot_val: Optional[Dict], fallback: str = "none",
+                   metric: str = "top1") -> Dict:
+    """Whether the selected checkpoint ended below zero-shot on val (by `--metric`), what the run keeps, and the
+    line that says so.
 
     `fallback` "zero-shot" keeps the zero-shot classifier when adaptation did not beat it on val (ties keep the
     adapted model: it is not worse on the data the run may look at).
     """
     if val is None or zeroshot_val is None:
         return {"below_zeroshot": None, "val": None, "zeroshot_val": None, "fallback": False, "message": None}
-    below = val["top1"] < zeroshot_val["top1"]
+    adapted, baseline = score(val, metric), score(zeroshot_val, metric)
+    below = adapted < baseline
     kept = below and fallback == "zero-shot"
     message = None
     if below:
-        said = f"{method_name} ended below zero-shot on val ({val['top1']:.2f} vs {zeroshot_val['top1']:.2f})"
+        said = f"{method_name} ended below zero-shot on val{'' if metric == 'top1' else ' ' + metric} ({adapted:.2f} vs {baseline:.2f})"
         message = (f"{said}; kept the zero-shot classifier (--fallback zero-shot)" if kept
                    else f"{said}; see 'cliptune sweep' or --fallback zero-shot")
-    return {"below_zeroshot": below, "val": val["top1"], "zeroshot_val": zeroshot_val["top1"], "fallback": kept, "message": message}
+    return {"below_zeroshot": below, "val": adapted, "zeroshot_val": baseline, "fallback": kept, "message": message}
 
 
 def split_base_novel(session: Session) -> tuple:

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 from cliptune.commands import api
 from cliptune.config.run import RunConfig, build_config, load_config, parse_set
 from cliptune.core.errors import CliptuneError
+from cliptune.core.metrics import score
 from cliptune.core.figures import new_figure, save_figure
 from cliptune.methods import METHODS
 from cliptune.core.progress import progress_bar
@@ -178,8 +179,10 @@ def _run_cell(cell: Cell, root: Path, cache: Path) -> Dict:
         return {**record, "status": "failed", "error": _one_line(exc)}
     log.info("cell %s: test top-1 %.2f%% (zero-shot %.2f%%)%s", cell.name, 100 * metrics["test"]["top1"],
              100 * metrics["zeroshot"]["top1"], "; finished before, skipped" if reused else "")
+    metric = cell.config.metric
     return {**record, "status": "finished", "reused": reused, "top1": metrics["test"]["top1"],
             "top5": metrics["test"]["top5"], "zeroshot_top1": metrics["zeroshot"]["top1"],
+            "score": score(metrics["test"], metric), "zeroshot_score": score(metrics["zeroshot"], metric),
             "train_seconds": metrics["train"]["seconds"], "guard": (metrics.get("guard") or {}).get("message")}
 
 
@@ -191,7 +194,8 @@ def _mean_std(values: List[float]) -> tuple:
 
 
 def summarise(cells: List[Dict], methods: Sequence[str], shots: Sequence[int]) -> Dict:
-    """Per-(method, shots) mean/std of test top-1 and train seconds; zero-shot per shots, averaged over seeds."""
+    """Per-(method, shots) mean/std of test top-1, of the `--metric` score and of train seconds; zero-shot per shots,
+    averaged over seeds."""
     finished = [c for c in cells if c["status"] == "finished"]
     summary = []
     for method in methods:
@@ -199,19 +203,27 @@ def summarise(cells: List[Dict], methods: Sequence[str], shots: Sequence[int]) -
             group = [c for c in cells if c["method"] == method and c["shots"] == k]
             done = [c for c in group if c["status"] == "finished"]
             top1_mean, top1_std = _mean_std([c["top1"] for c in done])
+            score_mean, score_std = _mean_std([c["score"] for c in done])
             seconds_mean, seconds_std = _mean_std([c["train_seconds"] for c in done])
             summary.append({"method": method, "shots": k, "top1_mean": top1_mean, "top1_std": top1_std,
+                            "score_mean": score_mean, "score_std": score_std,
                             "train_seconds_mean": seconds_mean, "train_seconds_std": seconds_std,
                             "finished": len(done), "failed": len(group) - len(done)})
     zeroshot = []
     for k in shots:
-        per_seed: Dict[int, List[float]] = {}
-        for c in finished:
-            if c["shots"] == k:
-                per_seed.setdefault(c["seed"], []).append(c["zeroshot_top1"])
-        mean, std = _mean_std([statistics.fmean(values) for values in per_seed.values()])
-        zeroshot.append({"shots": k, "top1_mean": mean, "top1_std": std, "seeds": len(per_seed)})
+        entry: Dict[str, object] = {"shots": k}
+        for key in ("top1", "score"):
+            per_seed: Dict[int, List[float]] = {}
+            for c in finished:
+                if c["shots"] == k:
+                    per_seed.setdefault(c["seed"], []).append(c[f"zeroshot_{key}"])
+            entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std([statistics.fmean(v) for v in per_seed.values()])
+        zeroshot.append({**entry, "seeds": len(per_seed)})
     return {"summary": summary, "zeroshot": zeroshot}
+
+
+def _metric_label(metric: str) -> str:
+    return {"top1": "top-1", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "auroc": "AUROC"}[metric]
 
 
 def _shots_label(k: int) -> str:
@@ -224,19 +236,19 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
 
 
 def render_markdown(result: Dict) -> str:
-    """compare.md: test top-1 (zero-shot row first, best per column in bold), train seconds, failures."""
+    """compare.md: the test `--metric` (zero-shot row first, best per column in bold), train seconds, failures."""
     shots, seeds = result["shots"], result["seeds"]
     entries = {("zero-shot", z["shots"]): z for z in result["zeroshot"]}
     entries.update({(s["method"], s["shots"]): s for s in result["summary"]})
     names = ["zero-shot"] + list(result["methods"])
-    shown = {key: round(100 * e["top1_mean"], 1) for key, e in entries.items() if e["top1_mean"] is not None}
+    shown = {key: round(100 * e["score_mean"], 1) for key, e in entries.items() if e["score_mean"] is not None}
     best = {k: max((v for (name, kk), v in shown.items() if kk == k), default=None) for k in shots}
 
     def accuracy(name: str, k: int) -> str:
         entry = entries[(name, k)]
-        if entry["top1_mean"] is None:
+        if entry["score_mean"] is None:
             return "failed"
-        text = f"{shown[(name, k)]:.1f} ± {100 * entry['top1_std']:.1f}"
+        text = f"{shown[(name, k)]:.1f} ± {100 * entry['score_std']:.1f}"
         if name != "zero-shot" and entry["finished"] < len(seeds):
             text += f" ({entry['finished']}/{len(seeds)} seeds)"
         return f"**{text}**" if shown[(name, k)] == best[k] else text
@@ -247,7 +259,8 @@ def render_markdown(result: Dict) -> str:
 
     header = ["method"] + [_shots_label(k) for k in shots]
     over = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
-    lines = [f"Test top-1 (%) on {result['data']}: mean ± std over {over} (population std); best per column in bold.", ""]
+    lines = [f"Test {_metric_label(result['metric'])} (%) on {result['data']}: mean ± std over {over} (population std); "
+             "best per column in bold.", ""]
     lines += _table(header, [[name] + [accuracy(name, k) for k in shots] for name in names])
     lines += ["", "Training seconds per cell (mean over seeds).", ""]
     lines += _table(header, [[name] + [seconds(name, k) for k in shots] for name in result["methods"]])
@@ -266,24 +279,24 @@ def render_markdown(result: Dict) -> str:
 
 
 def plot(result: Dict, path: Path) -> None:
-    """compare.png: test top-1 against shots, one line per method (std as error bars), zero-shot dashed."""
+    """compare.png: the test `--metric` against shots, one line per method (std as error bars), zero-shot dashed."""
     from matplotlib.ticker import NullLocator
 
     figure, axes = new_figure(figsize=(6, 4))
     lines = [("zero-shot", result["zeroshot"], {"color": "grey", "linestyle": "--"})]
     lines += [(m, [s for s in result["summary"] if s["method"] == m], {}) for m in result["methods"]]
     for label, entries, style in lines:
-        done = [e for e in entries if e["top1_mean"] is not None]
+        done = [e for e in entries if e["score_mean"] is not None]
         if done:
-            axes.errorbar([e["shots"] for e in done], [100 * e["top1_mean"] for e in done],
-                          yerr=[100 * e["top1_std"] for e in done], marker="o", capsize=3, label=label, **style)
+            axes.errorbar([e["shots"] for e in done], [100 * e["score_mean"] for e in done],
+                          yerr=[100 * e["score_std"] for e in done], marker="o", capsize=3, label=label, **style)
     shots = result["shots"]
     if len(shots) > 1:
         axes.set_xscale("log", base=2)
     axes.set_xticks(shots, [str(k) for k in shots])
     axes.xaxis.set_minor_locator(NullLocator())
     axes.set_xlabel("shots per class")
-    axes.set_ylabel("test top-1 (%)")
+    axes.set_ylabel(f"test {_metric_label(result['metric'])} (%)")
     axes.set_title(f"{Path(result['data']).name}: mean ± std over {len(result['seeds'])} seed(s)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
@@ -327,9 +340,9 @@ def compare(
         raise CliptuneError(cells[0].error)  # the shared options fail for every method
     first = buildable[0].config
     if not first.data:
-        raise CliptuneError("no data given: pass --data DIR (an ImageFolder root)")
-    if not Path(first.data).is_dir():
-        raise CliptuneError(f"--data {first.data} is not a folder")
+        raise CliptuneError("no data given: pass --data DIR (an ImageFolder root) or --data FILE (a manifest)")
+    if not Path(first.data).exists():
+        raise CliptuneError(f"--data {first.data}: no such folder or file")
     root = Path(out)
     _check_folder(root)
     Session.open(first, make_accelerator(first.mixed_precision))  # unreadable data or model: fail before any work
@@ -342,7 +355,7 @@ def compare(
 
     root.mkdir(parents=True, exist_ok=True)
     records = [_run_cell(cell, root, root / "cache") for cell in progress_bar(cells, desc="compare", unit="cell")]
-    result = {"data": first.data, "methods": methods, "shots": shots, "seeds": seeds, "steps": steps,
+    result = {"data": first.data, "metric": first.metric, "methods": methods, "shots": shots, "seeds": seeds, "steps": steps,
               "recipe": recipe, "options": shared, "set": set_values, "cells": records,
               "sweeps": {f"{method}-{k}shot": record for (method, k), record in tuned.items()},
               **summarise(records, methods, shots)}

@@ -3,8 +3,8 @@
 A TPE sampler proposes settings from the method's `search_space()` (or a `--space` YAML); every trial is an
 ordinary run folder under `OUT/trials/`, trained in this process on one open session (the model and data
 are loaded once, image features are encoded once into `OUT/cache/`, no per-epoch checkpoints), and reports its
-val top-1 after epochs 1, 2, 4, 8, ... to a median pruner. The study lives in `OUT/sweep.db` (SQLite), so an interrupted sweep resumes without re-running
-finished trials. At the end the best trial (on val) is evaluated on test once, and `sweep.json`, `sweep.md`,
+val `--metric` (top-1 by default) after epochs 1, 2, 4, 8, ... to a median pruner. The study lives in
+`OUT/sweep.db` (SQLite), so an interrupted sweep resumes without re-running finished trials. At the end the best trial (on val) is evaluated on test once, and `sweep.json`, `sweep.md`,
 `sweep.png` and `best.yaml` (a recipe that reproduces the best trial) are written.
 """
 
@@ -25,6 +25,7 @@ from cliptune.core.figures import save_figure
 from cliptune.core.progress import RESULT
 from cliptune.core.runfolder import atomic_write_json, atomic_write_text
 from cliptune.methods import method_class
+from cliptune.core.metrics import score
 from cliptune.training.engine import doubling
 from cliptune.training.session import Session, make_accelerator
 
@@ -138,12 +139,14 @@ class Sweep:
             shutil.rmtree(folder)  # left by an interrupted sweep: its trial never finished
         trial.set_user_attr("run", str(folder.relative_to(self.root)))
 
-        def report(epoch: int, top1: float) -> None:
+        metric = self.base.metric
+
+        def report(epoch: int, value: float) -> None:
             if not doubling(epoch):  # each report is a database write: epochs 1, 2, 4, 8, ... are enough to prune on
                 return
-            trial.report(top1, epoch)
+            trial.report(value, epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"val top-1 {top1:.4f} at epoch {epoch} below the median of earlier trials")
+                raise optuna.TrialPruned(f"val {metric} {value:.4f} at epoch {epoch} below the median of earlier trials")
 
         began = time.perf_counter()
         try:
@@ -151,8 +154,8 @@ class Sweep:
                                test=False, on_validated=report, trial=True)
         finally:  # pruned trials too: sweep.json shows what each trial cost
             trial.set_user_attr("seconds", round(time.perf_counter() - began, 3))
-        log.info("trial %d: val top-1 %.4f with %s", trial.number, metrics["val"]["top1"], params, extra=RESULT)
-        return metrics["val"]["top1"]
+        log.info("trial %d: val %s %.4f with %s", trial.number, metric, score(metrics["val"], metric), params, extra=RESULT)
+        return score(metrics["val"], metric)
 
     def run(self, trials: int, timeout: Optional[float] = None) -> Dict:
         remaining = trials - len(self.done())
@@ -171,7 +174,7 @@ class Sweep:
         best_test = evaluate_run(best_run, split="test", session=self.session)["test"]
         zeroshot = {split: self.session.zeroshot_metrics(split) for split in ("val", "test")}
         result = {
-            "method": self.base.method, "shots": self.base.shots, "steps": self.base.steps,
+            "method": self.base.method, "shots": self.base.shots, "steps": self.base.steps, "metric": self.base.metric,
             "space": {key: list(spec) for key, spec in self.space.items()},
             "trials": [{"number": t.number, "state": t.state.name.lower(), "params": t.params, "val": t.value,
                         "seconds": t.user_attrs.get("seconds"), "run": t.user_attrs.get("run")} for t in self.study.trials],
@@ -179,7 +182,9 @@ class Sweep:
                      "test": best_test},
             "zeroshot": zeroshot,
         }
-        guard = zeroshot_guard(f"{self.base.method} (best of the sweep)", {"top1": best.value}, zeroshot["val"])
+        metric = self.base.metric
+        guard = zeroshot_guard(f"{self.base.method} (best of the sweep)", {metric: best.value, "top1": best.value},
+                               zeroshot["val"], metric=metric)
         result["guard"] = guard
         self._write(result, self.trial_config(best.params))
         return result
@@ -187,28 +192,29 @@ class Sweep:
     def _write(self, result: Dict, best_config: RunConfig) -> None:
         atomic_write_json(self.root / "sweep.json", result)
         atomic_write_text(self.root / "sweep.md", render_markdown(result))
-        save_figure(plot(self.study), self.root / "sweep.png")
+        save_figure(plot(self.study, result["metric"]), self.root / "sweep.png")
         write_recipe(best_config, self.root / "best.yaml", result["best"])
 
 
 def write_recipe(config: RunConfig, path: Path, best: Dict) -> None:
     """The best trial's resolved config as a recipe (paths made absolute, so it works from any folder)."""
     values = absolute_paths(config.to_dict(), Path.cwd())
-    header = (f"# cliptune sweep: the best trial ({best['run']}, val top-1 {best['val']:.4f}) as a recipe.\n"
+    header = (f"# cliptune sweep: the best trial ({best['run']}, val {config.metric} {best['val']:.4f}) as a recipe.\n"
               f"# cliptune finetune --recipe {path} --out RUN reproduces it.\n")
     atomic_write_text(path, header + yaml.safe_dump({"name": "sweep-best", **values}, sort_keys=False))
 
 
 def render_markdown(result: Dict) -> str:
-    best, zeroshot = result["best"], result["zeroshot"]
+    best, zeroshot, metric = result["best"], result["zeroshot"], result["metric"]
     lines = [f"# cliptune sweep: {result['method']}" + (f", {result['shots']} shots" if result["shots"] else ""), "",
-             f"Best trial {best['number']} (`{best['run']}`): val top-1 {best['val']:.4f}, test top-1 {best['test']['top1']:.4f} "
-             f"(zero-shot: val {zeroshot['val']['top1']:.4f}, test {zeroshot['test']['top1']:.4f}).", "",
+             f"Best trial {best['number']} (`{best['run']}`): val {metric} {best['val']:.4f}, test {metric} "
+             f"{score(best['test'], metric):.4f} (zero-shot: val {score(zeroshot['val'], metric):.4f}, test "
+             f"{score(zeroshot['test'], metric):.4f}).", "",
              "Best settings: " + ", ".join(f"`{k}={v}`" for k, v in best["params"].items()), ""]
     if result["guard"]["message"]:
         lines += [f"**{result['guard']['message']}**", ""]
     keys = list(result["space"])
-    lines += ["| trial | state | val top-1 | seconds | " + " | ".join(keys) + " |", "|" + "---|" * (4 + len(keys))]
+    lines += [f"| trial | state | val {metric} | seconds | " + " | ".join(keys) + " |", "|" + "---|" * (4 + len(keys))]
     for t in result["trials"]:
         val = f"{t['val']:.4f}" if t["val"] is not None else "–"
         seconds = f"{t['seconds']:.1f}" if t.get("seconds") is not None else "–"
@@ -216,8 +222,8 @@ def render_markdown(result: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(study):
-    """Optimisation history (each trial's val top-1 and the best so far) and parameter importances."""
+def plot(study, metric: str = "top1"):
+    """Optimisation history (each trial's val `metric` and the best so far) and parameter importances."""
     from matplotlib.figure import Figure
     from optuna.trial import TrialState
 
@@ -225,10 +231,10 @@ def plot(study):
     history, importance = figure.subplots(1, 2)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     numbers, values = [t.number for t in complete], [t.value for t in complete]
-    history.scatter(numbers, values, label="trial val top-1")
+    history.scatter(numbers, values, label=f"trial val {metric}")
     history.plot(numbers, [max(values[: i + 1]) for i in range(len(values))], color="C1", label="best so far")
     history.set_xlabel("trial")
-    history.set_ylabel("val top-1")
+    history.set_ylabel(f"val {metric}")
     history.set_title("optimisation history")
     history.legend()
     try:

@@ -57,6 +57,9 @@ class RunConfig:
         None, "Raise a default lr when --steps cuts the method's default budget (training.optim.budget_lr_factor); "
               "unset = on exactly when the steps come from you and the lr from the defaults.")
     select: str = option("best-val", "Checkpoint evaluated at the end [method default].", choices=("best-val", "last"))
+    metric: str = option(
+        "top1", "What --select best-val, compare and sweep rank by on val/test [top1]; auroc falls back to top1 on a split "
+                "where it is undefined.", choices=("top1", "balanced_accuracy", "macro_f1", "auroc"))
     result_fallback: str = option(
         "none", "What a run keeps when it ends below zero-shot on val: none (the adapted model, with a warning) or "
                 "zero-shot [none].", choices=("none", "zero-shot"), flag="--fallback")

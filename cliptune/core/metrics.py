@@ -1,4 +1,6 @@
-"""Classification metrics from logits: top-1/top-5, per-class top-1, ECE (15 bins) and NLL."""
+"""Classification metrics from logits: top-1/top-5, per-class top-1, ECE (15 bins) and NLL, and the metrics of
+imbalanced and clinical data (balanced accuracy, macro-F1, per-class precision/recall, one-vs-rest AUROC,
+confusion matrix) through scikit-learn."""
 
 from __future__ import annotations
 
@@ -32,6 +34,35 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     return float(ece)
 
 
+def score(metrics: Dict, name: str) -> float:
+    """The value `--metric name` ranks by: the metric, or top-1 where it is undefined (AUROC on a one-class split)."""
+    value = metrics.get(name)
+    return float(metrics["top1"] if value is None else value)
+
+
+def imbalance_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> Dict:
+    """Balanced accuracy and macro-F1 over the classes present in `labels`, per-class precision and recall, the
+    macro one-vs-rest AUROC over the classes with positives and negatives here (None without any), and the
+    confusion matrix (rows: true class, columns: predicted), computed by scikit-learn."""
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, recall_score, roc_auc_score
+
+    y, scores = labels.numpy(), probs.double().numpy()
+    predicted = scores.argmax(axis=1)
+    present = sorted(set(y.tolist()))
+    everyone = list(range(len(classes)))
+    precision, recall, _, _ = precision_recall_fscore_support(y, predicted, labels=everyone, zero_division=0)
+    aucs = [roc_auc_score(y == c, scores[:, c]) for c in everyone if 0 < int((y == c).sum()) < len(y)]
+    return {
+        # balanced accuracy is the macro recall over the classes present (sklearn's balanced_accuracy_score)
+        "balanced_accuracy": float(recall_score(y, predicted, labels=present, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(y, predicted, labels=present, average="macro", zero_division=0)),
+        "auroc": float(sum(aucs) / len(aucs)) if aucs else None,
+        "per_class_precision": {classes[c]: float(precision[c]) for c in present},
+        "per_class_recall": {classes[c]: float(recall[c]) for c in present},
+        "confusion": confusion_matrix(y, predicted, labels=everyone).tolist(),
+    }
+
+
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> Dict:
     """Accuracies as fractions in [0, 1]; top-5 becomes top-k with k = min(5, number of classes)."""
     logits = logits.float().cpu()
@@ -53,9 +84,5 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
         "per_class": per_class,
         "ece": expected_calibration_error(probs, labels),
         "nll": float(F.cross_entropy(logits, labels)),
+        **imbalance_metrics(probs, labels, classes),
     }
-
-
-def summary(metrics: Dict) -> Dict:
-    """The headline numbers of a metrics block (no per-class table)."""
-    return {k: metrics[k] for k in ("top1", "top5", "n") if k in metrics}

@@ -243,6 +243,9 @@ def _headline(summary: Dict) -> List[Tuple[str, str]]:
             (f"{summary['split']} top-1", _percent(result["top1"])), (f"{summary['split']} top-5", _percent(result["top5"])),
             ("ECE", f"{result['ece']:.4f}"), ("NLL", f"{result['nll']:.4f}"), ("images", str(result["n"])),
             ("classes", str(len(m["classes"])))]
+    for key, label in (("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"), ("auroc", "AUROC (one-vs-rest)")):
+        if result.get(key) is not None:  # runs before these metrics existed, or a split where one is undefined
+            rows.insert(4, (f"{summary['split']} {label}", _percent(result[key])))
     if "zeroshot" in m:
         rows.append(("zero-shot top-1", _percent(m["zeroshot"]["top1"])))
     if "hm" in m:
@@ -280,8 +283,12 @@ def run_report_html(run_dir: str | Path) -> str:
     series[method] = result["per_class"]
     parts.append("<h2>Per-class accuracy</h2>")
     parts.append(per_class_figure(series, classes, f"per-class {split} top-1"))
+    precision, recall = result.get("per_class_precision", {}), result.get("per_class_recall", {})
+    columns = (*series, *(("precision", "recall") if precision else ()))
     parts.append("<details><summary>table</summary>" + _table(
-        ("class", *series), [(html.escape(c), *(_percent(s.get(c)) for s in series.values())) for c in classes]) + "</details>")
+        ("class", *columns), [(html.escape(c), *(_percent(s.get(c)) for s in series.values()),
+                               *((_percent(precision.get(c)), _percent(recall.get(c))) if precision else ()))
+                              for c in classes]) + "</details>")
     curves = curves_figure({method: m.get("train", {}).get("history", [])}, "training")
     if curves:
         parts += ["<h2>Training curves</h2>", curves]

@@ -51,12 +51,12 @@ def load_last(folder: Path, method: Method, optimizer, scheduler) -> Dict:
     return state
 
 
-def training_state(optimizer, scheduler, epoch: int, step_in_epoch: int, best_top1: float, summary) -> Dict:
+def training_state(optimizer, scheduler, epoch: int, step_in_epoch: int, best_score: float, summary) -> Dict:
     """What `--resume` needs beyond the weights: position, counters, history, optimizer/scheduler and RNG state."""
     return {
         "epoch": epoch,
         "step_in_epoch": step_in_epoch,
-        "best_top1": best_top1,
+        "best_score": best_score,
         "best_epoch": summary.best_epoch,
         "seconds": summary.seconds,
         "eval_seconds": summary.eval_seconds,

@@ -30,7 +30,7 @@ from cliptune.config.run import RunConfig
 from cliptune.data.folders import loader_settings
 from cliptune.core.errors import CliptuneError, InterruptedRun
 from cliptune.methods.base import Method
-from cliptune.core.metrics import classification_metrics
+from cliptune.core.metrics import classification_metrics, score
 from cliptune.core.progress import progress_bar
 from cliptune.core.runfolder import RunFolder
 from cliptune.core.seeding import isolated_rng
@@ -285,7 +285,7 @@ class Trainer:
             if self.run is None:
                 raise CliptuneError("nothing to resume: no run folder")
             state = load_last(self.run.checkpoints / "last", self.method, optimizer, scheduler)
-            fit.start_epoch, fit.start_step, fit.best_top1 = state["epoch"], state["step_in_epoch"], state["best_top1"]
+            fit.start_epoch, fit.start_step, fit.best_score = state["epoch"], state["step_in_epoch"], state["best_score"]
             fit.summary = TrainSummary(state["seconds"], state["images_seen"], state["epoch"], state["best_epoch"], state["history"],
                                        eval_seconds=state.get("eval_seconds", 0.0))
             fit.resumed_rng = state["rng"]
@@ -326,7 +326,7 @@ class Trainer:
             if synced and step + 1 < len(batches) and self._stop.agreed(accelerator):
                 bar.close()
                 summary.seconds += time.perf_counter() - began
-                state = training_state(fit.optimizer, fit.scheduler, epoch, step + 1, fit.best_top1, summary)
+                state = training_state(fit.optimizer, fit.scheduler, epoch, step + 1, fit.best_score, summary)
                 state["partial_loss"] = [loss_sum, seen]
                 self._save_last(state)
                 raise InterruptedRun(f"interrupted in epoch {epoch + 1}; checkpoint saved, continue with --resume")
@@ -379,13 +379,13 @@ class Trainer:
         log.info("epoch %d/%d %s%s", epoch + 1, fit.epochs,
                  " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"), marker)
         if self.resumable:
-            self._save_last(training_state(fit.optimizer, fit.scheduler, epoch + 1, 0, fit.best_top1, summary))
+            self._save_last(training_state(fit.optimizer, fit.scheduler, epoch + 1, 0, fit.best_score, summary))
         if self._stop.agreed(self.accelerator):
             raise InterruptedRun(f"interrupted after epoch {epoch + 1}; checkpoint saved, continue with --resume")
 
     def _validate_and_select(self, fit: "_Fit", val: Optional[Inputs], classes, epoch: int, record: Dict) -> bool:
         """Whether this epoch becomes the selected one: without val always; with `select: last` always (validated
-        for the record when due); with `best-val` when its validation top-1 beats every earlier one."""
+        for the record when due); with `best-val` when its validation `--metric` beats every earlier one."""
         config = self.config
         if val is None or not len(val):
             return True
@@ -396,11 +396,14 @@ class Trainer:
             result = self.evaluate(val, classes)
             fit.summary.eval_seconds += time.perf_counter() - evaluating
             record["val_top1"] = result["top1"]
+            value = score(result, config.metric)
+            if config.metric != "top1":
+                record[f"val_{config.metric}"] = value
             if self.on_validated is not None:
-                self.on_validated(epoch + 1, result["top1"])
+                self.on_validated(epoch + 1, value)
             if config.select == "best-val":
-                improved = record["val_top1"] > fit.best_top1
-            fit.best_top1 = max(fit.best_top1, record["val_top1"])
+                improved = value > fit.best_score
+            fit.best_score = max(fit.best_score, value)
             if improved:
                 self.validated = {epoch + 1: result}
         return improved
@@ -437,7 +440,7 @@ class _Fit:
     every: int  # epochs between validation passes
     summary: TrainSummary
     selects_latest: bool = False  # every epoch becomes the selected one (select: last, or no val)
-    best_top1: float = -1.0
+    best_score: float = -1.0  # the best validation --metric so far
     start_epoch: int = 0
     start_step: int = 0
     resumed_rng: Optional[Dict] = None
