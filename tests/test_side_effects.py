@@ -80,8 +80,8 @@ report.curves_figure({"run": [{"epoch": 1, "loss": 1.0, "val_top1": 0.5}, {"epoc
 _plot(out / "matrix.png", [[0.5, 0.2], [0.4, 0.9]], ["t1", "t2"], "matrix")
 plot_sweep({"alphas": [0, 0.5, 1], "val_top1": [0.2, 0.5, 0.4], "test_top1": [0.3, 0.4, 0.45], "best_alpha": 0.5},
            out / "wise.png")
-plot({"zeroshot": [{"shots": 1, "top1_mean": 0.3, "top1_std": 0.0}], "methods": ["coop"], "shots": [1, 2],
-      "summary": [{"method": "coop", "shots": 1, "top1_mean": 0.4, "top1_std": 0.1}], "data": "d", "seeds": [1]},
+plot({"zeroshot": [{"shots": 1, "score_mean": 0.3, "score_std": 0.0}], "methods": ["coop"], "shots": [1, 2], "metric": "top1",
+      "summary": [{"method": "coop", "shots": 1, "score_mean": 0.4, "score_std": 0.1}], "data": "d", "seeds": [1]},
      out / "compare.png")
 print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
 """
