@@ -457,6 +457,8 @@ def recipes_list():
     from cliptune.config import recipes as recipe_lib
 
     rows = [recipe_lib.describe(str(path)) for path in recipe_lib.recipe_paths()]
+    if not rows:
+        raise CliptuneError(f"no recipes found in {recipe_lib.RECIPE_DIR} (an incomplete installation?)")
     columns = ("name", "domain", "method", "model")
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
     click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns) + "  SUMMARY")

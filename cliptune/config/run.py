@@ -18,7 +18,7 @@ import yaml
 from cliptune.core.errors import CliptuneError
 from cliptune.core.options import check_value, coerce, flag_name, option
 
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"  # shipped in the package (the checkout links recipes/ to it)
 RECIPE_META_KEYS = ("extends", "name", "domain", "summary", "description", "fallback")
 
 
