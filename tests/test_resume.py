@@ -86,7 +86,7 @@ def test_ctrl_c_inside_an_optimizer_step_resumes_bitwise(name, tiny_config, colo
     def after_step(self):
         steps["n"] += 1
         if steps["n"] == STEPS_PER_EPOCH + 2:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # delivered to this thread, handled before it returns
         original_after_step(self)
 
     monkeypatch.setattr(Method, "after_optimizer_step", after_step)
@@ -109,7 +109,7 @@ def test_ctrl_c_during_validation_stops_after_the_epoch_checkpoint(tiny_config, 
     original_evaluate = Trainer.evaluate
 
     def evaluate(self, *args):
-        os.kill(os.getpid(), signal.SIGINT)  # in epoch 1's validation
+        signal.raise_signal(signal.SIGINT)  # in epoch 1's validation, handled before it returns
         return original_evaluate(self, *args)
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)

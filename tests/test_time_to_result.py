@@ -1,7 +1,6 @@
 """Time to result: the decoded-image cache, validation cadence, DataLoader defaults, grad checkpointing, timings."""
 
 import math
-import os
 import random
 import signal
 
@@ -242,7 +241,7 @@ def test_resume_on_augmented_cached_images_gives_the_same_weights(tiny_config, o
         for item in original(self, *args):
             count["steps"] += 1
             if count["steps"] == 8:  # Ctrl-C in the second epoch (6 steps per epoch): the run stops after this step
-                os.kill(os.getpid(), signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)  # delivered to this thread, handled before it returns
             yield item
 
     monkeypatch.setattr(Trainer, "_local_batches", interrupting)

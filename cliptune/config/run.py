@@ -220,11 +220,11 @@ def apply_values(config: RunConfig, values: Dict[str, Any], where: str = "", lin
             section_hints = typing.get_type_hints(registry[key].config_class)
             section_hints.pop("section", None)
             section = config.methods.setdefault(key, {})
-            for option, option_value in value.items():
-                full = f"{key}.{option}"
-                if option not in section_hints:
+            for name, option_value in value.items():
+                full = f"{key}.{name}"
+                if name not in section_hints:
                     raise _unknown_key(full, f" in {at(full)}" if where else "")
-                section[option] = coerce(option_value, section_hints[option], full)
+                section[name] = coerce(option_value, section_hints[name], full)
             continue
         if key not in CONFIG_KEYS:
             raise _unknown_key(key, location)
@@ -365,9 +365,9 @@ def build_config(
     config = RunConfig(method=default_method)
     flags = {k: v for k, v in (method_values or {}).items() if v is not None}
     accepted = {f.name for f in fields(registry[probe.method].config_class)}
-    for option in flags:
-        if option not in accepted:
-            raise CliptuneError(f"--{option.replace('_', '-')} does not apply to method '{probe.method}'")
+    for name in flags:
+        if name not in accepted:
+            raise CliptuneError(f"--{name.replace('_', '-')} does not apply to method '{probe.method}'")
     sources: Dict[str, str] = {}
     layers = [("method defaults", registry[probe.method].training_defaults(probe.shots), None, None)]
     if protocol is not None:
