@@ -289,9 +289,10 @@ def wise(run, data, alphas):
 @cli.command("export")
 @click.argument("run", type=click.Path())
 @click.option("--format", "fmt", required=True,
-              help="merged: whole open_clip model with the method merged (.safetensors); adapter: peft adapter folder; "
+              help="merged: whole open_clip model with the method merged (.safetensors); hub: that model in open_clip's "
+                   "Hugging Face Hub folder layout with a model card (loads as local-dir:DIR); adapter: peft adapter folder; "
                    "classifier: self-contained classifier folder (any method); onnx: image -> logits graph (.onnx, any method).")
-@click.option("--output", required=True, type=click.Path(), help="File (merged, onnx) or folder (adapter, classifier) to write.")
+@click.option("--output", required=True, type=click.Path(), help="File (merged, onnx) or folder (hub, adapter, classifier) to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
 @click.option("--wise-alpha", type=float, help="merged only: write the WiSE-FT mixture (1-A)*zero-shot + A*fine-tuned.")
 def export_command(run, fmt, output, overwrite, wise_alpha):

@@ -6,6 +6,8 @@
   place for: it is written beside the file as `NAME.head.safetensors` (`weight` (classes, dim) and
   `bias`, applied to unit-norm image features, no logit scale; the class names in its metadata).
   The open_clip file alone then holds the fine-tuned image tower and the untouched text tower.
+- `hub` (cliptune/deploy/hub.py): the merged model in open_clip's Hugging Face Hub layout (config, weights, model
+  card), loadable as `local-dir:DIR`.
 - `adapter`: peft's `save_pretrained` layout (`adapter_config.json` + `adapter_model.safetensors`),
   small, reloaded onto the base model with `cliptune eval RUN --adapter DIR`.
 - `classifier` (cliptune/deploy/classifier.py) and `onnx` (cliptune/deploy/onnx.py): a ready classifier, for
@@ -33,7 +35,7 @@ from cliptune.deploy.wise import wise_state_dict
 from cliptune.models.interpolation import check_alpha
 
 ANY_RUN_FORMATS = ("classifier", "onnx")  # every method, zero-shot runs too
-FORMATS = ("merged", "adapter") + ANY_RUN_FORMATS
+FORMATS = ("merged", "hub", "adapter") + ANY_RUN_FORMATS
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -45,8 +47,9 @@ def check_format(method_name: str, fmt: str) -> None:
     if fmt in ANY_RUN_FORMATS:
         return
     supported = METHODS[method_name].export_formats if method_name in METHODS else ()
-    if fmt not in supported:
-        able = methods_exporting(fmt)
+    needed = "merged" if fmt == "hub" else fmt  # the Hub layout holds a merged model
+    if needed not in supported:
+        able = methods_exporting(needed)
         can = f"it supports: {', '.join(supported)}" if supported else "it supports no export format"
         raise CliptuneError(f"method '{method_name}' cannot be exported as '{fmt}' ({can}; '{fmt}' works for: {', '.join(able)})")
 
@@ -93,6 +96,13 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, overwrite: boo
         return export_classifier(run_dir, output) if fmt == "classifier" else export_onnx(run_dir, output)
     config, _, sidecar = finished_run(run_dir)
     check_format(sidecar["method"], fmt)
+    if fmt == "hub":
+        if wise_alpha is not None:
+            raise CliptuneError("--wise-alpha only applies to --format merged")
+        _prepare_output(Path(output), overwrite)
+        from cliptune.deploy.hub import export_hub
+
+        return export_hub(run_dir, output)
     if wise_alpha is not None:
         if fmt != "merged":
             raise CliptuneError("--wise-alpha only applies to --format merged")

@@ -30,6 +30,7 @@ from cliptune.models.towers import HFTextTower, ImageTower, TextTower, text_towe
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 log = logging.getLogger("cliptune")
 RANDOM_INIT = ("", "none", "random")
+SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip model names that carry their weights (`--pretrained` is ignored)
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,10 @@ class ModelSpec:
         return self.pretrained is None or str(self.pretrained).lower() in RANDOM_INIT
 
     def fingerprint(self) -> str:
-        """Identity used in cache keys: names plus the checkpoint file's size and mtime."""
+        """Identity used in cache keys: names plus the checkpoint files' sizes and mtimes (a `local-dir:` folder's too)."""
         parts = [str(self.display_name), str(self.pretrained), str(self.model_config), str(self.revision)]
-        for path in (self.pretrained, self.model_config):
+        folder = [str(p) for p in Path(self.model[len("local-dir:"):]).iterdir()] if (self.model or "").startswith("local-dir:") else []
+        for path in (self.pretrained, self.model_config, *sorted(folder)):
             if path and Path(path).is_file():
                 stat = Path(path).stat()
                 parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
@@ -135,7 +137,13 @@ def _register_config(model: Optional[str], model_config: str) -> str:
 
 
 def _check_model_name(name: str) -> None:
-    if name.startswith(("hf-hub:", "local-dir:")):
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise CliptuneError(f"{name}: no open_clip_config.json in {folder} (a folder in open_clip's Hub layout, "
+                                "e.g. from `cliptune export --format hub`)")
+        return
+    if name.startswith("hf-hub:"):
         return
     known = open_clip.list_models()
     if name not in known:
@@ -317,8 +325,9 @@ def load_model(
     name = _register_config(model, model_config) if model_config else model
     _check_model_name(name)
     spec = ModelSpec(model=name, pretrained=pretrained, model_config=model_config)
-    random_init = spec.is_random_init and not name.startswith("hf-hub:")
-    if not random_init and not name.startswith("hf-hub:"):
+    named_weights = name.startswith(SCHEMAS)  # a hub repo or a local folder brings its own weights
+    random_init = spec.is_random_init and not named_weights
+    if not random_init and not named_weights:
         _check_pretrained(name, pretrained)
         if Path(pretrained).is_file():
             _check_checkpoint_file(pretrained)
