@@ -17,6 +17,7 @@ from cliptune.methods.clip_adapter import CLIPAdapter
 from cliptune.methods.cocoop import CoCoOp
 from cliptune.methods.coop import CoOp
 from cliptune.methods.full import FullFineTune
+from cliptune.methods.kgcoop import KgCoOp
 from cliptune.methods.linear_probe import LinearProbe
 from cliptune.methods.lora import LoRA
 from cliptune.methods.maple import MaPLe
@@ -26,7 +27,7 @@ from cliptune.core.options import default_of, flag_name
 # What a method must implement for each export format it declares.
 FORMAT_NEEDS = {"merged": ("merged_state_dict",), "adapter": ("adapter_config", "adapter_state_dict", "load_adapter_state_dict")}
 
-REGISTERED = (LinearProbe, CoOp, CoCoOp, MaPLe, LoRA, FullFineTune, TipAdapter, TipAdapterF, CLIPAdapter)
+REGISTERED = (LinearProbe, CoOp, KgCoOp, CoCoOp, MaPLe, LoRA, FullFineTune, TipAdapter, TipAdapterF, CLIPAdapter)
 
 
 def _checked(cls: Type[Method]) -> Type[Method]:

@@ -71,7 +71,8 @@ class CoOp(Method):
 
     @classmethod
     def search_space(cls, shots):
-        return {**super().search_space(shots), "coop.n_ctx": ("int", 2, 16), "coop.ctx_init": ("choice", ["", "a photo of a"])}
+        return {**super().search_space(shots), f"{cls.name}.n_ctx": ("int", 2, 16),
+                f"{cls.name}.ctx_init": ("choice", ["", "a photo of a"])}
 
     def __init__(self, model, classnames, templates, config: CoOpConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
@@ -102,5 +103,8 @@ class CoOp(Method):
                                self.training)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        text = self.text_features()
+        return self.logits(image_features, self.text_features())
+
+    def logits(self, image_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """CLIP's logits: the model's scale times the cosine of image and class text features."""
         return self.scale * F.normalize(image_features, dim=-1).to(text.dtype) @ text.T
