@@ -69,15 +69,19 @@ def maple_block_inputs(method, model, images):
 
 
 def run_two_processes_and_one(args, out: Path, port: int, quiet_two: bool = False):
-    """`cliptune ARGS` under `torchrun --nproc_per_node 2` (into out/two) and as one process (out/one);
-    both must succeed. Returns the two CompletedProcess objects (two, one)."""
+    """`cliptune ARGS` under `torchrun --nproc_per_node 2` (into out/two) and as one process (out/one, in this
+    process: no second start-up); both must succeed. Returns (the torchrun CompletedProcess, the one-process
+    click Result)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
     quiet = ["--quiet"] if quiet_two else []
     two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), "-m", "cliptune", *quiet,
                           *args, "--out", str(out / "two")], capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
-    one = subprocess.run([sys.executable, "-m", "cliptune", "--quiet", *args, "--out", str(out / "one")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+    from click.testing import CliRunner
+
+    from cliptune.cli import cli
+
+    one = CliRunner().invoke(cli, ["--quiet", *args, "--out", str(out / "one")])
+    assert one.exit_code == 0, one.output[-2000:]
     return two, one
