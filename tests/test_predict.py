@@ -26,6 +26,8 @@ METHOD_RUNS = {
     "tip-adapter": ["--alpha", 2, "--beta", 3],
     "tip-adapter-f": ["--lr", 0.05],
     "clip-adapter": ["--lr", 0.05],
+    "kgcoop": ["--lr", 0.05],
+    "clap": ["--lr", 0.5],
 }
 
 
