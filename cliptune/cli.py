@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from cliptune.core import progress
+from cliptune.config.method_flags import method_flags, methods_exporting_merged
 from cliptune.config.run import SETTING_TYPES, SETTINGS, build_config
 from cliptune.core.options import flag_name
 from cliptune.core.errors import CliptuneError
@@ -159,8 +160,9 @@ def _cli_values(**values):
 
 
 class MethodOptionsCommand(click.Command):
-    """A command whose method flags (`--n-ctx`, `--lora-r`, ...) are generated from the methods' config
-    dataclasses on first use (parsing or --help), so that `cliptune --help` never imports a method.
+    """A command whose method flags (`--n-ctx`, `--lora-r`, ...) are generated on first use (parsing or --help)
+    from the methods' option table (`cliptune/config/method_flags.json`, kept equal to the config dataclasses
+    by the tests), so that `--help` never imports a method, and with it torch.
 
     The parsed flag values reach the callback as one `method_values` mapping, keyed by option name.
     """
@@ -172,10 +174,9 @@ class MethodOptionsCommand(click.Command):
 
     def method_params(self):
         if self._method_params is None:
-            from cliptune.methods import METHODS
-
-            names = self.select_methods() if self.select_methods else sorted(METHODS)
-            self._method_params = method_flag_options([METHODS[name] for name in names])
+            table = method_flags()
+            names = self.select_methods() if self.select_methods else sorted(table)
+            self._method_params = method_flag_options({name: table[name]["options"] for name in names})
         return self._method_params
 
     def get_params(self, ctx):
@@ -187,28 +188,27 @@ class MethodOptionsCommand(click.Command):
         return super().invoke(ctx)
 
 
-def method_flag_options(method_classes) -> list:
+OPTION_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def method_flag_options(options_by_method) -> list:
     """One click option per distinct method flag; a flag shared by several methods names one option field."""
-    from dataclasses import fields
-
-    from cliptune.core.options import default_of
-
     by_flag: dict = {}
-    for cls in method_classes:
-        hints = typing.get_type_hints(cls.config_class)
-        for spec in fields(cls.config_class):
-            by_flag.setdefault(flag_name(spec), []).append((cls.name, spec, hints[spec.name]))
-    options = []
+    for method, options in options_by_method.items():
+        for entry in options:
+            by_flag.setdefault(entry["flag"], []).append((method, entry))
+    params = []
     for flag, users in by_flag.items():
-        names = {spec.name for _, spec, _ in users}
+        names = {entry["name"] for _, entry in users}
         if len(names) > 1:
             raise TypeError(f"method flag {flag} names different options: {sorted(names)}")
-        _, spec, annotation = users[0]
-        defaults = "/".join("unset" if default_of(s) is None else str(default_of(s)) for _, s, _ in users)
-        text = f"{'/'.join(name for name, _, _ in users)}: {spec.metadata.get('help', '')} [{defaults}]"
-        declarations, settings = _flag_spec(flag, spec.name, annotation, spec.metadata, text)
-        options.append(click.Option(declarations, **settings))
-    return options
+        _, entry = users[0]
+        defaults = "/".join("unset" if e["default"] is None else str(e["default"]) for _, e in users)
+        text = f"{'/'.join(method for method, _ in users)}: {entry['help']} [{defaults}]"
+        declarations, settings = _flag_spec(flag, entry["name"], OPTION_TYPES.get(entry["type"], str),
+                                            {"choices": entry["choices"]}, text)
+        params.append(click.Option(declarations, **settings))
+    return params
 
 
 @cli.command()
@@ -339,13 +339,7 @@ def report(runs, output):
     click.echo(f"wrote {write_comparison(runs, output)}")
 
 
-def _mergeable_methods() -> list:
-    from cliptune.methods import methods_exporting
-
-    return methods_exporting("merged")
-
-
-@cli.command(cls=MethodOptionsCommand, methods=_mergeable_methods)
+@cli.command(cls=MethodOptionsCommand, methods=methods_exporting_merged)
 @config_flags(*MODEL_SETTINGS, "tasks", "controls", "reference", "reference_texts", "strategy")
 @click.option("--method", help="full | lora [full]")
 @config_flags("templates", "seed", "distill_image", "distill_text", "avg_every", "wise_alpha", "l2", *TRAINING_SETTINGS)

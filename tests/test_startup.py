@@ -1,5 +1,6 @@
 """Fast start: no torch for --help and recipes; an unreachable hub fails in seconds with the offline line."""
 
+import json
 import os
 import socket
 import subprocess
@@ -13,11 +14,13 @@ OFFLINE_LINE = ("error: could not download the weights for ViT-B-32 (openai) (of
 
 
 def test_help_and_recipes_do_not_import_torch():
+    """Command help (method flags included) and recipe listing answer without torch."""
     program = (
         "import sys\n"
         "from click.testing import CliRunner\n"
         "from cliptune.cli import cli\n"
-        "for args in (['--help'], ['recipes', 'list'], ['recipes', 'show', 'demo']):\n"
+        "for args in (['--help'], ['recipes', 'list'], ['recipes', 'show', 'demo'], ['finetune', '--help'],\n"
+        "             ['continual', '--help'], ['sweep', '--help']):\n"
         "    result = CliRunner().invoke(cli, args)\n"
         "    assert result.exit_code == 0, result.output\n"
         "import cliptune\n"
@@ -82,3 +85,11 @@ def test_unreachable_hub_fails_fast_with_the_offline_line(tmp_path):
     assert len(hub.connections) == 1  # one probe, no retries
     # the probe waits 5 s; huggingface_hub's own retries took minutes against this server
     assert float(lines[0]) < 5 + 15, f"took {lines[0]} s"
+
+
+def test_the_shipped_method_flag_table_matches_the_method_registry():
+    from cliptune.config.method_flags import method_flags
+    from cliptune.methods import flag_table
+
+    assert method_flags() == json.loads(json.dumps(flag_table())), \
+        "cliptune/config/method_flags.json is stale: run python scripts/write_method_flags.py"

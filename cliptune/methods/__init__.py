@@ -7,6 +7,7 @@ registry checks that the class declares what the rest of cliptune relies on.
 from __future__ import annotations
 
 import inspect
+import typing
 from dataclasses import fields
 from typing import Dict, Optional, Type
 
@@ -88,3 +89,22 @@ def describe_method(name: str, shots: Optional[int] = 16) -> str:
         allowed = f" ({'|'.join(map(str, choices))})" if choices else ""
         lines.append(f"  {flag_name(spec)} / {cls.name}.{spec.name} = {default_of(spec)!r}{allowed}: {spec.metadata.get('help', '')}")
     return "\n".join(lines) + "\n"
+
+
+def flag_table() -> Dict:
+    """The methods as the CLI's `--help` needs them, without importing torch: per method (registry order), its
+    export formats and, per option, name, flag, type, choices, default and help. Shipped as
+    `cliptune/config/method_flags.json`; `python scripts/write_method_flags.py` rewrites it, and
+    tests/test_startup.py fails when it differs from this."""
+    table = {}
+    for name, cls in METHODS.items():
+        hints = typing.get_type_hints(cls.config_class)
+        options = []
+        for spec in fields(cls.config_class):
+            args = [a for a in typing.get_args(hints[spec.name]) if a is not type(None)]
+            kind = (args[0] if args else hints[spec.name]).__name__
+            choices = spec.metadata.get("choices")
+            options.append({"name": spec.name, "flag": flag_name(spec), "type": kind, "help": spec.metadata.get("help", ""),
+                            "default": default_of(spec), "choices": list(choices) if choices else None})
+        table[name] = {"export_formats": list(cls.export_formats), "options": options}
+    return table
