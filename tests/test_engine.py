@@ -91,9 +91,7 @@ def test_aug_views_are_cached_once_and_drawn_per_epoch(tiny_config, colour_data,
     assert not torch.allclose(views[0], views[1])  # views differ: augmentation is not dropped
     calls = []
     monkeypatch.setattr("cliptune.models.features._encode", lambda *a, **k: calls.append(1))
-    import cliptune.models.features as features
-
-    features._MEMORY.clear()
+    session.memory.clear()
     again = session.features("train", augmented=True)  # from the on-disk cache, no re-encoding
     assert not calls and torch.equal(again, views)
     trainer = Trainer(None, config, None, session.accelerator)

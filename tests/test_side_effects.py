@@ -117,7 +117,6 @@ def test_augmented_views_leave_the_global_generator_and_match_the_seeded_views(t
     model = load_model(model_config=tiny_config)
     split = load_imagefolder(colour_data).splits["train"]
     transform = train_transform(model.image_size, model.mean, model.std)
-    features_lib._MEMORY.clear()
     before = torch.get_rng_state()
     views = image_features(model, split, transform, views=2, seed=3)
     assert torch.equal(torch.get_rng_state(), before)
@@ -192,3 +191,19 @@ def test_sources_is_a_declared_field_kept_out_of_config_yaml(tmp_path, tiny_conf
     loaded = load_config(tmp_path / "config.yaml")
     assert loaded.sources == {} and loaded == config  # sources is not compared
     assert json.dumps(loaded.to_dict())  # still plain data
+
+
+def test_feature_memory_belongs_to_the_session(tiny_config, colour_data, tmp_path):
+    """No module-level cache: a session's in-memory features live and die with it (and its reused sessions)."""
+    from collections import OrderedDict
+
+    from cliptune.training import session as session_lib
+
+    assert not [name for name, value in vars(features_lib).items() if isinstance(value, (dict, OrderedDict)) and name != "__builtins__"]
+    model, data = load_model(model_config=tiny_config), load_imagefolder(colour_data)
+    config = build_config(None, {"data": str(colour_data), "model_config": tiny_config})
+    first = session_lib.Session(config, model, data, ["a {}."], session_lib.make_accelerator(), None)
+    first.features("val")
+    assert len(first.memory) == 1 and first.reused(config, first.accelerator).memory is first.memory
+    other = session_lib.Session(config, model, data, ["a {}."], session_lib.make_accelerator(), None)
+    assert len(other.memory) == 0

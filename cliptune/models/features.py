@@ -22,9 +22,21 @@ from cliptune.core.progress import progress_bar
 from cliptune.core.seeding import isolated_rng
 
 log = logging.getLogger("cliptune")
-# the features of the last few splits (a run uses three; `compare` and continual revisit them)
-_MEMORY: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-MEMORY_ENTRIES = 8
+
+
+class FeatureMemory(OrderedDict):
+    """The features of a session's last few splits (a run uses three; a sweep's trials revisit them), owned by the
+    session that computed them, so nothing outlives it or leaks between sessions."""
+
+    def __init__(self, entries: int = 8):
+        super().__init__()
+        self.entries = entries
+
+    def remember(self, key: str, features: torch.Tensor) -> None:
+        self[key] = features
+        self.move_to_end(key)
+        while len(self) > self.entries:
+            self.popitem(last=False)
 
 
 def cache_key(model: LoadedModel, split: Split, transform, views: int, seed: int, precision: str) -> str:
@@ -56,17 +68,18 @@ def image_features(
     accelerator=None,
     desc: str = "features",
     images: Optional[Dataset] = None,
+    memory: Optional[FeatureMemory] = None,
 ) -> torch.Tensor:
     """(N, D) features, or (views, N, D) when `views > 0` (each view seeded: same views every time).
 
     `images`: the split's images already decoded and transformed as `transform` would (the decoded-image
-    cache); by default each file is decoded here.
+    cache); by default each file is decoded here. `memory`: the calling session's in-memory features, checked first.
     """
     precision = accelerator.mixed_precision if accelerator is not None else "no"
     key = cache_key(model, split, transform, views, seed, precision)
-    if key in _MEMORY:
-        _MEMORY.move_to_end(key)
-        return _MEMORY[key]
+    if memory is not None and key in memory:
+        memory.move_to_end(key)
+        return memory[key]
     path = Path(cache_dir) / f"features-{key}.safetensors" if cache_dir else None
     is_main = accelerator is None or accelerator.is_main_process
     shared = path is not None and accelerator is not None and accelerator.num_processes > 1
@@ -84,9 +97,8 @@ def image_features(
             log.info("cached %s %s at %s", desc, tuple(features.shape), path)
         if shared:
             accelerator.wait_for_everyone()
-    _MEMORY[key] = features
-    while len(_MEMORY) > MEMORY_ENTRIES:
-        _MEMORY.popitem(last=False)
+    if memory is not None:
+        memory.remember(key, features)
     return features
 
 

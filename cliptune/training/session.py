@@ -25,7 +25,7 @@ from cliptune.data.folders import (ImageDataset, split_key, ImageFolderData, aug
 from cliptune.training.checkpoints import load_method_state
 from cliptune.training.engine import Inputs
 from cliptune.core.errors import CliptuneError
-from cliptune.models.features import image_features
+from cliptune.models.features import FeatureMemory, image_features
 from cliptune.data.imagecache import DecodedImages, decode_split, train_size
 from cliptune.data.manifest import ManifestColumns
 from cliptune.data.sources import load_data
@@ -95,6 +95,8 @@ class Session:
     stats: Dict[str, float] = field(default_factory=lambda: {"decode": 0.0})
     # image-tower methods: encode (zero-shot) features from the decoded-image cache that training and evaluation use
     images_for_features: bool = False
+    # image features of the last few splits, shared with the sessions `reused` from this one (a sweep's trials)
+    memory: FeatureMemory = field(default_factory=FeatureMemory)
 
     @classmethod
     def open(cls, config: RunConfig, accelerator, cache_dir: Optional[Path] = None, data_dir: Optional[str] = None) -> "Session":
@@ -137,6 +139,7 @@ class Session:
             self.model, self.data.split(split), transform, views=views, seed=c.seed, cache_dir=self.cache_dir,
             batch_size=c.eval_batch_size, num_workers=self.num_workers, accelerator=self.accelerator, desc=f"{split} features",
             images=self.images(split) if views == 0 and self.images_for_features and c.image_cache != "off" else None,
+            memory=self.memory,
         )
 
     def images(self, split: str, train: bool = False) -> Dataset:
