@@ -96,3 +96,24 @@ def test_restrict_to_relabels(split_data):
     assert sub.classes == data.classes[2:]
     assert set(sub.splits["test"].labels) == {0, 1}
     assert len(sub.splits["test"]) == 8
+
+
+def test_every_image_walker_skips_hidden_files_and_folders_alike(tmp_path):
+    """Class scanning, continual reference images and `predict` folders share one rule (`visible_files`)."""
+    from PIL import Image
+
+    from cliptune.continual.loop import reference_images
+    from cliptune.data.folders import image_files_under
+    from cliptune.deploy.classifier import image_files
+
+    for relative in ("a/1.png", "a/.2.png", "a/.ipynb_checkpoints/3.png", "b/4.png", "b/notes.txt"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        if relative.endswith(".png"):
+            Image.new("RGB", (4, 4)).save(tmp_path / relative)
+        else:
+            (tmp_path / relative).write_text("x")
+    expected = [tmp_path / "a/1.png", tmp_path / "b/4.png"]
+    assert image_files_under(tmp_path) == expected
+    assert reference_images(str(tmp_path)) == expected and image_files([tmp_path]) == expected
+    data = load_imagefolder(tmp_path, val_fraction=0, test_fraction=0)
+    assert data.splits["train"].files == expected and data.skipped_files == 1  # notes.txt

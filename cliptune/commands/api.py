@@ -23,7 +23,7 @@ from cliptune.core.metrics import classification_metrics, score
 from cliptune.deploy.report import save_predictions, write_run_report
 from cliptune.core.progress import RESULT
 from cliptune.core.runfolder import RunFolder, atomic_write_json
-from cliptune.training.session import Session, finished_run, kept_zeroshot, make_accelerator
+from cliptune.training.session import Session, evaluation_config, finished_run, kept_zeroshot, make_accelerator
 from cliptune.core.timing import PhaseClock, command_started, describe
 
 log = logging.getLogger("cliptune")
@@ -241,12 +241,7 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
                  adapter: Optional[str] = None, session: Optional[Session] = None) -> Dict:
     """Evaluate a finished run's best weights (or an exported `adapter` folder) on a dataset (its own, or another)."""
     run = RunFolder(run_dir)
-    config = load_config(run.config)
-    if classnames:
-        config.classnames = classnames
-    elif data_dir and Path(data_dir).resolve() != Path(config.data or "").resolve():
-        config.classnames = None  # another dataset: its own folder names / classnames.yaml
-    config.shots = None
+    config = evaluation_config(load_config(run.config), data_dir, classnames)
     accelerator = make_accelerator(config.mixed_precision)
     # `session`: the open session the run was trained on (a sweep's), reused instead of loading model and data again
     session = Session.open(config, accelerator, cache_dir=None, data_dir=data_dir) if session is None else session.reused(config, accelerator)

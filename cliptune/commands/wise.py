@@ -14,7 +14,7 @@ from cliptune.deploy.wise import run_weights
 from cliptune.methods import method_class
 from cliptune.models.interpolation import check_alpha, interpolate_parts
 from cliptune.training.engine import Trainer
-from cliptune.training.session import Session, finished_run, make_accelerator
+from cliptune.training.session import Session, evaluation_config, finished_run, make_accelerator
 
 log = logging.getLogger("cliptune")
 
@@ -36,9 +36,7 @@ def wise_sweep(run_dir: str | Path, data_dir: Optional[str] = None, alphas: Sequ
     run = RunFolder(run_dir)
     config, zeroshot, finetuned = run_weights(run_dir)
     _, _, sidecar = finished_run(run_dir)
-    if data_dir and Path(data_dir).resolve() != Path(config.data or "").resolve():
-        config.classnames = None  # another dataset: its own folder names / classnames.yaml
-    config.shots = None
+    config = evaluation_config(config, data_dir)
     accelerator = make_accelerator(config.mixed_precision)
     session = Session.open(config, accelerator, cache_dir=None, data_dir=data_dir)
     data = session.data

@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cliptune.config.run import RunConfig, check_config, load_config, parse_dataset_spec, save_config
-from cliptune.data.folders import IMAGE_EXTENSIONS, ImageFolderData, eval_transform
+from cliptune.data.folders import ImageFolderData, eval_transform, image_files_under
 from cliptune.data.sources import load_data
 from cliptune.training.checkpoints import load_method_state
 from cliptune.training.engine import Trainer
@@ -196,7 +196,7 @@ def reference_images(spec: str) -> List[Path]:
     if not base.is_dir():
         raise CliptuneError(f"reference image folder not found: {root}")
     folders = [base / c for c in classes] if classes else [base]
-    files = sorted(p for folder in folders for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for folder in folders for p in image_files_under(folder))
     if not files:
         raise CliptuneError(f"no images found under reference folder {spec}")
     return files

@@ -97,6 +97,17 @@ def readable_image(path: Path) -> bool:
         return False
 
 
+def visible_files(folder: Path) -> List[Path]:
+    """Every file under `folder` (recursively, sorted), leaving out hidden ones: any part of the path below
+    `folder` starting with a dot (`.DS_Store`, `.ipynb_checkpoints/`, ...). The one rule for every image walker."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def image_files_under(folder: Path) -> List[Path]:
+    """The image files (by extension) under `folder`, as `visible_files` finds them."""
+    return [p for p in visible_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
+
+
 def _scan_class_dirs(root: Path, strict: bool) -> tuple[Dict[str, List[Path]], int]:
     """Map each class folder under `root` to its readable image files; count skipped files."""
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -104,9 +115,7 @@ def _scan_class_dirs(root: Path, strict: bool) -> tuple[Dict[str, List[Path]], i
     skipped = 0
     for class_dir in class_dirs:
         images = []
-        for path in sorted(class_dir.rglob("*")):
-            if not path.is_file() or path.name.startswith("."):
-                continue
+        for path in visible_files(class_dir):
             if path.suffix.lower() in IMAGE_EXTENSIONS and readable_image(path):
                 images.append(path)
             elif strict:

@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 from cliptune.config.run import load_config
-from cliptune.data.folders import IMAGE_EXTENSIONS, eval_transform
+from cliptune.data.folders import eval_transform, image_files_under
 from cliptune.training.checkpoints import load_method_state
 from cliptune.core.errors import CliptuneError
 from cliptune.methods import build_method
@@ -188,8 +188,7 @@ def image_files(inputs: Sequence[str | Path]) -> List[Path]:
     files: List[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(part.startswith(".") for part in p.relative_to(item).parts))
+            files += image_files_under(item)
         else:
             files.append(item)
     return files

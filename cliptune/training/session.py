@@ -74,6 +74,17 @@ def make_accelerator(mixed_precision: str = "no"):
         raise CliptuneError(f"mixed precision '{mixed_precision}' is not available here: {exc}") from None
 
 
+def evaluation_config(config: RunConfig, data_dir: Optional[str] = None, classnames: Optional[str] = None) -> RunConfig:
+    """A finished run's config for evaluating on `data_dir` (its own data when None): every image of the splits (no
+    shots), and another dataset's own class names (its folder names or classnames.yaml) unless `classnames` is given."""
+    config = dataclasses.replace(config, shots=None)
+    if classnames:
+        config.classnames = classnames
+    elif data_dir and Path(data_dir).resolve() != Path(config.data or "").resolve():
+        config.classnames = None
+    return config
+
+
 def data_source(config: RunConfig) -> Dict[str, Any]:
     """How the run reads `--data` and continual task specs: their format and a manifest's column names."""
     return {"data_format": config.data_format, "columns": ManifestColumns(config.path_col, config.label_col, config.split_col)}
