@@ -72,7 +72,9 @@ def finetune_args(setting: str, method: str, out: Path, data: Path, args) -> lis
     extra += ["--epochs", str(args.epochs)] if args.epochs else []
     extra += ["--steps", str(args.steps)] if args.steps else []
     extra += ["--mixed-precision", args.mixed_precision] if args.mixed_precision else []
-    return ["finetune", *model, "--data", str(data), "--method", method, *extra, "--out", str(out), "--overwrite"]
+    # --cache-dir run: each run encodes its own features (a warm shared cache would hide that phase)
+    return ["finetune", *model, "--data", str(data), "--method", method, *extra, "--cache-dir", "run", "--out", str(out),
+            "--overwrite"]
 
 
 def one_run(argv: list, method: str, floor_steps: int) -> dict:

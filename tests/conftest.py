@@ -1,11 +1,14 @@
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# the shared feature cache of this test session (never the user's ~/.cache), inherited by subprocesses
+os.environ["CLIPTUNE_CACHE"] = tempfile.mkdtemp(prefix="cliptune-test-cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 

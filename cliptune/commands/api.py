@@ -17,6 +17,7 @@ from cliptune.data.folders import labels_tensor
 from cliptune.training.checkpoints import load_method_state
 from cliptune.training.engine import Trainer
 from cliptune.training.optim import with_budget_lr
+from cliptune.core.cachedir import feature_cache
 from cliptune.core.errors import CliptuneError
 from cliptune.methods import build_method
 from cliptune.core.metrics import classification_metrics, score
@@ -48,7 +49,7 @@ def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite:
     accelerator = make_accelerator(config.mixed_precision)
     session = Session.open(config, accelerator)  # bad data/model fail here, before the folder is touched
     run.prepare(overwrite=overwrite)
-    session.cache_dir = run.cache
+    session.use_feature_cache(run.cache)
     with run.log_to_file():
         save_config(config, run.config)
         metrics = {"method": "zeroshot", **_model_fields(config), "classes": session.data.classes,
@@ -67,8 +68,9 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
              on_validated: Optional[Callable[[int, float], None]] = None, trial: bool = False) -> Dict:
     """Train `config.method`, select the best epoch on val, evaluate on test; returns metrics.json's content.
 
-    Image features are cached in `cache_dir` (default: the run's own `cache/`); runs of the same data and
-    model may share one (as `cliptune compare` does), the cache key tells their features apart.
+    Image features are cached where `config.cache_dir` says (by default the user cache, shared by every run on
+    the same data and model; the cache key tells their features apart); decoded images go to `cache_dir`
+    (default: the run's own `cache/`; a sweep's trials share the sweep's).
     `session`: an open session on the same data and model to reuse (as `cliptune sweep`'s trials do: no model
     or data loading); `test=False` leaves the test split alone (a trial is scored on val only);
     `on_validated(epoch, val_top1)` is called after every validation pass (a sweep's pruner); `trial=True` (a sweep
@@ -89,7 +91,7 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
     accelerator.wait_for_everyone()
     for each in (session, novel_session):
         if each is not None:
-            each.cache_dir = Path(cache_dir) if cache_dir is not None else run.cache
+            each.use_feature_cache(Path(cache_dir) if cache_dir is not None else run.cache)
             each.images_for_features = not method.uses_image_features
     clock = PhaseClock(started, session.stats)
     with run.log_to_file(accelerator.is_main_process):
@@ -170,7 +172,9 @@ def _trained_metrics(config: RunConfig, session: Session, trainer: Trainer, meth
     }
     with clock.phase("final_eval"):
         if val is not None:  # the best epoch's validation pass, when this process ran it (same weights)
-            metrics["val"] = trainer.validated.get(summary.best_epoch) or trainer.evaluate(val, data.classes)
+            selected = trainer.validated.get(summary.best_epoch)
+            metrics["val"] = (classification_metrics(selected, val.labels, data.classes) if selected is not None
+                              else trainer.evaluate(val, data.classes))
         if novel_session is not None:
             metrics.update(base_novel_metrics(trainer, method, test_metrics, zeroshot["test"], novel_session, zeroshot["novel"]))
         metrics["zeroshot_val"] = zeroshot["val"]
@@ -244,7 +248,11 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
     config = evaluation_config(load_config(run.config), data_dir, classnames)
     accelerator = make_accelerator(config.mixed_precision)
     # `session`: the open session the run was trained on (a sweep's), reused instead of loading model and data again
-    session = Session.open(config, accelerator, cache_dir=None, data_dir=data_dir) if session is None else session.reused(config, accelerator)
+    if session is None:
+        session = Session.open(config, accelerator, data_dir=data_dir)
+        session.feature_dir = feature_cache(config.cache_dir, run.cache)
+    else:
+        session = session.reused(config, accelerator)
     if kept_zeroshot(run):  # the run's result is the zero-shot classifier (--fallback zero-shot)
         return _write_evaluation(run, config.method, session.data, split, session.zeroshot_metrics(split))
     _, best, saved = finished_run(run.root)

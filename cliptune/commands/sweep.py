@@ -116,7 +116,7 @@ class Sweep:
         if not len(self.session.data.splits["val"]):
             raise CliptuneError("a sweep scores trials on the validation split, and this data has none (set val_fraction)")
         self.root.mkdir(parents=True, exist_ok=True)
-        self.session.cache_dir = self.root / "cache"
+        self.session.use_feature_cache(self.root / "cache")  # decoded images here, features in the shared cache
         self.study = optuna.create_study(
             study_name=STUDY, storage=f"sqlite:///{(self.root / 'sweep.db').resolve()}", load_if_exists=True,
             direction="maximize", sampler=optuna.samplers.TPESampler(seed=self.base.seed),

@@ -47,6 +47,9 @@ class RunConfig:
     classnames: Optional[str] = option(None, "YAML mapping class folder -> name (or {name, descriptions}).", path="file")
     templates: Union[None, str, List[str]] = option(None, "Prompt templates file (one per line, each with '{}').", path="file")
     strict: bool = option(False, "Fail on unreadable image files instead of skipping them.")
+    cache_dir: Optional[str] = option(
+        None, "Where frozen-tower image features are cached for every later run, compare cell and sweep trial on the "
+              "same data and model [$CLIPTUNE_CACHE, else ~/.cache/cliptune/features]; 'run': the run's own cache/.")
     seed: int = option(0, "Seed for splits, shots, initialisation and training [0].")
     # method and optimisation
     method: str = option("", "Adaptation method; unset: a layer's, else the registry's DEFAULT_METHOD (build_config).")

@@ -8,6 +8,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, recall_score, roc_auc_score
 
 
 def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> List[Tuple[float, float, float, float]]:
@@ -44,8 +45,6 @@ def imbalance_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: Sequen
     """Balanced accuracy and macro-F1 over the classes present in `labels`, per-class precision and recall, the
     macro one-vs-rest AUROC over the classes with positives and negatives here (None without any), and the
     confusion matrix (rows: true class, columns: predicted), computed by scikit-learn."""
-    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, recall_score, roc_auc_score
-
     y, scores = labels.numpy(), probs.double().numpy()
     predicted = scores.argmax(axis=1)
     present = sorted(set(y.tolist()))
@@ -63,8 +62,9 @@ def imbalance_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: Sequen
     }
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> Dict:
-    """Accuracies as fractions in [0, 1]; top-5 becomes top-k with k = min(5, number of classes)."""
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], imbalance: bool = True) -> Dict:
+    """Accuracies as fractions in [0, 1]; top-5 becomes top-k with k = min(5, number of classes). `imbalance=False`
+    leaves out `imbalance_metrics` (scikit-learn's input checks cost milliseconds: per-epoch validation skips them)."""
     logits = logits.float().cpu()
     labels = labels.cpu()
     k = min(5, logits.shape[1])
@@ -84,5 +84,5 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
         "per_class": per_class,
         "ece": expected_calibration_error(probs, labels),
         "nll": float(F.cross_entropy(logits, labels)),
-        **imbalance_metrics(probs, labels, classes),
+        **(imbalance_metrics(probs, labels, classes) if imbalance else {}),
     }

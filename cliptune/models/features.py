@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cliptune.data.folders import ImageDataset, Split, split_key
 from cliptune.models.loading import LoadedModel
+from cliptune.core.cachedir import mark_used, prune
 from cliptune.core.progress import progress_bar
 from cliptune.core.seeding import isolated_rng
 
@@ -91,12 +92,11 @@ def image_features(
     else:
         features = _compute(model, split, transform, views, seed, batch_size, num_workers, accelerator, desc, images)
         if path is not None:
-            from cliptune.core.runfolder import atomic_save_safetensors
-
-            atomic_save_safetensors(path, {"features": features})
-            log.info("cached %s %s at %s", desc, tuple(features.shape), path)
+            _store(path, features, desc)
         if shared:
             accelerator.wait_for_everyone()
+    if features is None:  # another process's size limit removed the file between the check and the read
+        features = _compute(model, split, transform, views, seed, batch_size, num_workers, accelerator, desc, images)
     if memory is not None:
         memory.remember(key, features)
     return features
@@ -112,10 +112,24 @@ def _cached_everywhere(path: Path, accelerator=None) -> bool:
     return bool(votes.item() == accelerator.num_processes)
 
 
-def _load(path: Path) -> torch.Tensor:
+def _load(path: Path) -> Optional[torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(path))["features"]
+    try:
+        features = load_file(str(path))["features"]
+    except FileNotFoundError:
+        return None
+    mark_used(path)
+    return features
+
+
+def _store(path: Path, features: torch.Tensor, desc: str) -> None:
+    """Write atomically (readers never see half a file), then keep the cache folder within its size limit."""
+    from cliptune.core.runfolder import atomic_save_safetensors
+
+    atomic_save_safetensors(path, {"features": features})
+    log.info("cached %s %s at %s", desc, tuple(features.shape), path)
+    prune(path.parent)
 
 
 def _compute(model: LoadedModel, split: Split, transform, views: int, seed: int, batch_size: int, num_workers: int,

@@ -7,6 +7,7 @@ failure a user can cause into a one-sentence `CliptuneError`.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -43,6 +44,8 @@ class ModelSpec:
     # Set when the weights were changed in memory (e.g. after a continual-learning task), so cached
     # features of the original weights are never reused.
     revision: Optional[str] = None
+    # the seed of a random initialisation: two random models of one architecture differ by it
+    init_seed: Optional[int] = None
 
     @property
     def display_name(self) -> str:
@@ -54,7 +57,7 @@ class ModelSpec:
 
     def fingerprint(self) -> str:
         """Identity used in cache keys: names plus the checkpoint files' sizes and mtimes (a `local-dir:` folder's too)."""
-        parts = [str(self.display_name), str(self.pretrained), str(self.model_config), str(self.revision)]
+        parts = [str(self.display_name), str(self.pretrained), str(self.model_config), str(self.revision), str(self.init_seed)]
         folder = [str(p) for p in Path(self.model[len("local-dir:"):]).iterdir()] if (self.model or "").startswith("local-dir:") else []
         for path in (self.pretrained, self.model_config, *sorted(folder)):
             if path and Path(path).is_file():
@@ -333,6 +336,7 @@ def load_model(
             _check_checkpoint_file(pretrained)
     if random_init:
         log.warning("no --pretrained weights given: %s is randomly initialised (seed %d)", name, seed)
+        spec = dataclasses.replace(spec, init_seed=seed)
     try:
         # random init is reproducible (cached features stay valid) without reseeding the caller's generator
         with _quiet_model_creation(), warnings.catch_warnings(), isolated_rng(seed):

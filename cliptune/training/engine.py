@@ -149,8 +149,8 @@ class Trainer:
         self.run = run
         self.accelerator = accelerator
         self._loaders: Dict[int, tuple] = {}  # id(dataset) -> (dataset, DataLoader with persistent workers)
-        # validation metrics of the best epoch so far, by epoch: the final report reuses them instead of a second pass
-        self.validated: Dict[int, Dict] = {}
+        # validation logits of the selected epoch so far, by epoch: the final report scores them instead of a second pass
+        self.validated: Dict[int, torch.Tensor] = {}
         self.earlier_seconds = (0.0, 0.0)  # training / validation seconds spent before a resume
 
     # ----- batching -----
@@ -393,7 +393,9 @@ class Trainer:
         due = doubling(epoch + 1) if self.sparse_validation and fit.selects_latest else (epoch + 1) % fit.every == 0
         if due or epoch + 1 == fit.epochs:
             evaluating = time.perf_counter()
-            result = self.evaluate(val, classes)
+            logits = self.predict(val)
+            # only what selection needs, per epoch; `validated` keeps the logits for the full metrics at the end
+            result = classification_metrics(logits, val.labels, classes, imbalance=config.metric != "top1")
             fit.summary.eval_seconds += time.perf_counter() - evaluating
             record["val_top1"] = result["top1"]
             value = score(result, config.metric)
@@ -405,7 +407,7 @@ class Trainer:
                 improved = value > fit.best_score
             fit.best_score = max(fit.best_score, value)
             if improved:
-                self.validated = {epoch + 1: result}
+                self.validated = {epoch + 1: logits}
         return improved
 
     def _finish(self, summary: TrainSummary, val: Optional[Inputs], trained: bool) -> TrainSummary:

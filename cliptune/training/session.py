@@ -24,6 +24,7 @@ from cliptune.data.folders import (ImageDataset, split_key, ImageFolderData, aug
                            loader_settings, train_transform)
 from cliptune.training.checkpoints import load_method_state
 from cliptune.training.engine import Inputs
+from cliptune.core.cachedir import feature_cache
 from cliptune.core.errors import CliptuneError
 from cliptune.models.features import FeatureMemory, image_features
 from cliptune.data.imagecache import DecodedImages, decode_split, train_size
@@ -108,6 +109,13 @@ class Session:
     images_for_features: bool = False
     # image features of the last few splits, shared with the sessions `reused` from this one (a sweep's trials)
     memory: FeatureMemory = field(default_factory=FeatureMemory)
+    # where image features are cached on disk (`use_feature_cache`); None: `cache_dir`, with the decoded images
+    feature_dir: Optional[Path] = None
+
+    def use_feature_cache(self, run_cache: Path) -> None:
+        """Cache features where the config says (the shared user cache by default), decoded images in `run_cache`."""
+        self.cache_dir = run_cache
+        self.feature_dir = feature_cache(self.config.cache_dir, run_cache)
 
     @classmethod
     def open(cls, config: RunConfig, accelerator, cache_dir: Optional[Path] = None, data_dir: Optional[str] = None) -> "Session":
@@ -147,7 +155,8 @@ class Session:
         views = c.aug_views if augmented else 0
         transform = self.train_transform if views > 0 else self.eval_transform
         return image_features(
-            self.model, self.data.split(split), transform, views=views, seed=c.seed, cache_dir=self.cache_dir,
+            self.model, self.data.split(split), transform, views=views, seed=c.seed,
+            cache_dir=self.feature_dir if self.feature_dir is not None else self.cache_dir,
             batch_size=c.eval_batch_size, num_workers=self.num_workers, accelerator=self.accelerator, desc=f"{split} features",
             images=self.images(split) if views == 0 and self.images_for_features and c.image_cache != "off" else None,
             memory=self.memory,
