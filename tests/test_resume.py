@@ -106,17 +106,17 @@ def test_ctrl_c_inside_an_optimizer_step_resumes_bitwise(name, tiny_config, colo
 
 def test_ctrl_c_during_validation_stops_after_the_epoch_checkpoint(tiny_config, colour_data, tmp_path, tmp_path_factory, monkeypatch):
     reference, reference_dir = _reference("linear-probe", colour_data, tiny_config, tmp_path_factory)
-    original_evaluate = Trainer.evaluate
+    original_predict = Trainer.predict
 
-    def evaluate(self, *args):
-        signal.raise_signal(signal.SIGINT)  # in epoch 1's validation, handled before it returns
-        return original_evaluate(self, *args)
+    def predict(self, *args):
+        signal.raise_signal(signal.SIGINT)  # in epoch 1's validation pass, handled before it returns
+        return original_predict(self, *args)
 
-    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(Trainer, "predict", predict)
     out = tmp_path / "interrupted"
     with pytest.raises(InterruptedRun, match="interrupted after epoch 1"):
         api.finetune(_config(colour_data, tiny_config, "linear-probe"), out)
-    monkeypatch.setattr(Trainer, "evaluate", original_evaluate)
+    monkeypatch.setattr(Trainer, "predict", original_predict)
     summaries = _counting_fit(monkeypatch)
     resumed = api.finetune(None, out, resume=True)
     assert summaries[0].batches_run == (EPOCHS - 1) * BATCHES_PER_EPOCH
