@@ -190,6 +190,19 @@ def test_predict_command_formats_unreadable_files_and_folders(runs, split_data, 
     assert f"{expected[str(files[0])][0][0]} (" in line
 
 
+def test_predict_reads_the_images_a_manifest_lists(runs, split_data, tmp_path):
+    files = sorted((split_data / "test").rglob("*.png"))[:3]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n" + "".join(f"{f},{f.parent.name}\n" for f in files))
+    result = run("predict", runs["linear-probe"], manifest, "--format", "json", "--output", tmp_path / "out.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out.json").read_text())
+    expected = cliptune.load(runs["linear-probe"]).predict(files, topk=5)
+    assert [item["file"] for item in report["predictions"]] == list(map(str, files))  # the manifest's row order
+    assert all(same_top([(t["class"], t["probability"]) for t in item["top"]], top)
+               for item, top in zip(report["predictions"], expected))
+
+
 def test_predict_refuses_bad_sources_in_one_line(runs, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"x")
     result = run("predict", runs["coop"], tmp_path / "bad.png")

@@ -57,6 +57,15 @@ def read_rows(path: Path) -> List[Tuple[int, Dict[str, str]]]:
         return rows
 
 
+def manifest_images(path: Path, column: str = "path") -> List[Path]:
+    """The image paths a manifest lists (relative ones resolved against its folder), in row order: what `predict`
+    classifies when given a manifest."""
+    rows = read_rows(path)
+    if rows and column not in rows[0][1]:
+        raise CliptuneError(f"{path} has no '{column}' column for the image paths (columns: {', '.join(sorted(rows[0][1]))})")
+    return [Path(row[column]) if Path(row[column]).is_absolute() else path.parent / row[column] for _, row in rows]
+
+
 def _check_columns(path: Path, rows: List[Tuple[int, Dict[str, str]]], columns: ManifestColumns) -> bool:
     """Whether the manifest has a split column; refuses an empty manifest, a missing column and multi-label rows."""
     if not rows:

@@ -31,6 +31,7 @@ from torch import nn
 
 from cliptune.config.run import load_config
 from cliptune.data.folders import eval_transform, image_files_under
+from cliptune.data.manifest import is_manifest, manifest_images
 from cliptune.training.checkpoints import load_method_state
 from cliptune.core.errors import CliptuneError
 from cliptune.methods import build_method
@@ -184,11 +185,14 @@ def _open(item: ImageInput) -> Image.Image:
 
 
 def image_files(inputs: Sequence[str | Path]) -> List[Path]:
-    """Files named, plus the image files under folders named (recursively, sorted); missing paths are kept, to be reported."""
+    """Files named, the image files under folders named (recursively, sorted) and the images a CSV/TSV/JSONL
+    manifest lists (its `path` column, in row order); missing paths are kept, to be reported."""
     files: List[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
             files += image_files_under(item)
+        elif is_manifest(item):
+            files += manifest_images(item)
         else:
             files.append(item)
     return files
