@@ -258,7 +258,7 @@ def test_cli_flags_and_base_novel(tiny_config, colour_splits, tmp_path):
     assert "coop novel: top-1" in result.output and "harmonic mean" in result.output
     sidecar = json.loads((out / "checkpoints/best/method.json").read_text())
     assert sidecar["config"] == {"n_ctx": 4, "ctx_init": "a photo of a", "class_specific": False,
-                                 "class_token_position": "middle"}
+                                 "class_token_position": "middle", "text_chunk": 0}
     wrong = CliRunner().invoke(cli, ["finetune", "--model-config", tiny_config, "--data", str(colour_splits),
                                      "--method", "coop", "--prompt-depth", "3", "--out", str(tmp_path / "x")])
     assert wrong.exit_code == 2 and "--prompt-depth does not apply to method 'coop'" in wrong.output
@@ -268,3 +268,20 @@ def test_recipes_load(tmp_path):
     for name, method in (("coop", "coop"), ("cocoop", "cocoop"), ("maple", "maple")):
         config = build_config(name)
         assert config.method == method and config.methods[method]["n_ctx"] >= 1
+
+
+@pytest.mark.parametrize("options", [{"n_ctx": 3}, {"ctx_init": "a photo of a", "class_token_position": "middle"},
+                                     {"n_ctx": 2, "class_specific": True}])
+def test_chunked_text_encoding_gives_the_same_logits_and_gradients(tiny, options):
+    """`text_chunk`: classes encoded a few at a time with activation checkpointing, exactly as in one call."""
+    features = torch.randn(6, tiny.clip.text_projection.shape[1])
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    results = []
+    for chunk in (len(NAMES), 1, 3):  # one call (chunk >= classes), then 1 and 3 classes per call
+        method = build_method("coop", tiny, NAMES, [], {**options, "text_chunk": chunk}, seed=3).train()
+        loss = F.cross_entropy(method(features), labels)
+        loss.backward()
+        results.append((method(features).detach(), method.ctx.grad.clone()))
+    for logits, grad in results[1:]:
+        assert torch.allclose(logits, results[0][0], atol=1e-5)
+        assert torch.allclose(grad, results[0][1], rtol=1e-5, atol=1e-5)  # summed per chunk: float order differs

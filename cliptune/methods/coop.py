@@ -21,12 +21,17 @@ from cliptune.methods.prompts import POSITIONS, ClassPrompts, initial_context, p
 from cliptune.core.options import option
 
 
+AUTO_CHUNK = 128  # classes per text-encoder call when `text_chunk` is 0: one call below that, chunks above
+
+
 @dataclass
 class CoOpConfig(MethodConfig):
     n_ctx: int = option(16, "learned context tokens (set to the token count of --ctx-init when given)", min=1)
     ctx_init: str = option("", "initialise the context from this phrase, e.g. 'a photo of a' (default: N(0, 0.02))")
     class_specific: bool = option(False, "one context per class (CSC; cannot be used on other classes)")
     class_token_position: str = option("end", "where the class name goes", choices=POSITIONS)
+    text_chunk: int = option(0, "class prompts per text-encoder call, each recomputed in the backward pass (bounds "
+                                f"memory with many classes; 0 = {AUTO_CHUNK} at a time beyond {AUTO_CHUNK} classes)", min=0)
 
 
 VIEW_BANK = 16  # augmented views encoded once per training image, instead of a fresh augmentation every step
@@ -99,8 +104,9 @@ class CoOp(Method):
 
     def text_features(self) -> torch.Tensor:
         """(classes, dim) unit-norm text features of the learned prompts."""
-        return self._cache.get(self.prompts.token_ids, [self.ctx], lambda: F.normalize(self.prompts.encode(self.ctx), dim=-1),
-                               self.training)
+        chunk = self.config.text_chunk or AUTO_CHUNK
+        return self._cache.get(self.prompts.token_ids, [self.ctx],
+                               lambda: F.normalize(self.prompts.encode_in_chunks(self.ctx, chunk), dim=-1), self.training)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.logits(image_features, self.text_features())

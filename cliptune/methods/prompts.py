@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from cliptune.core.errors import CliptuneError
 from cliptune.models.towers import TextTower
@@ -92,27 +93,46 @@ class ClassPrompts(nn.Module):
     def __len__(self) -> int:
         return self.token_ids.shape[0]
 
-    def assemble(self, ctx: torch.Tensor) -> torch.Tensor:
-        """Prompt embeddings (*batch, classes, tokens, width) from context (*batch, classes or 1, n_ctx, width) or (n_ctx, width)."""
+    def assemble(self, ctx: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """Prompt embeddings (*batch, classes, tokens, width) from context (*batch, classes or 1, n_ctx, width) or
+        (n_ctx, width), for the classes `rows` selects (all by default; class-specific context: already those rows)."""
+        prefix, suffix = self.prefix[rows], self.suffix[rows]
+        order = None if self.order is None else self.order[rows]
         if ctx.dim() == 2:
             ctx = ctx.unsqueeze(0)
         lead = ctx.shape[:-3]
-        classes, width = len(self), self.prefix.shape[-1]
-        ctx = ctx.expand(*lead, classes, self.n_ctx, width).to(self.prefix.dtype)
-        prefix = self.prefix.expand(*lead, classes, self.start, width)
-        suffix = self.suffix.expand(*lead, classes, self.suffix.shape[1], width)
-        prompts = torch.cat([prefix, ctx, suffix], dim=-2)
-        if self.order is not None:
-            index = self.order.unsqueeze(-1).expand(*lead, classes, self.order.shape[1], width)
+        classes, width = prefix.shape[0], prefix.shape[-1]
+        ctx = ctx.expand(*lead, classes, self.n_ctx, width).to(prefix.dtype)
+        prompts = torch.cat([prefix.expand(*lead, classes, self.start, width), ctx,
+                             suffix.expand(*lead, classes, suffix.shape[1], width)], dim=-2)
+        if order is not None:
+            index = order.unsqueeze(-1).expand(*lead, classes, order.shape[1], width)
             prompts = prompts.gather(-2, index)
         return prompts
 
-    def encode(self, ctx: torch.Tensor, layer_hook=None) -> torch.Tensor:
-        """Unnormalised text features (*batch, classes, dim) of the prompts built from `ctx`."""
-        prompts = self.assemble(ctx)
+    def encode(self, ctx: torch.Tensor, layer_hook=None, rows: slice = slice(None)) -> torch.Tensor:
+        """Unnormalised text features (*batch, classes, dim) of the prompts built from `ctx` (for the classes `rows`)."""
+        prompts = self.assemble(ctx, rows)
         lead = prompts.shape[:-3]
+        token_ids = self.token_ids[rows]
         flat = prompts.reshape(-1, *prompts.shape[-2:])
-        token_ids = self.token_ids.expand(*lead, *self.token_ids.shape).reshape(-1, self.token_ids.shape[1])
+        token_ids = token_ids.expand(*lead, *token_ids.shape).reshape(-1, token_ids.shape[1])
         features = self.text.encode_embeddings(flat, token_ids, layer_hook)
-        return features.reshape(*lead, len(self), -1)
+        return features.reshape(*lead, prompts.shape[-3], -1)
+
+    def encode_in_chunks(self, ctx: torch.Tensor, chunk: int) -> torch.Tensor:
+        """`encode` `chunk` classes at a time; while training, each chunk's activations are recomputed in the
+        backward pass (activation checkpointing), so peak memory follows the chunk, not the class count. The same
+        features and gradients as one call (tested). Shared context (n_ctx, width) or one per class."""
+        if chunk <= 0 or chunk >= len(self) or ctx.dim() > 3:
+            return self.encode(ctx)
+        pieces = []
+        for start in range(0, len(self), chunk):
+            rows = slice(start, start + chunk)
+            part = ctx[rows] if ctx.dim() == 3 and ctx.shape[0] == len(self) else ctx
+            if torch.is_grad_enabled() and part.requires_grad:
+                pieces.append(checkpoint(self.encode, part, None, rows, use_reentrant=False))
+            else:
+                pieces.append(self.encode(part, rows=rows))
+        return torch.cat(pieces)
 
