@@ -139,3 +139,13 @@ def test_info_reports_versions_and_accelerate_state():
     assert result.exit_code == 0
     info = json.loads(result.output)
     assert info["torch"].startswith("2.") and info["accelerate_state"]["num_processes"] == 1
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    import shlex
+    import subprocess
+    import sys
+
+    done = subprocess.run(f"{shlex.quote(sys.executable)} -m cliptune recipes list | head -n 1", shell=True,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.startswith("NAME") and done.stderr == ""
