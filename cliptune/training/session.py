@@ -20,7 +20,7 @@ from cliptune.config.run import RunConfig, load_config
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from cliptune.data.folders import (ImageDataset, split_key, ImageFolderData, augments, eval_geometry, eval_transform, labels_tensor, 
+from cliptune.data.folders import (ImageDataset, split_key, ImageFolderData, augments, eval_geometry, eval_transform, labels_tensor,
                            loader_settings, train_transform)
 from cliptune.training.checkpoints import load_method_state
 from cliptune.training.engine import Inputs
