@@ -73,8 +73,9 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
     (default: the run's own `cache/`; a sweep's trials share the sweep's).
     `session`: an open session on the same data and model to reuse (as `cliptune sweep`'s trials do: no model
     or data loading); `test=False` leaves the test split alone (a trial is scored on val only);
-    `on_validated(epoch, val_score)` (the `--metric`) is called after every validation pass (a sweep's pruner); `trial=True` (a sweep
-    trial: rerun, never resumed) writes no per-epoch checkpoints and validates sparsely (`Trainer`).
+    `on_validated(epoch, val_score)` (the `--metric`) is called after every validation pass (a sweep's pruner);
+    `trial=True` (a sweep trial: rerun, never resumed) writes no per-epoch checkpoints and validates sparsely
+    (`Trainer`).
     """
     started = command_started()
     run = RunFolder(out)

@@ -137,7 +137,7 @@ class Trainer:
         self.method = method
         # what trains: the method as the accelerator prepared it (`_start`; e.g. wrapped in DDP), `method` inside it
         self.model: nn.Module = method
-        self.on_validated = on_validated  # called with (epoch, val top-1) after each validation pass
+        self.on_validated = on_validated  # called with (epoch, val --metric score) after each validation pass
         # False: no per-epoch checkpoints (a sweep trial is rerun, not resumed); the selected state is kept in memory
         # and written once at the end
         self.resumable = resumable
