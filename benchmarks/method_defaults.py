@@ -35,7 +35,8 @@ def main() -> None:
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     tasks = {"demo": {"recipe": "demo"}}
     if args.tasks:
-        tasks.update({folder.name: task_options(folder) for folder in sorted(args.tasks.iterdir()) if folder.is_dir()})
+        tasks.update({folder.name: task_options(folder) for folder in sorted(args.tasks.iterdir())
+                  if folder.is_dir() and any(folder.glob("validation-*-clip.json"))})  # other folders are not tasks
     results = {}
     for name, task in tasks.items():
         results[name] = compare(args.out / name, methods, [args.shots], seeds, steps=args.steps, **task)
