@@ -234,7 +234,7 @@ def zeroshot(split, recipe, set_values, out, overwrite, **options):
 @cli.command(cls=MethodOptionsCommand)
 @config_flags(*MODEL_SETTINGS, *DATA_SETTINGS)
 @click.option("--method", help="Adaptation method [linear-probe]; `cliptune methods` lists them.")
-@config_flags("base_novel", "result_fallback", *TRAINING_SETTINGS)
+@config_flags("base_novel", "result_fallback", "report_to", *TRAINING_SETTINGS)
 @run_folder_options
 def finetune(recipe, set_values, out, resume, overwrite, method_values, **options):
     """Adapt the model with a method, then evaluate on the test split."""

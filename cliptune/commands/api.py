@@ -16,7 +16,7 @@ from cliptune.config.run import RunConfig, check_config, load_config, save_confi
 from cliptune.data.folders import labels_tensor
 from cliptune.training.checkpoints import load_method_state
 from cliptune.training.engine import Trainer
-from cliptune.training.optim import with_budget_lr
+from cliptune.training.optim import training_length, with_budget_lr
 from cliptune.core.cachedir import feature_cache
 from cliptune.core.errors import CliptuneError
 from cliptune.methods import build_method
@@ -24,7 +24,8 @@ from cliptune.core.metrics import classification_metrics, score
 from cliptune.deploy.report import save_predictions, write_run_report
 from cliptune.core.progress import RESULT
 from cliptune.core.runfolder import RunFolder, atomic_write_json
-from cliptune.training.session import Session, evaluation_config, finished_run, kept_zeroshot, make_accelerator
+from cliptune.training.session import (Session, evaluation_config, finished_run, kept_zeroshot, make_accelerator,
+                                       tracked_settings)
 from cliptune.core.timing import PhaseClock, command_started, describe
 
 log = logging.getLogger("cliptune")
@@ -83,7 +84,7 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
     if resume:
         config = load_config(run.config)
     check_config(config)
-    accelerator = make_accelerator(config.mixed_precision)
+    accelerator = make_accelerator(config.mixed_precision, config.report_to, run.root)
     # bad data, model or method options fail here, before the run folder is touched
     session = Session.open(config, accelerator) if session is None else session.reused(config, accelerator)
     session, novel_session, method = _sessions_and_method(config, session)
@@ -99,6 +100,8 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
         config = with_budget_lr(config, len(session.data.split("train")))  # the lr it trains with is the one config.yaml holds
         if accelerator.is_main_process and not resume:
             save_config(config, run.config)
+        if config.report_to != "none":
+            accelerator.init_trackers("cliptune", config=tracked_settings(config))
         clock.mark_startup()
         with clock.phase("zeroshot"):
             zeroshot = _zeroshot_results(session, novel_session, test)  # before training: some methods train the towers in place
@@ -114,15 +117,23 @@ def finetune(config: RunConfig, out: str | Path, overwrite: bool = False, resume
         method = accelerator.unwrap_model(trainer.model)
         metrics, test_logits = _trained_metrics(config, session, trainer, method, summary, run, clock, test, val, novel_session,
                                                 zeroshot)
-        if metrics["guard"]["message"]:
-            log.warning(metrics["guard"]["message"], extra=RESULT)
-        if accelerator.is_main_process:
-            if test:
-                save_predictions(run.root, "test", test_logits, labels_tensor(session.data.split("test")))
-            atomic_write_json(run.metrics, metrics)
-            if test:
-                write_run_report(run.root)
+        _record(metrics, test_logits, run, session, accelerator, step=training_length(config, len(train))[2])
         return metrics
+
+
+def _record(metrics: Dict, test_logits, run: RunFolder, session: Session, accelerator, step: int) -> None:
+    """A finished run's results: the guard's line, the tracker's last scalars (at the last update `step`), and on
+    the main process metrics.json, the stored test predictions and the report."""
+    if metrics["guard"]["message"]:
+        log.warning(metrics["guard"]["message"], extra=RESULT)
+    accelerator.log(result_scalars(metrics), step=step)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        if test_logits is not None:
+            save_predictions(run.root, "test", test_logits, labels_tensor(session.data.split("test")))
+        atomic_write_json(run.metrics, metrics)
+        if test_logits is not None:
+            write_run_report(run.root)
 
 
 def _sessions_and_method(config: RunConfig, session: Session) -> tuple:
@@ -190,6 +201,13 @@ def _trained_metrics(config: RunConfig, session: Session, trainer: Trainer, meth
                                    eval=summary.eval_seconds - earlier_eval)
     log.info(describe(metrics["time"]))
     return metrics, test_logits
+
+
+def result_scalars(metrics: Dict) -> Dict[str, float]:
+    """A finished run's headline numbers for a tracker: `test/...`, `val/...` and `zeroshot/...` (test)."""
+    blocks = {"test": metrics.get("test"), "val": metrics.get("val"), "zeroshot": metrics.get("zeroshot")}
+    return {f"{name}/{key}": block[key] for name, block in blocks.items() if block
+            for key in ("top1", "top5", "balanced_accuracy", "macro_f1", "auroc", "ece") if block.get(key) is not None}
 
 
 def zeroshot_guard(method_name: str, val: Optional[Dict], zeroshot_val: Optional[Dict], fallback: str = "none",

@@ -51,6 +51,9 @@ class RunConfig:
         None, "Where frozen-tower image features are cached for every later run, compare cell and sweep trial on the "
               "same data and model [$CLIPTUNE_CACHE, else ~/.cache/cliptune/features]; 'run': the run's own cache/.")
     seed: int = option(0, "Seed for splits, shots, initialisation and training [0].")
+    report_to: str = option(
+        "none", "Experiment tracker through accelerate: per-step loss and lr, per-epoch validation, final test metrics "
+                "[none; tensorboard writes RUN/tracking/].", choices=("none", "tensorboard", "wandb", "mlflow"))
     # method and optimisation
     method: str = option("", "Adaptation method; unset: a layer's, else the registry's DEFAULT_METHOD (build_config).")
     epochs: int = option(10, "Training epochs [the method's default].", min=1)

@@ -364,6 +364,9 @@ class Trainer:
             fit.scheduler.step()
             fit.optimizer.zero_grad(set_to_none=True)
             self.method.after_optimizer_step()
+            if accelerator.trackers:  # --report-to: this micro-batch's loss and the lr the next step uses
+                accelerator.log({"train/loss": float(loss.detach()), "train/lr": fit.scheduler.get_last_lr()[0]},
+                                step=fit.scheduler.last_epoch)
         return float(loss.detach()), synced
 
     def _end_epoch(self, fit: "_Fit", val: Optional[Inputs], classes, epoch: int, loss: float) -> None:
@@ -375,6 +378,7 @@ class Trainer:
             summary.best_epoch = epoch + 1
             self._keep_best(fit)
         summary.history.append(record)
+        self.accelerator.log({f"epoch/{key}": value for key, value in record.items()}, step=fit.scheduler.last_epoch)
         marker = (" (best)" if self.config.select == "best-val" else "") if improved else ""
         log.info("epoch %d/%d %s%s", epoch + 1, fit.epochs,
                  " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"), marker)

@@ -54,8 +54,11 @@ def validation_shots(config: RunConfig) -> Optional[int]:
     return min(config.shots, 4) if config.shots else None
 
 
-def make_accelerator(mixed_precision: str = "no"):
-    """An Accelerator for one run of this process.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def make_accelerator(mixed_precision: str = "no", report_to: str = "none", project_dir: Optional[Path] = None):
+    """An Accelerator for one run of this process (logging to `report_to`'s tracker under `project_dir/tracking`).
 
     accelerate keeps one process-wide `AcceleratorState` whose mixed precision cannot change once set (and has
     no public way to start over): the runs of one Python process (the API, notebooks, `compare`, `sweep`) share
@@ -70,9 +73,26 @@ def make_accelerator(mixed_precision: str = "no"):
     has_accelerator = torch.cuda.is_available() or bool(mps and mps.is_available())
     try:
         # cpu=True on CPU-only machines is what makes accelerate use gloo under torchrun
-        return Accelerator(mixed_precision=mixed_precision, cpu=not has_accelerator)
+        return Accelerator(mixed_precision=mixed_precision, cpu=not has_accelerator, **tracking(report_to, project_dir))
     except ValueError as exc:
         raise CliptuneError(f"mixed precision '{mixed_precision}' is not available here: {exc}") from None
+
+
+def tracking(report_to: str, project_dir: Optional[Path]) -> Dict[str, Any]:
+    """Accelerator arguments for an experiment tracker; one line when its package is not installed."""
+    if report_to == "none":
+        return {}
+    import importlib.util
+
+    if importlib.util.find_spec(TRACKER_PACKAGES[report_to]) is None:
+        raise CliptuneError(f"--report-to {report_to} needs the {TRACKER_PACKAGES[report_to]} package: "
+                            f"pip install {TRACKER_PACKAGES[report_to]} (or cliptune[tracking] for tensorboard)")
+    return {"log_with": report_to, "project_dir": str(Path(project_dir or ".") / "tracking")}
+
+
+def tracked_settings(config: RunConfig) -> Dict[str, Any]:
+    """The run's settings as a tracker's hyperparameters: the scalar ones (trackers take no lists or None)."""
+    return {key: value for key, value in config.to_dict().items() if isinstance(value, (str, int, float, bool))}
 
 
 def evaluation_config(config: RunConfig, data_dir: Optional[str] = None, classnames: Optional[str] = None) -> RunConfig:

@@ -1,0 +1,40 @@
+"""--report-to: accelerate's tracker gets the settings, per-step loss and lr, per-epoch validation, test metrics."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cliptune.cli import cli
+
+pytest.importorskip("tensorboard")
+
+
+def test_report_to_tensorboard_logs_steps_epochs_and_results(colour_data, tiny_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["--quiet", "finetune", "--data", str(colour_data), "--model-config", tiny_config,
+                                      "--method", "coop", "--epochs", "2", "--batch-size", "8", "--lr", "0.01",
+                                      "--report-to", "tensorboard", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    log = EventAccumulator(str(out / "tracking" / "cliptune"))  # the run's scalars (hyperparameters: a subfolder)
+    log.Reload()
+    scalars = set(log.Tags()["scalars"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    steps = [event.step for event in log.Scalars("train/loss")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 2  # every optimizer step
+    assert {"train/lr", "epoch/loss", "epoch/val_top1", "test/top1", "zeroshot/top1", "test/balanced_accuracy"} <= scalars
+    assert log.Scalars("test/top1")[-1].value == pytest.approx(metrics["test"]["top1"])
+    assert [e.step for e in log.Scalars("epoch/loss")] == [steps[len(steps) // 2 - 1], steps[-1]]  # after each epoch
+
+
+def test_a_tracker_that_is_not_installed_is_one_line(colour_data, tiny_config, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    result = CliRunner().invoke(cli, ["finetune", "--data", str(colour_data), "--model-config", tiny_config,
+                                      "--report-to", "mlflow", "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0 and "--report-to mlflow needs the mlflow package" in result.output
+    assert not (tmp_path / "run").exists()
