@@ -3,7 +3,7 @@
 Each cell is an ordinary `finetune` run in OUT/cells/<method>-<K>shot-seed<S>/ whose config is built
 with the same layers as `cliptune finetune` (engine < method defaults < recipe < CLI flags < --set); the
 grid only sets method, shots and seed, so every method trains with its own defaults unless a shared
-flag says otherwise. All cells share one image-feature cache (OUT/cache). Running the same command
+flag says otherwise. All cells share the image-feature cache (`cache_dir: run`: OUT/cache). Running the same command
 again skips finished cells, resumes interrupted ones and retries failed ones, so a long grid can be
 stopped and continued; a folder finished with other settings is refused rather than mixed in.
 """

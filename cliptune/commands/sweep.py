@@ -2,9 +2,10 @@
 
 A TPE sampler proposes settings from the method's `search_space()` (or a `--space` YAML); every trial is an
 ordinary run folder under `OUT/trials/`, trained in this process on one open session (the model and data
-are loaded once, image features are encoded once into `OUT/cache/`, no per-epoch checkpoints), and reports its
+are loaded once, image features are encoded once into the shared feature cache, no per-epoch checkpoints), and reports its
 val `--metric` (top-1 by default) after epochs 1, 2, 4, 8, ... to a median pruner. The study lives in
-`OUT/sweep.db` (SQLite), so an interrupted sweep resumes without re-running finished trials. At the end the best trial (on val) is evaluated on test once, and `sweep.json`, `sweep.md`,
+`OUT/sweep.db` (SQLite), so an interrupted sweep resumes without re-running finished trials. At the end the best
+trial (on val) is evaluated on test once, and `sweep.json`, `sweep.md`,
 `sweep.png` and `best.yaml` (a recipe that reproduces the best trial) are written.
 """
 
@@ -183,8 +184,7 @@ class Sweep:
             "zeroshot": zeroshot,
         }
         metric = self.base.metric
-        guard = zeroshot_guard(f"{self.base.method} (best of the sweep)", {metric: best.value, "top1": best.value},
-                               zeroshot["val"], metric=metric)
+        guard = zeroshot_guard(f"{self.base.method} (best of the sweep)", {metric: best.value}, zeroshot["val"], metric=metric)
         result["guard"] = guard
         self._write(result, self.trial_config(best.params))
         return result

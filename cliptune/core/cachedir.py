@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from cliptune.core.errors import CliptuneError
+
 CACHE_ENV = "CLIPTUNE_CACHE"  # the cache folder (default: $XDG_CACHE_HOME/cliptune, else ~/.cache/cliptune)
 LIMIT_ENV = "CLIPTUNE_CACHE_GB"  # its size limit in GB (default 20)
 DEFAULT_LIMIT_GB = 20.0
@@ -33,7 +35,11 @@ def feature_cache(setting: Optional[str], run_cache: Path) -> Path:
 
 
 def limit_bytes() -> int:
-    return int(float(os.environ.get(LIMIT_ENV) or DEFAULT_LIMIT_GB) * 1e9)
+    value = os.environ.get(LIMIT_ENV) or str(DEFAULT_LIMIT_GB)
+    try:
+        return int(float(value) * 1e9)
+    except ValueError:
+        raise CliptuneError(f"{LIMIT_ENV}={value!r} is not a number of gigabytes") from None
 
 
 def mark_used(path: Path) -> None:

@@ -63,7 +63,12 @@ def manifest_images(path: Path, column: str = "path") -> List[Path]:
     rows = read_rows(path)
     if rows and column not in rows[0][1]:
         raise CliptuneError(f"{path} has no '{column}' column for the image paths (columns: {', '.join(sorted(rows[0][1]))})")
-    return [Path(row[column]) if Path(row[column]).is_absolute() else path.parent / row[column] for _, row in rows]
+    return [_image_path(path, row[column]) for _, row in rows]
+
+
+def _image_path(manifest: Path, value: str) -> Path:
+    """A row's image: an absolute path as it is, a relative one against the manifest's folder."""
+    return Path(value) if Path(value).is_absolute() else manifest.parent / value
 
 
 def _check_columns(path: Path, rows: List[Tuple[int, Dict[str, str]]], columns: ManifestColumns) -> bool:
@@ -92,7 +97,7 @@ def _row_entry(path: Path, number: int, row: Dict[str, str], columns: ManifestCo
     split = row.get(columns.split, "") if has_split else "train"
     if split not in SPLIT_NAMES:
         raise CliptuneError(f"{where}: split '{split}' is not one of {', '.join(SPLIT_NAMES)}")
-    file = Path(image) if Path(image).is_absolute() else path.parent / image
+    file = _image_path(path, image)
     if not file.is_file():
         raise CliptuneError(f"{where}: image not found: {file}")
     return split, label, file

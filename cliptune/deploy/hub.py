@@ -5,7 +5,8 @@ it without cliptune.
 The folder holds `open_clip_config.json` (`model_cfg` + `preprocess_cfg`, as open_clip's `push_to_hf_hub`
 writes it), `open_clip_model.safetensors` (the base model with the method's weights merged in), the tokenizer
 files of a Hugging Face text tower, `templates.txt` (the prompt templates the run classified with) and a
-`README.md` model card written from the run's config.yaml and metrics.json. Methods whose weights do not merge into CLIP have no such layout: export them as a classifier.
+`README.md` model card written from the run's config.yaml and metrics.json. Methods whose weights do not merge
+into CLIP have no such layout: export them as a classifier.
 """
 
 from __future__ import annotations
