@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -68,10 +69,19 @@ def maple_block_inputs(method, model, images):
     return text_seen, image_seen, vision
 
 
-def run_two_processes_and_one(args, out: Path, port: int, quiet_two: bool = False):
-    """`cliptune ARGS` under `torchrun --nproc_per_node 2` (into out/two) and as one process (out/one, in this
-    process: no second start-up); both must succeed. Returns (the torchrun CompletedProcess, the one-process
-    click Result)."""
+def free_port() -> int:
+    """A TCP port no process listens on now (the OS picks it), for a rendezvous that must not collide with another
+    test run's on the same machine."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_two_processes_and_one(args, out: Path, quiet_two: bool = False):
+    """`cliptune ARGS` under `torchrun --nproc_per_node 2` (into out/two, on a free port) and as one process
+    (out/one, in this process: no second start-up); both must succeed. Returns (the torchrun CompletedProcess, the
+    one-process click Result)."""
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
     quiet = ["--quiet"] if quiet_two else []

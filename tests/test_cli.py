@@ -74,7 +74,7 @@ def _assert_clean_failure(result, message, out=None):
     assert result.exit_code != 0
     assert "error: " in result.output and message in result.output, result.output
     assert "Traceback" not in result.output
-    lines = [l for l in result.output.splitlines() if l.startswith("error:")]
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1
     if out is not None:
         assert not (out / "metrics.json").exists()

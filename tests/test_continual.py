@@ -166,6 +166,7 @@ def test_continual_cli_errors_and_defaults(tiny_config, split_data, tmp_path):
     assert result.exit_code != 0 and "use --method" in result.output
 
 
+@pytest.mark.slow
 def test_demo_zscl_keeps_more_control_accuracy_than_naive(tmp_path):
     """The README's continual demo (as the CLI builds it): ZSCL preserves zero-shot ability on never-trained classes better."""
     results = {strategy: continual(build_config("continual-demo", {"strategy": strategy}, protocol=continual_defaults),

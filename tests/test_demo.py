@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from cliptune.cli import cli
 
 
+@pytest.mark.slow
 def test_demo_recipe_beats_zeroshot(tmp_path):
     result = CliRunner().invoke(cli, ["finetune", "--recipe", "demo", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output

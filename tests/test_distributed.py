@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import run_two_processes_and_one
+from helpers import free_port, run_two_processes_and_one
+
+pytestmark = pytest.mark.distributed
 
 
 def test_two_processes_with_grad_accum_match_one_and_print_once(tiny_config, colour_data, tmp_path):
@@ -20,7 +22,7 @@ def test_two_processes_with_grad_accum_match_one_and_print_once(tiny_config, col
     args = ["finetune", "--data", str(colour_data), "--model-config", tiny_config, "--method", "lora",
             "--lora-dropout", "0", "--epochs", "2", "--optimizer", "sgd", "--lr", "0.05", "--batch-size", "8", "--grad-accum", "2",
             "--set", "aug_crop_scale=[1.0,1.0]", "--set", "aug_hflip=false"]
-    two, _ = run_two_processes_and_one(args, tmp_path, port=29533)
+    two, _ = run_two_processes_and_one(args, tmp_path)
 
     m2 = json.loads((tmp_path / "two/metrics.json").read_text())
     m1 = json.loads((tmp_path / "one/metrics.json").read_text())
@@ -74,5 +76,5 @@ def test_a_late_process_joins_the_feature_cache_barrier(tiny_config, colour_data
     # a process that looked for the cache file only after the main process had written it used to skip the
     # barrier the main process waited at: under CI load, a torchrun run hung in its zero-shot phase
     torch.multiprocessing.spawn(_cache_features_in_two_processes, nprocs=2,
-                                args=(29541, tiny_config, str(colour_data), str(tmp_path / "cache")))
+                                args=(free_port(), tiny_config, str(colour_data), str(tmp_path / "cache")))
     assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 1

@@ -1,4 +1,5 @@
-"""The shared feature cache: a second run on the same data and model encodes nothing; it stays within its limit."""
+"""The shared feature cache: a second run on the same data and model encodes nothing, images or zero-shot text; it
+stays within its limit."""
 
 import os
 import time
@@ -19,15 +20,17 @@ def _config(colour_data, tiny_config, **extra):
 def test_a_second_run_reads_every_feature_from_the_shared_cache(colour_data, tiny_config, tmp_path, monkeypatch):
     cache = tmp_path / "shared"
     first = api.finetune(_config(colour_data, tiny_config, cache_dir=str(cache)), tmp_path / "one")
-    assert len(list(cache.glob("features-*.safetensors"))) == 3  # train, val, test
+    assert len(list(cache.glob("features-[0-9a-f]*.safetensors"))) == 3  # train, val, test
+    assert len(list(cache.glob("features-text-*.safetensors"))) == 1  # the zero-shot head
     encoded = []
-    original = features_lib._compute
-    monkeypatch.setattr(features_lib, "_compute", lambda *a, **k: encoded.append(1) or original(*a, **k))
+    original, original_text = features_lib._compute, features_lib.zeroshot_weights
+    monkeypatch.setattr(features_lib, "_compute", lambda *a, **k: encoded.append("images") or original(*a, **k))
+    monkeypatch.setattr(features_lib, "zeroshot_weights", lambda *a, **k: encoded.append("text") or original_text(*a, **k))
     second = api.finetune(_config(colour_data, tiny_config, cache_dir=str(cache)), tmp_path / "two")
-    assert encoded == [] and second["test"] == first["test"]
+    assert encoded == [] and second["test"] == first["test"] and second["zeroshot"] == first["zeroshot"]
     assert not (tmp_path / "two" / "cache").exists() or not list((tmp_path / "two" / "cache").glob("features-*"))
     other_seed = api.finetune(_config(colour_data, tiny_config, cache_dir=str(cache), seed=8), tmp_path / "three")
-    assert encoded  # another random initialisation is another model: its features are its own
+    assert "images" in encoded and "text" in encoded  # another random initialisation is another model, with its own features
     assert other_seed["zeroshot"] != first["zeroshot"]
 
 
@@ -52,4 +55,4 @@ def test_the_least_recently_used_files_go_first_when_the_cache_passes_its_limit(
 @pytest.mark.parametrize("setting", ["run"])
 def test_cache_dir_run_keeps_features_in_the_run(colour_data, tiny_config, tmp_path, setting):
     api.finetune(_config(colour_data, tiny_config, cache_dir=setting), tmp_path / "run")
-    assert len(list((tmp_path / "run" / "cache").glob("features-*.safetensors"))) == 3
+    assert len(list((tmp_path / "run" / "cache").glob("features-[0-9a-f]*.safetensors"))) == 3  # + the zero-shot text

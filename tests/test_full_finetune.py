@@ -262,6 +262,7 @@ def test_bad_head_and_pairing_options(tiny_config, options, message):
 
 
 # ----- several processes -----
+@pytest.mark.distributed
 @pytest.mark.parametrize("loss", ["contrastive", "soft-contrastive"])
 def test_torchrun_contrastive_two_processes_match_one(loss, tiny_config, colour_data, tmp_path):
     """Features all-gathered with their gradient: 2 processes compute the 1-process loss and update.
@@ -273,7 +274,7 @@ def test_torchrun_contrastive_two_processes_match_one(loss, tiny_config, colour_
     args = ["finetune", "--data", str(colour_data), "--model-config", tiny_config, "--method", "full", "--loss", loss,
             "--train-towers", "text", "--no-lock-logit-scale", "--epochs", "2", "--lr", "0.05", "--batch-size", "13",
             "--optimizer", "sgd"]
-    run_two_processes_and_one(args, tmp_path, port=29541, quiet_two=True)
+    run_two_processes_and_one(args, tmp_path, quiet_two=True)
     m2 = json.loads((tmp_path / "two/metrics.json").read_text())
     m1 = json.loads((tmp_path / "one/metrics.json").read_text())
     assert (m2["processes"], m1["processes"]) == (2, 1)

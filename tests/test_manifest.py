@@ -56,7 +56,7 @@ def test_a_split_column_gives_the_imagefolders_split_folders(split_data, tmp_pat
     columns = ManifestColumns(path="file", label="class", split="part")
     _same_dataset(load_manifest(tsv, columns=columns, val_shots=2), load_imagefolder(split_data, val_shots=2))
     jsonl = tmp_path / "data.jsonl"
-    jsonl.write_text("".join(json.dumps({"path": p, "label": l, "split": s}) + "\n" for p, l, s in rows))
+    jsonl.write_text("".join(json.dumps({"path": p, "label": label, "split": s}) + "\n" for p, label, s in rows))
     _same_dataset(load_data(jsonl), load_imagefolder(split_data))
 
 

@@ -253,6 +253,7 @@ BELOW_ZEROSHOT_AT_CPU_BUDGET = ("coop", "cocoop", "maple")
 
 @pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="ends below zero-shot"))
                                     if m in BELOW_ZEROSHOT_AT_CPU_BUDGET else m for m in DEMO_STEPS])
+@pytest.mark.slow
 def test_every_method_beats_zero_shot_on_the_demo_with_its_defaults(tmp_path, method):
     config = build_config(DEMO_RECIPE, {"method": method, "shots": 16, "steps": DEMO_STEPS[method]})
     metrics = api.finetune(config, tmp_path / method)

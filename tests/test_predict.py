@@ -28,6 +28,7 @@ METHOD_RUNS = {
     "clip-adapter": ["--lr", 0.05],
     "kgcoop": ["--lr", 0.05],
     "clap": ["--lr", 0.5],
+    "mocoop": ["--lr", 0.05],
 }
 
 

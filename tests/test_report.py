@@ -116,6 +116,7 @@ window.addEventListener('load', () => {
 </script>"""
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed")
 @pytest.mark.parametrize("which", ["coop", "compare"])
 def test_report_renders_in_a_real_browser(runs, which, tmp_path):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 OFFLINE_LINE = ("error: could not download the weights for ViT-B-32 (openai) (offline or unreachable, and not in the "
                 "local cache); download them on a connected machine, pass a local checkpoint with --pretrained FILE "
                 "(plus --model-config FILE for a custom architecture), or pick another model with --model NAME "
@@ -60,6 +62,7 @@ class Blackhole:
         self.server.close()
 
 
+@pytest.mark.slow
 def test_unreachable_hub_fails_fast_with_the_offline_line(tmp_path):
     hub = Blackhole()
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}

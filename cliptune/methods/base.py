@@ -19,7 +19,7 @@ from torch import nn
 
 from cliptune.core.errors import CliptuneError
 from cliptune.models.loading import LoadedModel
-from cliptune.core.options import validate_fields
+from cliptune.core.options import option, validate_fields
 
 
 @dataclass
@@ -47,6 +47,12 @@ class MethodConfig:
 
     def to_dict(self) -> Dict:
         return asdict(self)
+
+
+def text_chunk_option():
+    """`text_chunk`, the same option for every method that encodes class prompts with gradients."""
+    return option(0, "class prompts per text-encoder call, each call recomputed in the backward pass (bounds memory "
+                     "with many classes; 0 = as many as fit 512 MB of activations, at most 128)", min=0)
 
 
 class Method(nn.Module, metaclass=ABCMeta):

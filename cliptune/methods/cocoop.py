@@ -2,8 +2,8 @@
 
 A small meta-net (Linear-ReLU-Linear, feature-dim/16 bottleneck) maps the normalised image feature
 to a bias added to every context vector, so each image gets its own class prompts and text
-features. That is one text-encoder pass over all classes per image; images are processed in chunks
-of at most `chunk_prompts` prompts so memory stays bounded at evaluation.
+features. That is one text-encoder pass over all classes per image, run `text_chunk` prompts at a time (with
+activation checkpointing while training), so memory stays bounded in the batch size and the class count.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.methods.base import Method, MethodConfig
+from cliptune.methods.base import Method, MethodConfig, text_chunk_option
 from cliptune.methods.coop import DASSL_DIFFERENCE, dassl_schedule
 from cliptune.methods.prompts import ClassPrompts, initial_context
 from cliptune.core.options import option
@@ -24,7 +24,7 @@ from cliptune.core.options import option
 class CoCoOpConfig(MethodConfig):
     n_ctx: int = option(4, "learned context tokens", min=1)
     ctx_init: str = option("a photo of a", "initialise the context from the first n_ctx tokens of this phrase ('' = N(0, 0.02))")
-    chunk_prompts: int = option(512, "class prompts per text-encoder call (bounds memory)", min=1)
+    text_chunk: int = text_chunk_option()
 
 
 class CoCoOp(Method):
@@ -63,12 +63,6 @@ class CoCoOp(Method):
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         image = F.normalize(image_features, dim=-1)
         ctx = self.ctx + self.meta_net(image.to(self.ctx.dtype)).unsqueeze(1)  # (batch, n_ctx, width)
-        per_chunk = max(1, self.config.chunk_prompts // len(self.prompts))
-        if torch.jit.is_tracing():  # a traced graph (ONNX export) fixes loop counts and slices: one chunk, any batch
-            per_chunk = None
-        logits = []
-        for start in range(0, len(image), per_chunk or len(image)):
-            end = start + per_chunk if per_chunk else None
-            text = F.normalize(self.prompts.encode(ctx[start:end].unsqueeze(1)), dim=-1)
-            logits.append(torch.einsum("bd,bcd->bc", image[start:end].to(text.dtype), text))
-        return self.scale * torch.cat(logits)
+        chunk = self.prompts.chunk(self.config.text_chunk)
+        text = F.normalize(self.prompts.encode_in_chunks(ctx.unsqueeze(1), chunk), dim=-1)  # (batch, classes, dim)
+        return self.scale * torch.einsum("bd,bcd->bc", image.to(text.dtype), text)

@@ -16,12 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptune.core.errors import CliptuneError
-from cliptune.methods.base import Method, MethodConfig, TextFeatureCache
+from cliptune.methods.base import Method, MethodConfig, TextFeatureCache, text_chunk_option
 from cliptune.methods.prompts import POSITIONS, ClassPrompts, initial_context, phrase_length
 from cliptune.core.options import option
-
-
-AUTO_CHUNK = 128  # classes per text-encoder call when `text_chunk` is 0: one call below that, chunks above
 
 
 @dataclass
@@ -30,8 +27,7 @@ class CoOpConfig(MethodConfig):
     ctx_init: str = option("", "initialise the context from this phrase, e.g. 'a photo of a' (default: N(0, 0.02))")
     class_specific: bool = option(False, "one context per class (CSC; cannot be used on other classes)")
     class_token_position: str = option("end", "where the class name goes", choices=POSITIONS)
-    text_chunk: int = option(0, "class prompts per text-encoder call, each recomputed in the backward pass (bounds "
-                                f"memory with many classes; 0 = {AUTO_CHUNK} at a time beyond {AUTO_CHUNK} classes)", min=0)
+    text_chunk: int = text_chunk_option()
 
 
 VIEW_BANK = 16  # augmented views encoded once per training image, instead of a fresh augmentation every step
@@ -104,7 +100,7 @@ class CoOp(Method):
 
     def text_features(self) -> torch.Tensor:
         """(classes, dim) unit-norm text features of the learned prompts."""
-        chunk = self.config.text_chunk or AUTO_CHUNK
+        chunk = self.prompts.chunk(self.config.text_chunk)
         return self._cache.get(self.prompts.token_ids, [self.ctx],
                                lambda: F.normalize(self.prompts.encode_in_chunks(self.ctx, chunk), dim=-1), self.training)
 

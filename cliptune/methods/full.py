@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from cliptune.core.errors import CliptuneError
 from cliptune.methods.losses import (SAME_CLASS, class_similarity, contrastive_loss, gather_with_grad, soft_contrastive_targets,
                              soft_target_loss)
-from cliptune.methods.base import Method, MethodConfig, TextFeatureCache
+from cliptune.methods.base import Method, MethodConfig, TextFeatureCache, text_chunk_option
 from cliptune.core.options import comma_list, option
 from cliptune.models.zeroshot import class_embeddings, class_prompts, encode_prompt_grid, prompt_grid_tokens, zeroshot_weights
 
@@ -43,6 +43,7 @@ class FullConfig(MethodConfig):
                              "(FLYP's arange targets) or positives", choices=SAME_CLASS)
     head: str = option("zeroshot", "zeroshot: the text tower's class features; linear: WiSE-FT's head from zero-shot "
                        "weights x logit scale", choices=HEADS)
+    text_chunk: int = text_chunk_option()
 
 
 class FullFineTune(Method):
@@ -145,9 +146,8 @@ class FullFineTune(Method):
                 self.register_buffer("prompt_features", self._encode_prompts(), persistent=False)
 
     def _encode_prompts(self) -> torch.Tensor:
-        """(classes, templates, dim) unit-norm features of all prompts (in chunks when no gradient is needed)."""
-        chunk = None if torch.is_grad_enabled() else 256
-        return encode_prompt_grid(self.model.text, self.prompt_tokens, len(self.classnames), chunk)
+        """(classes, templates, dim) unit-norm features of all prompts, `text_chunk` prompts per text-encoder call."""
+        return encode_prompt_grid(self.model.text, self.prompt_tokens, len(self.classnames), self.config.text_chunk)
 
     def class_features(self) -> torch.Tensor:
         """(classes, dim) zero-shot head: the normalised mean of the normalised template features."""

@@ -33,7 +33,7 @@ from torch import nn
 
 from cliptune.core.errors import CliptuneError
 from cliptune.methods.full import FullConfig, FullFineTune
-from cliptune.methods.base import Method, MethodConfig, TextFeatureCache
+from cliptune.methods.base import Method, MethodConfig, TextFeatureCache, text_chunk_option
 from cliptune.core.options import comma_list, option
 from cliptune.models.zeroshot import class_embeddings, encode_prompt_grid, prompt_grid_tokens
 
@@ -52,6 +52,7 @@ class LoRAConfig(MethodConfig):
     lora_towers: str = option("vision,text", "towers to adapt, comma list of vision,text", comma_choices=TOWERS)
     lora_targets: str = option("q,k,v", "attention projections, comma list of q,k,v,out", comma_choices=TARGETS)
     lora_layers: Union[str, int] = option("all", "blocks to adapt: all, or indices/ranges like 6-11 or 0,2,4-5")
+    text_chunk: int = text_chunk_option()
 
 
 def parse_layers(spec: str, depth: int, tower: str) -> List[int]:
@@ -248,8 +249,8 @@ class LoRA(Method):
         text_parameters = [p for p in self.model.text.parameters() if p.requires_grad]  # the text LoRA factors, if any
 
         def compute() -> torch.Tensor:
-            chunk = None if torch.is_grad_enabled() else 256
-            return class_embeddings(encode_prompt_grid(self.model.text, self.prompt_tokens, len(self.classnames), chunk))
+            tokens = self.prompt_tokens
+            return class_embeddings(encode_prompt_grid(self.model.text, tokens, len(self.classnames), self.config.text_chunk))
 
         return self._text_cache.get(self.prompt_tokens, text_parameters, compute, self.training)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.methods.base import Method, MethodConfig, TextFeatureCache
+from cliptune.methods.base import Method, MethodConfig, TextFeatureCache, text_chunk_option
 from cliptune.methods.coop import dassl_schedule
 from cliptune.methods.prompts import ClassPrompts, initial_context
 from cliptune.core.options import option
@@ -29,6 +29,7 @@ class MaPLeConfig(MethodConfig):
     n_ctx: int = option(2, "learned context tokens per prompted layer", min=1)
     ctx_init: str = option("a photo of a", "the input context starts as the first n_ctx tokens of this phrase")
     prompt_depth: int = option(9, "layers carrying prompts, input included (capped at the towers' depth)", min=1)
+    text_chunk: int = text_chunk_option()
 
 
 class MaPLe(Method):
@@ -90,7 +91,8 @@ class MaPLe(Method):
             prompt = deep[index - 1].to(x.dtype).expand(x.shape[0], -1, -1)
             return torch.cat([x[:, :start], prompt, x[:, start + n :]], dim=1)
 
-        return F.normalize(self.prompts.encode(self.ctx, replace_prompts), dim=-1)
+        chunk = self.prompts.chunk(self.config.text_chunk)
+        return F.normalize(self.prompts.encode_in_chunks(self.ctx, chunk, replace_prompts), dim=-1)
 
     def text_features(self) -> torch.Tensor:
         """(classes, dim) unit-norm text features of the prompted text tower."""

@@ -10,7 +10,7 @@ token (or [CLS]) and masks the real padding once the context is inserted.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cliptune.core.errors import CliptuneError
 from cliptune.models.towers import TextTower
+from cliptune.models.zeroshot import prompts_per_call
 
 POSITIONS = ("end", "middle", "front")
 
@@ -44,10 +45,12 @@ class ClassPrompts(nn.Module):
     """Frozen token embeddings around the context slots of every class prompt (non-persistent buffers).
 
     `position` places the class tokens after ("end"), inside ("middle") or before ("front") the
-    context, as in CoOp; the sequence length and end-token position do not change.
+    context, as in CoOp; `before` (MoCoOp) puts exactly that many context tokens ahead of the class name instead.
+    The sequence length and end-token position do not change.
     """
 
-    def __init__(self, text: TextTower, classnames: Sequence[str], n_ctx: int, ctx_init: str = "", position: str = "end"):
+    def __init__(self, text: TextTower, classnames: Sequence[str], n_ctx: int, ctx_init: str = "", position: str = "end",
+                 before: Optional[int] = None):
         super().__init__()
         if n_ctx < 1:
             raise CliptuneError(f"n_ctx must be at least 1, got {n_ctx}")
@@ -57,7 +60,7 @@ class ClassPrompts(nn.Module):
         self.start = text.prompt_start  # index of the first context token
         self.n_ctx = n_ctx
         self.ctx_init = ctx_init
-        self.position = position
+        self.before = before if before is not None else {"end": n_ctx, "middle": n_ctx // 2, "front": 0}[position]
         self.set_classes(classnames)
 
     @torch.no_grad()
@@ -79,14 +82,12 @@ class ClassPrompts(nn.Module):
         self.register_buffer("prefix", embeddings[:, :s].clone(), persistent=False)
         self.register_buffer("suffix", embeddings[:, s + n :].clone(), persistent=False)
         order = None
-        if self.position != "end":  # positions of the "end" layout, per class, in the wanted layout
+        if self.before < n:  # positions of the "end" layout, per class, in the wanted layout
             rows = []
             length = token_ids.shape[1]
             for m in name_lengths:
                 ctx, name, rest = list(range(s, s + n)), list(range(s + n, s + n + m)), list(range(s + n + m, length))
-                half = n // 2
-                middle = ctx[:half] + name + ctx[half:] if self.position == "middle" else name + ctx
-                rows.append(list(range(s)) + middle + rest)
+                rows.append(list(range(s)) + ctx[: self.before] + name + ctx[self.before :] + rest)
             order = torch.tensor(rows, device=token_ids.device)
         self.register_buffer("order", order, persistent=False)
 
@@ -120,19 +121,31 @@ class ClassPrompts(nn.Module):
         features = self.text.encode_embeddings(flat, token_ids, layer_hook)
         return features.reshape(*lead, prompts.shape[-3], -1)
 
-    def encode_in_chunks(self, ctx: torch.Tensor, chunk: int) -> torch.Tensor:
-        """`encode` `chunk` classes at a time; while training, each chunk's activations are recomputed in the
-        backward pass (activation checkpointing), so peak memory follows the chunk, not the class count. The same
-        features and gradients as one call (tested). Shared context (n_ctx, width) or one per class."""
-        if chunk <= 0 or chunk >= len(self) or ctx.dim() > 3:
-            return self.encode(ctx)
-        pieces = []
-        for start in range(0, len(self), chunk):
-            rows = slice(start, start + chunk)
-            part = ctx[rows] if ctx.dim() == 3 and ctx.shape[0] == len(self) else ctx
-            if torch.is_grad_enabled() and part.requires_grad:
-                pieces.append(checkpoint(self.encode, part, None, rows, use_reentrant=False))
-            else:
-                pieces.append(self.encode(part, rows=rows))
-        return torch.cat(pieces)
+    def encode_in_chunks(self, ctx: torch.Tensor, chunk: int, layer_hook=None) -> torch.Tensor:
+        """`encode` at most `chunk` prompts per text-encoder call. While training, each call's activations are
+        recomputed in the backward pass (activation checkpointing), so peak memory follows the chunk, not the
+        class count; features and gradients are those of one call (tested). `ctx`: shared (n_ctx, width), one
+        per class (classes, n_ctx, width), or one per image (images, 1, n_ctx, width) -> (images, classes, dim)."""
+        classes = len(self)
+        per_image = ctx.dim() == 4
+        images = ctx.shape[0] if per_image else 1
+        if chunk >= images * classes or torch.jit.is_tracing():  # a traced graph (ONNX) fixes loop counts: one call
+            return self.encode(ctx, layer_hook)
+        class_step, image_step = min(chunk, classes), max(1, chunk // classes)
+        groups = []
+        for first in range(0, images, image_step):
+            group = ctx[first : first + image_step] if per_image else ctx
+            pieces = []
+            for start in range(0, classes, class_step):
+                rows = slice(start, start + class_step)
+                part = group[rows] if ctx.dim() == 3 and ctx.shape[0] == classes else group
+                if torch.is_grad_enabled():
+                    pieces.append(checkpoint(self.encode, part, layer_hook, rows, use_reentrant=False))
+                else:
+                    pieces.append(self.encode(part, layer_hook, rows))
+            groups.append(torch.cat(pieces, dim=-2))
+        return torch.cat(groups) if per_image else groups[0]
 
+    def chunk(self, setting: int) -> int:
+        """Prompts per text-encoder call for a method's `text_chunk` setting (0: from the memory budget)."""
+        return prompts_per_call(self.text, self.token_ids.shape[1], setting)

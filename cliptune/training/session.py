@@ -26,7 +26,7 @@ from cliptune.training.checkpoints import load_method_state
 from cliptune.training.engine import Inputs
 from cliptune.core.cachedir import feature_cache
 from cliptune.core.errors import CliptuneError
-from cliptune.models.features import FeatureMemory, image_features
+from cliptune.models.features import FeatureMemory, image_features, zeroshot_text_features
 from cliptune.data.imagecache import DecodedImages, decode_split, train_size
 from cliptune.data.manifest import ManifestColumns
 from cliptune.data.sources import load_data
@@ -36,7 +36,6 @@ from cliptune.core.metrics import classification_metrics
 from cliptune.models.loading import LoadedModel, load_model
 from cliptune.core.runfolder import RunFolder, read_json
 from cliptune.data.templates import load_templates
-from cliptune.models.zeroshot import zeroshot_weights
 
 
 def model_from_config(config: RunConfig, device: str | torch.device = "cpu") -> LoadedModel:
@@ -207,7 +206,8 @@ class Session:
         return Inputs(labels=labels, images=self.images(split, train))
 
     def zeroshot_logits(self, split: str) -> torch.Tensor:
-        weights = zeroshot_weights(self.model.text, self.data.classnames, self.templates)
+        weights = zeroshot_text_features(self.model, self.data.classnames, self.templates, cache_dir=self.feature_dir,
+                                         memory=self.memory)
         features = F.normalize(self.features(split).to(weights.device), dim=-1)
         return self.model.logit_scale * features @ weights.T
 
