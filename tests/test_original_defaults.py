@@ -2,7 +2,7 @@
 them as the original does (Dassl: the lr held for an epoch, the last partial batch dropped).
 
 Original repositories read (HEAD): KaiyangZhou/CoOp ff61507c, KaiyangZhou/Dassl.pytorch c61a1b57,
-muzairkhattak/multimodal-prompt-learning 69bce21a, htyao89/KgCoOp c43ccc3, dyabel/mocoop f58667d, jusiro/CLAP dbdf409, gaopengcuhk/Tip-Adapter d0e2d6f8, MaxZanella/CLIP-LoRA
+muzairkhattak/multimodal-prompt-learning 69bce21a, htyao89/KgCoOp c43ccc3, dyabel/mocoop f58667d, HealthX-Lab/BiomedCoOp 7ceb5a8, jusiro/CLAP dbdf409, gaopengcuhk/Tip-Adapter d0e2d6f8, MaxZanella/CLIP-LoRA
 358f0d73, mlfoundations/wise-ft 58b7a4b3, locuslab/FLYP 215d5bb6.
 """
 
@@ -35,6 +35,8 @@ ORIGINAL = {
     # CLAP configs/trainers/SGD_lr1e-1_B256_ep300.yaml (Dassl's momentum, per-epoch cosine), adapters.py:143 (20 views)
     ("clap", 1): {**DASSL, "lr": 0.1, "weight_decay": 0.0, "batch_size": 256, "epochs": 300, "aug_views": 20},
     ("clap", 16): {**DASSL, "lr": 0.1, "weight_decay": 0.0, "batch_size": 256, "epochs": 300, "aug_views": 20},
+    # BiomedCoOp configs/trainers/BiomedCoOp/few_shot/*.yaml:1-29 (lr 0.0025, batch 4, 100 epochs, crop without flip)
+    ("biomedcoop", 16): {**DASSL, "lr": 0.0025, "batch_size": 4, "epochs": 100, "aug_hflip": False},
     # MoCoOp configs/MoCoOp/vit_b16_c4_ep25_batch32_cls_t2t_5_wcl_25_g1_b_lr32.yaml:3,17,18,20 (3 warm-up epochs), PREC
     # amp: gradients clipped at 1.0 (prompting/moe.py:632); TEXT_LOSS_WEIGHT 5, GATE_LOSS_WEIGHT 1 (:35-40)
     ("mocoop", 16): {**DASSL, "lr": 0.032, "batch_size": 32, "epochs": 25, "warmup_epochs": 3, "max_grad_norm": 1.0},

@@ -29,6 +29,7 @@ METHOD_RUNS = {
     "kgcoop": ["--lr", 0.05],
     "clap": ["--lr", 0.5],
     "mocoop": ["--lr", 0.05],
+    "biomedcoop": ["--lr", 0.05],
 }
 
 

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Type
 from cliptune.core.errors import CliptuneError
 from cliptune.core.seeding import isolated_rng
 from cliptune.methods.base import Method, MethodConfig
+from cliptune.methods.biomedcoop import BiomedCoOp
 from cliptune.methods.clap import CLAP
 from cliptune.methods.clip_adapter import CLIPAdapter
 from cliptune.methods.cocoop import CoCoOp
@@ -30,7 +31,7 @@ from cliptune.core.options import default_of, flag_name
 # What a method must implement for each export format it declares.
 FORMAT_NEEDS = {"merged": ("merged_state_dict",), "adapter": ("adapter_config", "adapter_state_dict", "load_adapter_state_dict")}
 
-REGISTERED = (LinearProbe, CoOp, KgCoOp, CoCoOp, MaPLe, MoCoOp, LoRA, FullFineTune, TipAdapter, TipAdapterF, CLIPAdapter, CLAP)
+REGISTERED = (LinearProbe, CoOp, KgCoOp, BiomedCoOp, CoCoOp, MaPLe, MoCoOp, LoRA, FullFineTune, TipAdapter, TipAdapterF, CLIPAdapter, CLAP)
 
 
 def _checked(cls: Type[Method]) -> Type[Method]:
