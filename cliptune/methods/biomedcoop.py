@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from cliptune.core.options import option
 from cliptune.methods.coop import DASSL_DIFFERENCE, CoOp, CoOpConfig, dassl_schedule
-from cliptune.models.zeroshot import class_prompts
+from cliptune.models.zeroshot import class_prompts, encode_prompt_grid
 
 
 @dataclass
@@ -94,8 +94,7 @@ class BiomedCoOp(CoOp):
         sentences = [self.descriptions.get(name) or class_prompts(name, self.templates) for name in self.classnames]
         count = min(self.config.max_descriptions, *(len(each) for each in sentences))
         flat = [sentence for each in sentences for sentence in each[:count]]
-        features = torch.cat([text.encode(text.tokenize(flat[start : start + 256])) for start in range(0, len(flat), 256)])
-        return features.view(len(self.classnames), count, -1)
+        return encode_prompt_grid(text, text.tokenize(flat), len(self.classnames), 256)
 
     def set_classes(self, classnames) -> None:
         super().set_classes(classnames)
