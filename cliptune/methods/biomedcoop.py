@@ -26,16 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from cliptune.core.options import option
-from cliptune.methods.coop import DASSL_DIFFERENCE, CoOp, CoOpConfig, dassl_schedule
+from cliptune.methods.coop import DASSL_DIFFERENCE, CoOp, PhotoContextConfig, dassl_schedule
 from cliptune.models.zeroshot import class_prompts, encode_prompt_grid
 
 
 @dataclass
-class BiomedCoOpConfig(CoOpConfig):
+class BiomedCoOpConfig(PhotoContextConfig):
     # scripts/biomedcoop/few_shot.sh:8-10 (N_CTX 4, CSC False, end), configs/trainers/BiomedCoOp/few_shot/*.yaml:33
-    n_ctx: int = option(4, "learned context tokens (set to the token count of --ctx-init when given)", min=1)
-    ctx_init: str = option("a photo of a", "initialise the context from this phrase ('' = N(0, 0.02))")
-    # train.py:126-129 (each dataset's config sets its own, e.g. btmri 0.5 / 0.25 / 1.5)
+    # (CTX_INIT "a photo of a"); train.py:126-129 (each dataset's config sets its own, e.g. btmri 0.5 / 0.25 / 1.5)
     sccm_weight: float = option(1.0, "weight of the squared distance to the mean description features (SCCM)", min=0,
                                 flag="--sccm-weight")
     kdsp_weight: float = option(1.0, "weight of the KL to the teacher of the selected descriptions (KDSP)", min=0,

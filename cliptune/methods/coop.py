@@ -30,6 +30,14 @@ class CoOpConfig(MethodConfig):
     text_chunk: int = text_chunk_option()
 
 
+@dataclass
+class PhotoContextConfig(CoOpConfig):
+    """CoOp's options with the context started from "a photo of a" (4 tokens), as KgCoOp and BiomedCoOp start it."""
+
+    n_ctx: int = option(4, "learned context tokens (set to the token count of --ctx-init when given)", min=1)
+    ctx_init: str = option("a photo of a", "initialise the context from this phrase ('' = N(0, 0.02))")
+
+
 VIEW_BANK = 16  # augmented views encoded once per training image, instead of a fresh augmentation every step
 
 

@@ -17,15 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from cliptune.core.options import option
-from cliptune.methods.coop import DASSL_DIFFERENCE, CoOp, CoOpConfig, dassl_schedule
+from cliptune.methods.coop import DASSL_DIFFERENCE, CoOp, PhotoContextConfig, dassl_schedule
 from cliptune.models.zeroshot import zeroshot_weights
 
 
 @dataclass
-class KgCoOpConfig(CoOpConfig):
+class KgCoOpConfig(PhotoContextConfig):
     # trainers/kgcoop.py:94-98 (CTX_INIT: "a photo of a", so 4 context tokens); scripts/run.sh passes W = 8.0
-    n_ctx: int = option(4, "learned context tokens (set to the token count of --ctx-init when given)", min=1)
-    ctx_init: str = option("a photo of a", "initialise the context from this phrase ('' = N(0, 0.02))")
     weight: float = option(8.0, "weight of 1 - mean cosine between learned and hand-crafted class text features", min=0,
                            flag="--kg-weight")
 
