@@ -1,8 +1,9 @@
 """The feature cache that runs share: where it lives and how large it may grow.
 
 Frozen-tower image features are cached under a key of the model (weights files, or a random init's seed), the
-preprocessing and every file of the split (path, label, size, mtime), so any run, `compare` cell or `sweep`
-trial on the same data and model reuses them, in this process or a later one. Files are written atomically
+preprocessing and every file of the split (path, label, size, mtime), and a run's zero-shot head under a key of
+the model, the class names and the templates, so any run, `compare` cell or `sweep` trial on the same data and
+model reuses them, in this process or a later one. Files are written atomically
 (readers never see half a file) and the least recently used are removed once the folder passes its size limit.
 """
 
@@ -27,8 +28,8 @@ def user_cache_dir() -> Path:
 
 
 def feature_cache(setting: Optional[str], run_cache: Path) -> Path:
-    """The folder a run caches image features in: `setting` (a path), the run's own cache for "run", else the
-    user cache's `features/`."""
+    """The folder a run caches features in (image features and its zero-shot head): `setting` (a path), the run's own
+    cache for "run", else the user cache's `features/`."""
     if setting == RUN_LOCAL:
         return run_cache
     return Path(setting) if setting else user_cache_dir() / "features"

@@ -37,6 +37,13 @@ class FeatureMemory(OrderedDict):
         super().__init__()
         self.entries = entries
 
+    def recall(self, key: str) -> Optional[torch.Tensor]:
+        """The features under `key`, now the most recently used, or None."""
+        if key not in self:
+            return None
+        self.move_to_end(key)
+        return self[key]
+
     def remember(self, key: str, features: torch.Tensor) -> None:
         self[key] = features
         self.move_to_end(key)
@@ -82,9 +89,9 @@ def image_features(
     """
     precision = accelerator.mixed_precision if accelerator is not None else "no"
     key = cache_key(model, split, transform, views, seed, precision)
-    if memory is not None and key in memory:
-        memory.move_to_end(key)
-        return memory[key]
+    recalled = memory.recall(key) if memory is not None else None
+    if recalled is not None:
+        return recalled
     path = Path(cache_dir) / f"features-{key}.safetensors" if cache_dir else None
     is_main = accelerator is None or accelerator.is_main_process
     shared = path is not None and accelerator is not None and accelerator.num_processes > 1
@@ -115,9 +122,9 @@ def zeroshot_text_features(model: LoadedModel, classnames, templates, *, cache_d
     dtype = next(model.clip.parameters()).dtype
     digest = hashlib.sha256("\0".join([model.spec.fingerprint(), str(dtype), *classnames, "", *templates]).encode())
     key = f"text-{digest.hexdigest()[:24]}"
-    if memory is not None and key in memory:
-        memory.move_to_end(key)
-        return memory[key]
+    recalled = memory.recall(key) if memory is not None else None
+    if recalled is not None:
+        return recalled
     path = Path(cache_dir) / f"features-{key}.safetensors" if cache_dir else None
     weights = _load(path) if path is not None and path.is_file() else None
     if weights is None:
