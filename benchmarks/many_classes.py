@@ -2,11 +2,11 @@
 class count, with the text tower run in chunks of prompts under activation checkpointing (the default,
 `--text-chunk 0`: as many prompts as fit 512 MB of activations, at most 128) and in one call.
 
-    python benchmarks/many_classes.py [--methods coop,kgcoop,cocoop,maple,mocoop,lora,full] [--classes 10,100,1000,10000]
+    python benchmarks/many_classes.py [--methods coop,kgcoop,cocoop,maple,promptsrc,mocoop,lora,full] [--classes 10,100,1000,10000]
                                       [--steps 3] [--repeats 3] [--mmap-threshold 65536] [--one-call-up-to 1000]
 
 Each setting runs in a fresh process on the bundled demo model, at the method's default batch size for 16 shots
-(CoCoOp 1, MaPLe 4, the others 32), with one prompt template (MoCoOp: the demo recipe's three, a prompt each); memory is the peak during training minus the
+(CoCoOp 1, MaPLe and PromptSRC 4, the others 32), with one prompt template (MoCoOp: the demo recipe's three, a prompt each); memory is the peak during training minus the
 resident size before the first step, the median of `--repeats` processes. Run it alone on the machine.
 
 The children run with glibc's mmap threshold fixed (`--mmap-threshold 65536`, MALLOC_MMAP_THRESHOLD_): by default
@@ -77,7 +77,7 @@ def environment(threshold: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="coop,kgcoop,cocoop,maple,mocoop,lora,full")
+    parser.add_argument("--methods", default="coop,kgcoop,cocoop,maple,promptsrc,mocoop,lora,full")
     parser.add_argument("--classes", default="10,100,1000,10000")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per setting (medians are printed)")

@@ -343,9 +343,10 @@ def report(runs, output):
 
 
 @cli.command(cls=MethodOptionsCommand, methods=methods_exporting_merged)
-@config_flags(*MODEL_SETTINGS, "tasks", "controls", "reference", "reference_texts", "strategy")
+@config_flags(*MODEL_SETTINGS, "tasks", "controls", "reference", "reference_texts", "strategy", "report_to")
 @click.option("--method", help="full | lora [full]")
-@config_flags("templates", "seed", "distill_image", "distill_text", "avg_every", "wise_alpha", "l2", *TRAINING_SETTINGS)
+@config_flags("templates", "seed", "distill_image", "distill_text", "avg_every", "wise_alpha", "modx_alpha", "l2",
+              *TRAINING_SETTINGS)
 @run_folder_options
 def continual(recipe, set_values, out, resume, overwrite, method_values, **options):
     """Learn a sequence of tasks, measuring forgetting and zero-shot transfer (MTIL metrics)."""

@@ -8,13 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from cliptune.cli import cli
 from cliptune.config.run import build_config
-from cliptune.continual.loop import (ContinualLearner, WeightAverage, _Sequence, continual, continual_defaults, distillation_kl,
-                                    encode_texts, feature_distillation, load_task,
-                                    mtil_metrics, reference_texts, virtual_vocabulary)
-from cliptune.core.runfolder import RunFolder
+from cliptune.continual import STRATEGIES, strategy_class
+from cliptune.continual.base import distillation_kl, feature_distillation
+from cliptune.continual.loop import ContinualLearner, continual, continual_defaults, load_task, mtil_metrics
+from cliptune.continual.lwf_vr import virtual_vocabulary
+from cliptune.continual.zscl import WeightAverage, reference_texts
+from cliptune.config.run import RunConfig
+from cliptune.core.options import choices_of
 from cliptune.training.engine import Trainer
 from cliptune.core.errors import CliptuneError, InterruptedRun
 from cliptune.methods import build_method
@@ -81,19 +85,18 @@ def test_bundled_reference_texts():
     assert len(texts) >= 990 and "goldfish" in texts and len(set(texts)) == len(texts)
 
 
-@pytest.mark.parametrize("strategy", ["lwf", "lwf-vr", "zscl"])
+@pytest.mark.parametrize("strategy", ["lwf", "lwf-vr", "zscl", "modx"])
 def test_regulariser_is_zero_before_training(tiny_config, split_data, strategy):
-    model = load_model(model_config=tiny_config)
-    teacher = dataclasses.replace(model, clip=copy.deepcopy(model.clip))
-    config = build_config(None, {"data": str(split_data), "model_config": tiny_config, "method": "full", "batch_size": 4})
-    method = build_method("full", model, ["tomato", "corn"], ["a photo of a {}."])
-    references = sorted((split_data / "val").rglob("*.png"))
-    texts = encode_texts(teacher.text, teacher.text.tokenize(["cat", "dog", "leaf", "car"]))
-    learner = ContinualLearner(method, strategy, config, teacher, references, texts).train()
-    images = torch.randn(3, 3, 32, 32)
-    learner(images)
-    assert learner._regulariser is not None
-    assert learner._regulariser.abs().item() < 1e-6
+    learner, _ = _learner(tiny_config, split_data, strategy)
+    extra = learner.strategy.regulariser(learner.method, torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 1]))
+    assert extra is not None and extra.abs().item() < 1e-6
+
+
+def test_the_strategy_choices_are_the_registry():
+    assert choices_of(RunConfig, "strategy") == tuple(STRATEGIES)
+    assert all(cls.summary for cls in STRATEGIES.values())
+    with pytest.raises(CliptuneError, match="unknown strategy 'magic'"):
+        strategy_class("magic")
 
 
 def _continual_config(split_data, colour_data, tiny_config, strategy, **extra):
@@ -212,14 +215,20 @@ def test_virtual_vocabulary_is_1000_seeded_sequences_of_10_random_tokens(tiny_co
 
 
 def _learner(tiny_config, split_data, strategy, **values):
+    """A task's learner for `strategy` on two of split_data's classes: zscl's references are its val images and the
+    phrases cat/dog/leaf/car; lwf-vr's vocabulary is 20 sequences; the teacher is a copy of the model."""
     model = load_model(model_config=tiny_config)
     teacher = dataclasses.replace(model, clip=copy.deepcopy(model.clip))
+    phrases = split_data.parent / "phrases.txt"
+    phrases.write_text("cat\ndog\nleaf\ncar\n")
     config = build_config(None, {"data": str(split_data), "model_config": tiny_config, "method": "full", "batch_size": 4,
-                                 **values})
-    method = build_method("full", model, ["tomato", "corn"], ["a photo of a {}."])
-    images = sorted((split_data / "val").rglob("*.png"))
-    tokens = virtual_vocabulary(teacher.text, 20, 10) if strategy == "lwf-vr" else teacher.text.tokenize(["cat", "dog", "leaf", "car"])
-    return ContinualLearner(method, strategy, config, teacher, images, encode_texts(teacher.text, tokens)).train(), teacher
+                                 "reference": str(split_data / "val"), "reference_texts": str(phrases),
+                                 "vocab_size": 20, **values})
+    name, data = load_task(f"{split_data}:Tomato___Late_blight,Corn_(maize)___Common_rust", config, None)
+    method = build_method("full", model, data.classnames, ["a photo of a {}."])
+    chosen = strategy_class(strategy)(config)
+    chosen.start_task(method, teacher, data, ["a photo of a {}."])
+    return ContinualLearner(method, chosen, config).train(), teacher
 
 
 def _perturb(method, seed=0):
@@ -237,8 +246,8 @@ def test_zscl_ensemble_holds_the_task_start_and_every_avg_every_th_step_from_the
         learner.after_optimizer_step()
         if step in (1, 3):  # ZSCL's iterations 0 and 2 (a snapshot after each one's update)
             snapshots.append(learner.trainable_state_dict())
-    assert learner.average.count == 3
-    for name, value in learner.average.mean.items():
+    assert learner.strategy.average.count == 3
+    for name, value in learner.strategy.average.mean.items():
         assert torch.allclose(value, sum(s[name] for s in snapshots) / 3, atol=1e-6)
 
 
@@ -252,53 +261,60 @@ def test_l2_pull_toward_the_task_start_weights(tiny_config, split_data):
     assert torch.allclose(learner.loss(logits, labels), expected, rtol=1e-5)
 
 
-def test_lwf_distils_the_previous_models_class_prompts_on_the_tasks_own_image_stream(tiny_config, split_data, colour_data,
-                                                                                        tmp_path):
+def _distilled_on_the_stream(learner):
+    """The regulariser on a training batch, and the stream batch it distilled (not the training batch)."""
+    drawn = []
+    next_images = learner.strategy.next_images
+    learner.strategy.next_images = lambda device: drawn.append(next_images(device)) or drawn[-1]
+    extra = learner.strategy.regulariser(learner.method, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    (images,) = drawn
+    return extra, images
+
+
+def test_lwf_distils_the_previous_models_class_prompts_on_the_tasks_own_image_stream(tiny_config, split_data):
     """ZSCL's LwF (lwf.sh): the ZSCL code path with the current task's training images (eval transform) and the
     previous model's features of its class prompts, image->text and text->image."""
-    config = _continual_config(split_data, colour_data, tiny_config, "lwf", distill_image=0.3, distill_text=0.7)
-    model = load_model(model_config=tiny_config)
-    teacher = dataclasses.replace(model, clip=copy.deepcopy(model.clip))
-    sequence = _Sequence(config, RunFolder(tmp_path / "run"), None, ["a photo of a {}."], [], [], (None, None),
-                         pristine=model.clip, initial=teacher)
-    name, data = load_task(config.tasks[0], config, None)
-    method = build_method("full", model, data.classnames, ["a photo of a {}."])
-    learner = sequence.learner(method, teacher, data).train()
-    assert learner._stream.dataset.files == data.split("train").files
+    learner, teacher = _learner(tiny_config, split_data, "lwf", distill_image=0.3, distill_text=0.7)
+    strategy = learner.strategy
+    name, data = load_task(f"{split_data}:Tomato___Late_blight,Corn_(maize)___Common_rust", strategy.config, None)
+    assert strategy.stream.dataset.files == data.split("train").files
     _perturb(learner.method)
-    drawn = []
-    next_images = learner._next_images
-    learner._next_images = lambda device: drawn.append(next_images(device)) or drawn[-1]
-    learner(torch.randn(2, 3, 32, 32))  # the training batch is not what is distilled
-    (images,) = drawn
+    extra, images = _distilled_on_the_stream(learner)
     with torch.no_grad():
         texts = zeroshot_weights(teacher.text, data.classnames, ["a photo of a {}."])
         student, reference = learner.method.model.image.encode(images), teacher.image.encode(images)
     image_side, text_side = feature_distillation(student, reference, texts, teacher.logit_scale)
-    assert torch.allclose(learner._regulariser, 0.3 * image_side + 0.7 * text_side, atol=1e-5)
+    assert torch.allclose(extra, 0.3 * image_side + 0.7 * text_side, atol=1e-5)
     assert image_side > 0 and text_side > 0
 
 
 def test_lwf_vr_scores_the_whole_vocabulary_on_its_own_image_stream(tiny_config, split_data):
     learner, teacher = _learner(tiny_config, split_data, "lwf-vr")
-    assert learner._teacher_texts.shape[0] == 20  # every sequence, every step
+    assert learner.strategy.texts.shape[0] == 20  # every sequence, every step
     _perturb(learner.method)
-    drawn = []
-    next_images = learner._next_images
-    learner._next_images = lambda device: drawn.append(next_images(device)) or drawn[-1]
-    learner(torch.randn(2, 3, 32, 32))  # the training batch is not what is distilled
-    (images,) = drawn
-    assert images.shape[0] == 4 and learner._stream.dataset.files == sorted((split_data / "val").rglob("*.png"))
+    extra, images = _distilled_on_the_stream(learner)
+    assert images.shape[0] == 4
     with torch.no_grad():
         texts = teacher.text.encode(virtual_vocabulary(teacher.text, 20, 10))
         student = learner.method.model.image.encode(images)
         reference = teacher.image.encode(images)
     image_side, text_side = feature_distillation(student, reference, texts, teacher.logit_scale)
-    assert torch.allclose(learner._regulariser, image_side + text_side, atol=1e-5)
+    assert torch.allclose(extra, image_side + text_side, atol=1e-5)
+
+
+def test_zscl_distils_the_reference_images_against_every_reference_phrase(tiny_config, split_data):
+    learner, teacher = _learner(tiny_config, split_data, "zscl")
+    assert learner.strategy.stream.dataset.files == sorted((split_data / "val").rglob("*.png"))
+    _perturb(learner.method)
+    extra, images = _distilled_on_the_stream(learner)
+    with torch.no_grad():
+        texts = teacher.text.encode(teacher.text.tokenize(["cat", "dog", "leaf", "car"]))
+        student, reference = learner.method.model.image.encode(images), teacher.image.encode(images)
+    assert torch.allclose(extra, sum(feature_distillation(student, reference, texts, teacher.logit_scale)), atol=1e-5)
 
 
 def test_wise_strategy_interpolates_with_the_task_start_weights(tiny_config, split_data, colour_data, tmp_path, monkeypatch):
-    import cliptune.continual.loop as continual_module
+    import cliptune.continual.wise as continual_module
 
     anchors = []
     original = continual_module.interpolate
@@ -330,3 +346,81 @@ def test_l2_flag_reaches_the_config_and_is_checked_before_the_run_folder(tiny_co
     result = CliRunner().invoke(cli, ["continual", "--model-config", tiny_config, "--task", str(split_data),
                                       "--set", "full.head=linear", "--set", "full.train_towers=vision", "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "full.head=zeroshot" in result.output
+
+
+# ----- Mod-X -----
+def _modx_reference(image, text, old_image, old_text):
+    """ZixuanNi/Mod-X continue_train_model.py:225-233, 309-330 with unique captions (pair i is image i, text i)."""
+    per_image, per_text = image @ text.t(), text @ image.t()
+    old_image_text, old_text_image = old_image @ old_text.t(), old_text @ old_image.t()
+
+    def cognition_align(new, old):
+        old = old.clone()
+        for i in range(len(old)):
+            if old[i].argmax() != i:
+                old[i] = new[i]
+        return old
+
+    old_image_text, old_text_image = cognition_align(per_image, old_image_text), cognition_align(per_text, old_text_image)
+    loss_image = F.kl_div(per_image.softmax(dim=-1).log(), old_image_text.softmax(dim=-1), reduction="sum")
+    loss_text = F.kl_div(per_text.softmax(dim=-1).log(), old_text_image.softmax(dim=-1), reduction="sum")
+    return (loss_image + loss_text) / 2
+
+
+def test_modx_term_equals_the_original_code_with_unique_pairs_and_screens_wrong_rows():
+    from cliptune.continual.modx import offdiagonal_distillation
+
+    g = torch.Generator().manual_seed(5)
+    unit = lambda x: F.normalize(x, dim=-1)  # noqa: E731
+    image, text = unit(torch.randn(6, 8, generator=g)), unit(torch.randn(6, 8, generator=g))
+    old_image = unit(image + 0.3 * torch.randn(6, 8, generator=g))
+    old_text = unit(image + 0.8 * torch.randn(6, 8, generator=g))  # the old model matches most pairs, not all
+    labels = torch.arange(6)
+    screened = int(((old_image @ old_text.T).argmax(1) != labels).sum() + ((old_text @ old_image.T).argmax(1) != labels).sum())
+    assert 0 < screened < 12
+    term = offdiagonal_distillation(image, text, old_image, old_text, labels)
+    assert torch.allclose(term, _modx_reference(image, text, old_image, old_text), atol=1e-6) and term > 0
+    assert offdiagonal_distillation(image, text, image, text, labels).abs() < 1e-6
+
+
+def test_modx_with_class_prompts_counts_a_match_of_the_same_class_as_right():
+    from cliptune.continual.modx import screened_kl
+
+    labels = torch.tensor([0, 0, 1])
+    previous = torch.tensor([[0.1, 0.9, 0.0], [0.9, 0.1, 0.0], [0.0, 0.9, 0.1]])  # rows 0, 1: best match is their class
+    current = torch.zeros(3, 3)
+    kept = F.kl_div(F.log_softmax(current[:2], -1), F.softmax(previous[:2], -1), reduction="sum")  # row 2 is screened
+    assert torch.allclose(screened_kl(current, previous, labels), kept)
+
+
+def test_modx_regulariser_is_alpha_times_the_term_on_the_batch(tiny_config, split_data):
+    from cliptune.continual.modx import offdiagonal_distillation
+
+    learner, teacher = _learner(tiny_config, split_data, "modx", modx_alpha=3.0)
+    _perturb(learner.method)
+    images, labels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 1, 0])
+    extra = learner.strategy.regulariser(learner.method, images, labels)
+    method = learner.method
+    with torch.no_grad():
+        texts = method.class_features()[labels]
+        old_texts = zeroshot_weights(teacher.text, method.classnames, ["a photo of a {}."])[labels]
+        expected = offdiagonal_distillation(method.model.image.encode(images), texts, teacher.image.encode(images),
+                                            old_texts, labels)
+    assert expected > 0 and torch.allclose(extra, 3.0 * expected, atol=1e-6)
+    extra.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.trainable_parameters())
+
+
+def test_modx_is_naive_at_alpha_zero_and_moves_the_weights_otherwise(tiny_config, split_data, colour_data, tmp_path):
+    assert "modx" in CliRunner().invoke(cli, ["continual", "--help"]).output
+    naive = continual(_continual_config(split_data, colour_data, tiny_config, "naive"), tmp_path / "naive")
+    idle = continual(_continual_config(split_data, colour_data, tiny_config, "modx", modx_alpha=0.0), tmp_path / "idle")
+    assert idle["acc"] == naive["acc"] and idle["control_acc"] == naive["control_acc"]
+    weights = {name: load_file(str(tmp_path / name / "checkpoints" / "last" / "model.safetensors")) for name in ("naive", "idle")}
+    assert all(torch.equal(weights["naive"][k], weights["idle"][k]) for k in weights["naive"])
+    continual(_continual_config(split_data, colour_data, tiny_config, "modx", modx_alpha=50.0), tmp_path / "pulled")
+    result = CliRunner().invoke(cli, ["continual", "--model-config", tiny_config, "--strategy", "modx", "--modx-alpha", "-1",
+                                      "--task", str(split_data), "--out", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "'modx_alpha' must be at least 0" in result.output
+    pulled = load_file(str(tmp_path / "pulled" / "checkpoints" / "last" / "model.safetensors"))
+    assert not all(torch.equal(pulled[k], weights["naive"][k]) for k in pulled)

@@ -102,7 +102,7 @@ def test_every_image_walker_skips_hidden_files_and_folders_alike(tmp_path):
     """Class scanning, continual reference images and `predict` folders share one rule (`visible_files`)."""
     from PIL import Image
 
-    from cliptune.continual.loop import reference_images
+    from cliptune.continual.zscl import reference_images
     from cliptune.data.folders import image_files_under
     from cliptune.deploy.classifier import image_files
 

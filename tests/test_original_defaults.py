@@ -2,7 +2,7 @@
 them as the original does (Dassl: the lr held for an epoch, the last partial batch dropped).
 
 Original repositories read (HEAD): KaiyangZhou/CoOp ff61507c, KaiyangZhou/Dassl.pytorch c61a1b57,
-muzairkhattak/multimodal-prompt-learning 69bce21a, htyao89/KgCoOp c43ccc3, dyabel/mocoop f58667d, HealthX-Lab/BiomedCoOp 7ceb5a8, jusiro/CLAP dbdf409, gaopengcuhk/Tip-Adapter d0e2d6f8, MaxZanella/CLIP-LoRA
+muzairkhattak/multimodal-prompt-learning 69bce21a, htyao89/KgCoOp c43ccc3, muzairkhattak/PromptSRC bb95c77, dyabel/mocoop f58667d, HealthX-Lab/BiomedCoOp 7ceb5a8, jusiro/CLAP dbdf409, gaopengcuhk/Tip-Adapter d0e2d6f8, MaxZanella/CLIP-LoRA
 358f0d73, mlfoundations/wise-ft 58b7a4b3, locuslab/FLYP 215d5bb6.
 """
 
@@ -44,6 +44,9 @@ ORIGINAL = {
     ("cocoop", 16): {**DASSL, "lr": 0.002, "batch_size": 1, "epochs": 10},
     # MaPLe configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml:3,17,18
     ("maple", 16): {**DASSL, "lr": 0.0035, "batch_size": 4, "epochs": 5},
+    # PromptSRC configs/trainers/PromptSRC/vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml:4,17-23 (few_shot.sh:8)
+    ("promptsrc", 1): {**DASSL, "lr": 0.0025, "batch_size": 4, "epochs": 50},
+    ("promptsrc", 16): {**DASSL, "lr": 0.0025, "batch_size": 4, "epochs": 50},
     # Tip-Adapter configs/imagenet.yaml:30 (augment_epoch 10), main.py:173-178 (crop 0.5-1 + flip); val read whole
     ("tip-adapter", 16): {"aug_views": 10, "aug_crop_scale": [0.5, 1.0], "aug_hflip": True, "val_shots": 0},
     # Tip-Adapter main.py:72 AdamW(lr, eps=1e-4) (torch's default weight decay 0.01), imagenet.yaml:29,31, main.py:181

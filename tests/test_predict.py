@@ -21,6 +21,7 @@ METHOD_RUNS = {
     "coop": ["--n-ctx", 2, "--lr", 0.05],
     "cocoop": ["--n-ctx", 2, "--lr", 0.05],
     "maple": ["--n-ctx", 2, "--prompt-depth", 2, "--lr", 0.05],
+    "promptsrc": ["--n-ctx", 2, "--vision-ctx", 2, "--prompt-depth", 2, "--lr", 0.05],
     "lora": ["--lora-dropout", 0, "--lr", 0.05],
     "full": ["--lr", 0.001],
     "tip-adapter": ["--alpha", 2, "--beta", 3],

@@ -273,6 +273,7 @@ def test_recipes_load(tmp_path):
 @pytest.mark.parametrize("name, options", [
     ("coop", {"n_ctx": 3}), ("coop", {"ctx_init": "a photo of a", "class_token_position": "middle"}),
     ("coop", {"n_ctx": 2, "class_specific": True}), ("cocoop", {}), ("maple", {"prompt_depth": 2}),
+    ("promptsrc", {"prompt_depth": 2}),
     ("lora", {"lora_towers": "text", "lora_dropout": 0.0}), ("full", {"train_towers": "text"})])
 def test_chunked_text_encoding_gives_the_same_logits_and_gradients(tiny, tiny_config, name, options):
     """`text_chunk`: prompts encoded a few at a time with activation checkpointing, exactly as in one call."""

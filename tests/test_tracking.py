@@ -38,3 +38,25 @@ def test_a_tracker_that_is_not_installed_is_one_line(colour_data, tiny_config, t
                                       "--report-to", "mlflow", "--out", str(tmp_path / "run")])
     assert result.exit_code != 0 and "--report-to mlflow needs the mlflow package" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_continual_reports_each_tasks_steps_on_one_axis_and_the_accuracy_matrix(split_data, colour_data, tiny_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "cl"
+    result = CliRunner().invoke(cli, ["--quiet", "continual", "--model-config", tiny_config, "--strategy", "naive",
+                                      "--task", f"{split_data}:Corn_(maize)___Common_rust,Grape___Black_rot",
+                                      "--task", f"{split_data}:Tomato___Late_blight,Tomato___healthy",
+                                      "--control", str(colour_data), "--epochs", "1", "--batch-size", "8", "--lr", "1e-3",
+                                      "--report-to", "tensorboard", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    log = EventAccumulator(str(out / "tracking" / "cliptune"))
+    log.Reload()
+    saved = json.loads((out / "continual.json").read_text())
+    steps = [event.step for event in log.Scalars("train/loss")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) == 4  # 2 updates per task, task 2 after task 1
+    after = [event.step for event in log.Scalars("acc/task2")]
+    assert after == [0, 2, 4]  # zero-shot, then after each task
+    assert [event.value for event in log.Scalars("acc/task2")] == pytest.approx([saved["zeroshot"][1]] + [r[1] for r in saved["acc"]])
+    assert [event.value for event in log.Scalars("control/1")][-1] == pytest.approx(saved["control_acc"][-1][0])
+    assert log.Scalars("mtil/transfer")[-1].value == pytest.approx(saved["transfer"])

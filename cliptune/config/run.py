@@ -116,7 +116,7 @@ class RunConfig:
     reference: Optional[str] = option(None, "Reference images for zscl (any folder of images, unlabelled).", path="folder")
     reference_texts: Optional[str] = option(
         None, "Reference phrases, one per line [bundled ~1,000 concept names].", path="file")
-    strategy: str = option("naive", "Continual strategy [naive].", choices=("naive", "lwf", "lwf-vr", "zscl", "wise"))
+    strategy: str = option("naive", "Continual strategy [naive].", choices=("naive", "lwf", "lwf-vr", "zscl", "wise", "modx"))
     distill_image: float = option(1.0, "zscl: weight of the image-side distillation [1.0].", min=0)
     distill_text: float = option(1.0, "zscl: weight of the text-side distillation [1.0].", min=0)
     distill_temperature: float = option(2.0, "lwf/zscl: distillation temperature.", above=0)
@@ -130,6 +130,7 @@ class RunConfig:
     vocab_size: int = option(1000, "lwf-vr: random token sequences in the virtual vocabulary (ZSCL's virtual_vocab).",
                              min=2)
     vocab_length: int = option(10, "lwf-vr: random tokens per sequence.", min=1)
+    modx_alpha: float = option(20.0, "modx: weight of the off-diagonal distillation (Mod-X's alpha) [20].", min=0)
     # per-method options, keyed by method name
     methods: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     # the layer that set each key (build_config), logged when training starts; not a setting: never in

@@ -25,13 +25,14 @@ from cliptune.methods.linear_probe import LinearProbe
 from cliptune.methods.lora import LoRA
 from cliptune.methods.maple import MaPLe
 from cliptune.methods.mocoop import MoCoOp
+from cliptune.methods.promptsrc import PromptSRC
 from cliptune.methods.tip_adapter import TipAdapter, TipAdapterF
 from cliptune.core.options import default_of, flag_name
 
 # What a method must implement for each export format it declares.
 FORMAT_NEEDS = {"merged": ("merged_state_dict",), "adapter": ("adapter_config", "adapter_state_dict", "load_adapter_state_dict")}
 
-REGISTERED = (LinearProbe, CoOp, KgCoOp, BiomedCoOp, CoCoOp, MaPLe, MoCoOp, LoRA, FullFineTune, TipAdapter, TipAdapterF, CLIPAdapter, CLAP)
+REGISTERED = (LinearProbe, CoOp, KgCoOp, BiomedCoOp, CoCoOp, MaPLe, PromptSRC, MoCoOp, LoRA, FullFineTune, TipAdapter, TipAdapterF, CLIPAdapter, CLAP)
 
 
 def _checked(cls: Type[Method]) -> Type[Method]:

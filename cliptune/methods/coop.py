@@ -46,7 +46,7 @@ def dassl_epochs(shots) -> int:
     return 50 if shots is not None and shots <= 1 else 100 if shots is not None and shots <= 4 else 200
 
 
-def dassl_schedule(lr: float, batch_size: int, epochs: int, optimizer: str = "sgd") -> dict:
+def dassl_schedule(lr: float, batch_size: int, epochs: int, optimizer: str = "sgd", view_bank: bool = True) -> dict:
     """The Dassl trainers' optimisation (CoOp, CoCoOp, MaPLe configs), as Dassl runs it:
     SGD momentum 0.9, weight decay 5e-4 (dassl/config/defaults.py:153-156); one warm-up epoch at a constant
     1e-5, then a cosine over the epochs stepped once per epoch (configs/trainers/CoOp/vit_b16.yaml:20-22,
@@ -55,10 +55,12 @@ def dassl_schedule(lr: float, batch_size: int, epochs: int, optimizer: str = "sg
 
     One deliberate difference: a frozen image tower sees a bank of 16 augmented views per image, encoded once,
     where Dassl re-augments every step (`--aug-per-step`, as `recipes/<method>.yaml` do, is exact and slower).
+    `view_bank=False` for a method whose image tower runs with its prompts: every step re-augments, as in Dassl.
     """
     return {"optimizer": optimizer, "lr": lr, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": batch_size,
             "epochs": epochs, "warmup_epochs": 1, "warmup_lr": 1e-5, "lr_per_epoch": True, "drop_last": True,
-            "aug_crop_scale": [0.08, 1.0], "aug_hflip": True, "aug_views": VIEW_BANK, "select": "last"}
+            "aug_crop_scale": [0.08, 1.0], "aug_hflip": True, **({"aug_views": VIEW_BANK} if view_bank else {}),
+            "select": "last"}
 
 
 DASSL_DIFFERENCE = ("a bank of 16 augmented views per image encoded once, where Dassl re-augments every step "

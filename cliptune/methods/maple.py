@@ -43,9 +43,7 @@ class MaPLe(Method):
     def training_defaults(cls, shots):
         # configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml:3,17,18: SGD 0.0035, batch 4, 5 epochs; the image
         # tower trains, so every step re-augments (no view bank)
-        schedule = dassl_schedule(0.0035, 4, 5)
-        del schedule["aug_views"]
-        return schedule
+        return dassl_schedule(0.0035, 4, 5, view_bank=False)
 
     @classmethod
     def search_space(cls, shots):
@@ -62,13 +60,16 @@ class MaPLe(Method):
         self.deep_text = nn.ParameterList(
             [nn.Parameter(torch.randn(config.n_ctx, text.width, device=device) * 0.02) for _ in range(self.depth - 1)]
         )
-        # trainers/maple.py:103,116-117: the input layer's own projection, then deep copies of ONE Linear for the
-        # deeper layers (`_get_clones`), so those start identical
-        first = nn.Linear(text.width, image.width)
-        deep = nn.Linear(text.width, image.width)
-        self.couplings = nn.ModuleList([first] + [copy.deepcopy(deep) for _ in range(self.depth - 1)]).to(device)
+        self.init_vision_prompts(text.width, image.width, device)
         self.register_buffer("scale", model.logit_scale.detach().clone(), persistent=False)
         self._cache = TextFeatureCache()
+
+    def init_vision_prompts(self, text_width: int, image_width: int, device) -> None:
+        """The coupling functions: trainers/maple.py:103,116-117, the input layer's own projection, then deep copies
+        of ONE Linear for the deeper layers (`_get_clones`), so those start identical."""
+        first = nn.Linear(text_width, image_width)
+        deep = nn.Linear(text_width, image_width)
+        self.couplings = nn.ModuleList([first] + [copy.deepcopy(deep) for _ in range(self.depth - 1)]).to(device)
 
     def language_prompts(self) -> List[torch.Tensor]:
         """Per prompted layer (input first), its (n_ctx, text width) language prompt."""

@@ -133,8 +133,10 @@ class StopRequest:
 class Trainer:
     def __init__(self, method: Method, config: RunConfig, run: Optional[RunFolder], accelerator,
                  on_validated: Optional[Callable[[int, float], None]] = None, resumable: bool = True,
-                 sparse_validation: bool = False):
+                 sparse_validation: bool = False, tracker_step_offset: int = 0):
         self.method = method
+        # added to the optimizer step of every tracker record (a continual run's tasks log on one axis)
+        self.tracker_step_offset = tracker_step_offset
         # what trains: the method as the accelerator prepared it (`_start`; e.g. wrapped in DDP), `method` inside it
         self.model: nn.Module = method
         self.on_validated = on_validated  # called with (epoch, val --metric score) after each validation pass
@@ -366,7 +368,7 @@ class Trainer:
             self.method.after_optimizer_step()
             if accelerator.trackers:  # --report-to: this micro-batch's loss and the lr the next step uses
                 accelerator.log({"train/loss": float(loss.detach()), "train/lr": fit.scheduler.get_last_lr()[0]},
-                                step=fit.scheduler.last_epoch)
+                                step=self.tracker_step_offset + fit.scheduler.last_epoch)
         return float(loss.detach()), synced
 
     def _end_epoch(self, fit: "_Fit", val: Optional[Inputs], classes, epoch: int, loss: float) -> None:
@@ -378,7 +380,8 @@ class Trainer:
             summary.best_epoch = epoch + 1
             self._keep_best(fit)
         summary.history.append(record)
-        self.accelerator.log({f"epoch/{key}": value for key, value in record.items()}, step=fit.scheduler.last_epoch)
+        self.accelerator.log({f"epoch/{key}": value for key, value in record.items()},
+                             step=self.tracker_step_offset + fit.scheduler.last_epoch)
         marker = (" (best)" if self.config.select == "best-val" else "") if improved else ""
         log.info("epoch %d/%d %s%s", epoch + 1, fit.epochs,
                  " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"), marker)
