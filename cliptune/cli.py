@@ -391,7 +391,7 @@ def methods_show(name, shots):
 @click.option("--seeds", default="1", show_default=True, help="Comma list of seeds; every cell runs once per seed.")
 @click.option("--steps", type=int, help="Optimizer-step budget of every cell instead of epochs [each method's default].")
 @config_flags("epochs", "lr", "batch_size", "optimizer", "weight_decay", "warmup_steps", "grad_accum", "mixed_precision",
-              "label_smoothing", "aug_views", "num_workers", "metric")
+              "label_smoothing", "aug_views", "num_workers", "metric", "report_to")
 @recipe_option
 @set_option
 @click.option("--sweep", "sweep_trials", default=0, type=click.IntRange(min=0),
@@ -419,7 +419,7 @@ def compare(methods, shots_list, seeds, steps, recipe, set_values, out, sweep_tr
 @click.option("--timeout", type=click.FloatRange(min=1), help="Stop starting trials after this many seconds.")
 @click.option("--steps", type=int, help="Optimizer-step budget of every trial (then the budget is not searched).")
 @click.option("--space", type=click.Path(), help="YAML search space replacing the method's: key: {log|float|int: [low, high]} or {choice: [...]}.")
-@config_flags("epochs", "lr", "batch_size", "optimizer", "weight_decay", "aug_views", "num_workers", "metric")
+@config_flags("epochs", "lr", "batch_size", "optimizer", "weight_decay", "aug_views", "num_workers", "metric", "report_to")
 @recipe_option
 @set_option
 @click.option("--out", required=True, type=click.Path(), help="Sweep folder: sweep.db, trials/, cache/, sweep.json/.md/.png, best.yaml.")

@@ -10,6 +10,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # the shared feature cache of this test session (never the user's ~/.cache), inherited by subprocesses
 os.environ["CLIPTUNE_CACHE"] = tempfile.mkdtemp(prefix="cliptune-test-cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one torch thread per pytest-xdist worker (and per process it starts): two workers on two cores, not four threads
+    os.environ["OMP_NUM_THREADS"] = "1"
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import TINY_CONFIG, make_imagefolder  # noqa: E402

@@ -60,3 +60,40 @@ def test_continual_reports_each_tasks_steps_on_one_axis_and_the_accuracy_matrix(
     assert [event.value for event in log.Scalars("acc/task2")] == pytest.approx([saved["zeroshot"][1]] + [r[1] for r in saved["acc"]])
     assert [event.value for event in log.Scalars("control/1")][-1] == pytest.approx(saved["control_acc"][-1][0])
     assert log.Scalars("mtil/transfer")[-1].value == pytest.approx(saved["transfer"])
+
+
+def _scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = EventAccumulator(str(folder))
+    log.Reload()
+    return {tag: [(event.step, event.value) for event in log.Scalars(tag)] for tag in log.Tags()["scalars"]}
+
+
+def test_compare_and_sweep_report_their_summaries(colour_data, split_data, tiny_config, tmp_path):
+    import yaml
+
+    out = tmp_path / "grid"
+    result = CliRunner().invoke(cli, ["--quiet", "compare", "--data", str(colour_data), "--model-config", tiny_config,
+                                      "--methods", "linear-probe,coop", "--shots", "1,2", "--epochs", "1", "--batch-size", "8",
+                                      "--report-to", "tensorboard", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "compare.json").read_text())
+    assert all(cell["status"] == "finished" for cell in saved["cells"])
+    scalars = _scalars(out / "tracking" / "compare")
+    for row in saved["summary"]:
+        assert (row["shots"], pytest.approx(row["top1_mean"])) in scalars[f"top1/{row['method']}"]
+    assert [step for step, _ in scalars["top1/zero-shot"]] == [1, 2]  # by shots
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"lr": {"log": [1e-3, 1e-1]}}))
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(cli, ["--quiet", "sweep", "--model-config", tiny_config, "--data", str(split_data),
+                                      "--method", "coop", "--n-ctx", "2", "--steps", "2", "--trials", "2", "--space",
+                                      str(space), "--set", "aug_views=0", "--report-to", "tensorboard", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "sweep.json").read_text())
+    scalars = _scalars(out / "tracking" / "sweep")
+    trials = [(t["number"], pytest.approx(t["val"])) for t in saved["trials"]]
+    assert scalars["sweep/val"] == trials
+    assert scalars["sweep/best_val"][-1][1] == pytest.approx(saved["best"]["val"])
+    assert scalars["sweep/best_test_top1"] == [(1, pytest.approx(saved["best"]["test"]["top1"]))]

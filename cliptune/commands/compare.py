@@ -25,7 +25,7 @@ from cliptune.core.figures import new_figure, save_figure
 from cliptune.methods import METHODS
 from cliptune.core.progress import progress_bar
 from cliptune.core.runfolder import RunFolder, atomic_write_json, atomic_write_text, read_json
-from cliptune.training.session import Session, make_accelerator
+from cliptune.training.session import Session, make_accelerator, report_summary, tracking
 
 log = logging.getLogger("cliptune")
 GRID_KEYS = ("method", "shots", "seed")
@@ -122,6 +122,18 @@ def _check_folder(root: Path) -> None:
     marks = ("cells", "compare.json", "sweeps")
     if root.is_dir() and any(root.iterdir()) and not any((root / mark).exists() for mark in marks):
         raise CliptuneError(f"--out {root} is not empty and is not a cliptune compare folder; choose another folder")
+
+
+def _check_before_work(first: RunConfig, root: Path) -> None:
+    """What fails for every cell, in one line before any work: no data, a tracker that is not installed, a compare
+    folder holding something else, unreadable data or model."""
+    if not first.data:
+        raise CliptuneError("no data given: pass --data DIR (an ImageFolder root) or --data FILE (a manifest)")
+    if not Path(first.data).exists():
+        raise CliptuneError(f"--data {first.data}: no such folder or file")
+    _check_folder(root)
+    tracking(first.report_to, root)
+    Session.open(first, make_accelerator(first.mixed_precision))
 
 
 def _check_cells(root: Path, cells: List[Cell]) -> None:
@@ -338,14 +350,8 @@ def compare(
     buildable = [cell for cell in cells if cell.config is not None]
     if not buildable:
         raise CliptuneError(cells[0].error)  # the shared options fail for every method
-    first = buildable[0].config
-    if not first.data:
-        raise CliptuneError("no data given: pass --data DIR (an ImageFolder root) or --data FILE (a manifest)")
-    if not Path(first.data).exists():
-        raise CliptuneError(f"--data {first.data}: no such folder or file")
-    root = Path(out)
-    _check_folder(root)
-    Session.open(first, make_accelerator(first.mixed_precision))  # unreadable data or model: fail before any work
+    first, root = buildable[0].config, Path(out)
+    _check_before_work(first, root)
     tuned = {}
     if sweep:
         root.mkdir(parents=True, exist_ok=True)
@@ -362,4 +368,17 @@ def compare(
     atomic_write_json(root / "compare.json", result)
     atomic_write_text(root / "compare.md", render_markdown(result))
     plot(result, root / "compare.png")
+    report_summary(first, root, "compare", summary_scalars(result))
     return result
+
+
+def summary_scalars(result: Dict) -> Dict[int, Dict[str, float]]:
+    """compare's table for a tracker, by shots: each method's mean test top-1 (`top1/METHOD`) and zero-shot's."""
+    records: Dict[int, Dict[str, float]] = {k: {} for k in result["shots"]}
+    for row in result["summary"]:
+        if row["top1_mean"] is not None:
+            records[row["shots"]][f"top1/{row['method']}"] = row["top1_mean"]
+    for row in result["zeroshot"]:
+        if row["top1_mean"] is not None:
+            records[row["shots"]]["top1/zero-shot"] = row["top1_mean"]
+    return records

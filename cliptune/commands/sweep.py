@@ -28,7 +28,7 @@ from cliptune.core.runfolder import atomic_write_json, atomic_write_text
 from cliptune.methods import method_class
 from cliptune.core.metrics import score
 from cliptune.training.engine import doubling
-from cliptune.training.session import Session, make_accelerator
+from cliptune.training.session import Session, make_accelerator, report_summary, tracking
 
 log = logging.getLogger("cliptune")
 KINDS = ("log", "float", "int", "choice")
@@ -112,6 +112,7 @@ class Sweep:
         if not self.space:
             raise CliptuneError(f"method '{self.base.method}' has nothing to search by default (it fits its own settings on val); "
                                 "give --space FILE")
+        tracking(self.base.report_to, self.root)  # a tracker that is not installed: one line before any work
         accelerator = make_accelerator(self.base.mixed_precision)
         self.session = Session.open(self.base, accelerator)  # bad data or model fail here, before OUT is touched
         if not len(self.session.data.splits["val"]):
@@ -187,6 +188,7 @@ class Sweep:
         guard = zeroshot_guard(f"{self.base.method} (best of the sweep)", {metric: best.value}, zeroshot["val"], metric=metric)
         result["guard"] = guard
         self._write(result, self.trial_config(best.params))
+        report_summary(self.base, self.root, "sweep", trial_scalars(complete, best_test))
         return result
 
     def _write(self, result: Dict, best_config: RunConfig) -> None:
@@ -194,6 +196,17 @@ class Sweep:
         atomic_write_text(self.root / "sweep.md", render_markdown(result))
         save_figure(plot(self.study, result["metric"]), self.root / "sweep.png")
         write_recipe(best_config, self.root / "best.yaml", result["best"])
+
+
+def trial_scalars(complete: list, best_test: Dict) -> Dict[int, Dict[str, float]]:
+    """A sweep's finished trials for a tracker, by trial number: its val score and the best so far; the best trial's
+    test top-1 with the last."""
+    records, best = {}, float("-inf")
+    for trial in sorted(complete, key=lambda t: t.number):
+        best = max(best, trial.value)
+        records[trial.number] = {"sweep/val": trial.value, "sweep/best_val": best}
+    records[max(records)]["sweep/best_test_top1"] = best_test["top1"]
+    return records
 
 
 def write_recipe(config: RunConfig, path: Path, best: Dict) -> None:

@@ -94,6 +94,18 @@ def tracked_settings(config: RunConfig) -> Dict[str, Any]:
     return {key: value for key, value in config.to_dict().items() if isinstance(value, (str, int, float, bool))}
 
 
+def report_summary(config: RunConfig, root: Path, name: str, records: Dict[int, Dict[str, float]]) -> None:
+    """A command's summary (compare's table by shots, a sweep's trials by number) to `config.report_to`'s tracker,
+    under ROOT/tracking/NAME: one record of scalars per step."""
+    if config.report_to == "none":
+        return
+    accelerator = make_accelerator(config.mixed_precision, config.report_to, root)
+    accelerator.init_trackers(name, config=tracked_settings(config))
+    for step, scalars in sorted(records.items()):
+        accelerator.log(scalars, step=step)
+    accelerator.end_training()
+
+
 def evaluation_config(config: RunConfig, data_dir: Optional[str] = None, classnames: Optional[str] = None) -> RunConfig:
     """A finished run's config for evaluating on `data_dir` (its own data when None): every image of the splits (no
     shots), and another dataset's own class names (its folder names or classnames.yaml) unless `classnames` is given."""
