@@ -34,10 +34,11 @@ class RunConfig:
     model_config: Optional[str] = option(None, "JSON open_clip model config for a custom architecture.", path="file")
     # data
     data: Optional[str] = option(
-        None, "ImageFolder root (class folders, or train/ val/ test/ of them), or a CSV/TSV/JSONL manifest (path, label "
-              "[, split] columns).", path="dataset")
-    data_format: str = option("auto", "What --data is [auto: a .csv/.tsv/.jsonl file is a manifest, a folder an ImageFolder].",
-                              choices=("auto", "imagefolder", "manifest"))
+        None, "ImageFolder root (class folders, or train/ val/ test/ of them), a CSV/TSV/JSONL manifest (path, label "
+              "[, split] columns), or a folder saved by Hugging Face datasets (save_to_disk).", path="dataset")
+    data_format: str = option("auto", "What --data is [auto: a .csv/.tsv/.jsonl file is a manifest, a folder saved by "
+                                      "Hugging Face datasets a dataset, another folder an ImageFolder].",
+                              choices=("auto", "imagefolder", "manifest", "datasets"))
     path_col: str = option("path", "Manifest column of the image paths (relative to the manifest) [path].")
     label_col: str = option("label", "Manifest column of the labels [label].")
     split_col: str = option("split", "Manifest column of the splits (train/val/test; absent: seeded splits) [split].")

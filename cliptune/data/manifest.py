@@ -122,16 +122,22 @@ def scan_manifest(path: Path, columns: ManifestColumns, strict: bool) -> tuple:
             skipped += 1
             continue
         per_split.setdefault(split, {}).setdefault(label, []).append(file)
+    check_split_labels(path, per_split)
+    return per_split, skipped
+
+
+def check_split_labels(source: Path, per_split: Dict[str, Dict[str, List[Path]]]) -> None:
+    """Refuse fewer than two training labels and a label with no training image; sort each label's files (the order an
+    ImageFolder's folder listing has)."""
     train = per_split.get("train", {})
     if len(train) < 2:
-        raise CliptuneError(f"{path} has {len(train)} label(s) with training images; need at least 2")
+        raise CliptuneError(f"{source} has {len(train)} label(s) with training images; need at least 2")
     for split, labels in per_split.items():
         extra = sorted(set(labels) - set(train))
         if extra:
-            raise CliptuneError(f"{path}: label '{extra[0]}' appears in {split} but has no training image")
+            raise CliptuneError(f"{source}: label '{extra[0]}' appears in {split} but has no training image")
         for files in labels.values():
             files.sort()
-    return per_split, skipped
 
 
 def load_manifest(path: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,

@@ -1,0 +1,122 @@
+"""Datasets saved by the Hugging Face `datasets` library (`Dataset.save_to_disk` / `DatasetDict.save_to_disk`): a
+folder holding `dataset_dict.json` (one subfolder per split) or `state.json` (one split, carved like an ImageFolder
+without split folders).
+
+The image column (`--path-col`, else `image`; an `Image` feature, or paths) and the label column (`--label-col`, a
+`ClassLabel` whose names become the classes, or strings) are read row by row. Images stored in the dataset are
+written once, under the cliptune cache (`datasets/`, keyed by the dataset's files), as numbered files in row order;
+the rows then become the same `ImageFolderData` an ImageFolder gives, so every command treats them alike (tested:
+the same images as an ImageFolder give the same zero-shot and linear-probe results). Splits named `train`, `val`
+or `validation` and `test` are used; others are refused in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from cliptune.core.cachedir import user_cache_dir
+from cliptune.core.errors import CliptuneError
+from cliptune.data.folders import ImageFolderData, assemble, readable_image
+from cliptune.data.manifest import ManifestColumns, check_split_labels
+
+MARKERS = ("dataset_dict.json", "state.json")
+SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+
+
+def is_datasets_dir(source: str | Path) -> bool:
+    path = Path(source)
+    return path.is_dir() and any((path / marker).is_file() for marker in MARKERS)
+
+
+def _load(path: Path) -> Dict[str, object]:
+    """{split name: Dataset} of a saved dataset (one split: "train")."""
+    try:
+        from datasets import DatasetDict, load_from_disk
+    except ImportError:
+        raise CliptuneError(f"--data {path} is a Hugging Face dataset: pip install 'cliptune[datasets]' to read it") from None
+    try:
+        loaded = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise CliptuneError(f"{path}: not a readable saved dataset ({exc})") from None
+    splits = dict(loaded) if isinstance(loaded, DatasetDict) else {"train": loaded}
+    unknown = sorted(set(splits) - set(SPLIT_ALIASES))
+    if unknown:
+        raise CliptuneError(f"{path}: split '{unknown[0]}' is not one of train, val (validation), test")
+    return {SPLIT_ALIASES[name]: split for name, split in splits.items()}
+
+
+def _columns(path: Path, split, columns: ManifestColumns) -> Tuple[str, str]:
+    names = split.column_names
+    image = columns.path if columns.path in names else "image"
+    for column, flag in ((image, "--path-col"), (columns.label, "--label-col")):
+        if column not in names:
+            raise CliptuneError(f"{path}: no column '{column}' (columns: {', '.join(names)}; name it with {flag})")
+    return image, columns.label
+
+
+def _image_folder(split, column: str) -> Path:
+    """Where a split's stored images are written: a key of the dataset's files (name, size, mtime) and the column."""
+    digest = hashlib.sha256(column.encode())
+    for entry in split.cache_files:
+        stat = os.stat(entry["filename"])
+        digest.update(f"{entry['filename']}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return user_cache_dir() / "datasets" / digest.hexdigest()[:24]
+
+
+def _image_file(value, folder: Path, index: int) -> Path:
+    """A row's image as a file: its own path when the dataset only refers to one, else its bytes written once."""
+    if isinstance(value, str):
+        return Path(value)
+    if value.get("bytes") is None:
+        return Path(value["path"])
+    file = folder / f"{index:08d}{Path(value.get('path') or '').suffix or '.img'}"
+    if not file.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = file.with_name(f".{file.name}.{os.getpid()}")
+        staging.write_bytes(value["bytes"])
+        staging.replace(file)  # atomic: a concurrent reader sees the whole file or none
+    return file
+
+
+def _split_files(path: Path, name: str, split, columns: ManifestColumns, strict: bool) -> Tuple[Dict[str, List[Path]], int]:
+    """({label: files}, unreadable rows skipped) of one split, in row order."""
+    from datasets import ClassLabel, Image
+
+    image, label = _columns(path, split, columns)
+    feature = split.features[label]
+    names = feature.names if isinstance(feature, ClassLabel) else None
+    if isinstance(split.features[image], Image):
+        split = split.cast_column(image, Image(decode=False))
+    folder = _image_folder(split, image) / name
+    per_label: Dict[str, List[Path]] = {}
+    skipped = 0
+    for index, row in enumerate(split.select_columns([image, label])):
+        value = row[label]
+        text = names[value] if names is not None else ("" if value is None else str(value).strip())
+        if not text:
+            raise CliptuneError(f"{path}: {name} row {index}: empty label")
+        file = _image_file(row[image], folder, index)
+        if not readable_image(file):
+            if strict:
+                raise CliptuneError(f"{path}: {name} row {index}: not a readable image: {file}")
+            skipped += 1
+            continue
+        per_label.setdefault(text, []).append(file)
+    return per_label, skipped
+
+
+def load_datasets_dir(path: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
+                      shots: Optional[int] = None, classnames_file: Optional[str] = None, strict: bool = False,
+                      val_shots: Optional[int] = None, columns: ManifestColumns = ManifestColumns()) -> ImageFolderData:
+    """A saved dataset's splits as seeded, stratified splits (its own, the missing ones carved out of train), with the
+    labels as classes."""
+    path = Path(path)
+    per_split, skipped = {}, 0
+    for name, split in _load(path).items():
+        per_split[name], lost = _split_files(path, name, split, columns, strict)
+        skipped += lost
+    check_split_labels(path, per_split)
+    return assemble(path, per_split, skipped, val_fraction, test_fraction, seed, shots, classnames_file, val_shots)
