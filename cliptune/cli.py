@@ -307,6 +307,17 @@ def export_command(run, fmt, output, overwrite, wise_alpha):
 
 
 @cli.command()
+@click.argument("run", type=click.Path())
+@click.option("--repo", required=True, help="Hugging Face model repository to upload to (org/name), created if missing.")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+def push(run, repo, private):
+    """Upload a finished run as an open_clip model on the Hugging Face Hub (the `export --format hub` folder)."""
+    from cliptune.deploy.push import push_hub
+
+    _echo_result(f"pushed {run} to {push_hub(run, repo, private)}")
+
+
+@cli.command()
 @click.argument("source", metavar="RUN_OR_EXPORT", type=click.Path())
 @click.argument("images", metavar="IMAGE_OR_DIR...", nargs=-1, required=True, type=click.Path())
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1), help="Classes listed per image.")

@@ -60,3 +60,16 @@ def test_methods_that_do_not_merge_and_bad_folders_are_refused_in_one_line(colou
     result = CliRunner().invoke(cli, ["zeroshot", "--model", f"local-dir:{tmp_path}", "--data", str(colour_data),
                                       "--out", str(tmp_path / "zs")])
     assert result.exit_code != 0 and "no open_clip_config.json in" in result.output
+
+
+def test_push_exports_first_and_fails_in_one_line_offline(lora_run, colour_data, tiny_config, tmp_path):
+    """The tests run with HF_HUB_OFFLINE=1: the export succeeds (in a temporary folder), the upload is refused in one
+    line that says how to upload by hand; a run without a Hub layout is refused before any network."""
+    _, run = lora_run
+    result = CliRunner().invoke(cli, ["push", str(run), "--repo", "someone/cliptune-test"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "cannot push to the Hub while HF_HUB_OFFLINE is set" in result.output and "--format hub --output DIR" in result.output
+    probe = tmp_path / "probe"
+    api.finetune(build_config(None, {"data": str(colour_data), "model_config": tiny_config}), probe)
+    result = CliRunner().invoke(cli, ["push", str(probe), "--repo", "someone/cliptune-test"])
+    assert result.exit_code != 0 and "method 'linear-probe' cannot be exported as 'hub'" in result.output

@@ -94,6 +94,17 @@ def describe_method(name: str, shots: Optional[int] = 16) -> str:
     return "\n".join(lines) + "\n"
 
 
+def method_page(name: str) -> str:
+    """The documentation page of a method (`docs/methods/NAME.md`, written by `scripts/write_method_pages.py` and kept
+    equal to this by the tests): its module's docstring, then what `cliptune methods show NAME` prints."""
+    cls = method_class(name)
+    module = inspect.getmodule(cls)
+    prose = inspect.cleandoc(module.__doc__ or "").replace("[", "\\[")  # plain text: brackets are not links
+    return (f"# `{name}`: {cls.paper}\n\n{prose}\n\n"
+            f"Source: `{module.__name__.replace('.', '/')}.py`.\n\n## Defaults and options\n\n"
+            f"`cliptune methods show {name}`:\n\n```text\n{describe_method(name)}```\n")
+
+
 def flag_table() -> Dict:
     """The methods as the CLI's `--help` needs them, without importing torch: per method (registry order), its
     export formats and, per option, name, flag, type, choices, default and help. Shipped as
