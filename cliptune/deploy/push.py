@@ -25,7 +25,7 @@ def push_hub(run_dir: str | Path, repo: str, private: bool = False) -> str:
             commit = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model",
                                        commit_message=f"cliptune push of {Path(run_dir).name}")
         except OfflineModeIsEnabled:
-            raise CliptuneError(f"cannot push to the Hub while HF_HUB_OFFLINE is set: write the folder with `cliptune export "
+            raise CliptuneError(f"cannot push to the Hub in offline mode: write the folder with `cliptune export "
                                 f"{run_dir} --format hub --output DIR` and upload it from a connected machine") from None
         except HfHubHTTPError as exc:
             raise CliptuneError(f"the Hub refused the push to {repo}: {str(exc).splitlines()[0]} (log in with "
