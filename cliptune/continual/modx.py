@@ -10,8 +10,8 @@ averaged, times `modx_alpha` (20, `modx_5phase.sh:8`), is added to the task's lo
 
 The original trains on image-caption pairs. cliptune's tasks are labelled images, so the text of each pair is its
 class's prompt (the run's templates averaged, the zero-shot head), and "its own pair" means any image or text of
-the same class: with unique captions this is the original's test. The current model encodes the batch's images once
-more (with gradients) for this term.
+the same class: with unique captions this is the original's test. For this term the current model encodes the batch's
+images and the class prompts once more per step (with gradients), beside the task loss's own pass.
 """
 
 from __future__ import annotations
