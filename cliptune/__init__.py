@@ -1,6 +1,6 @@
 """cliptune: adapt pretrained CLIP models to a new domain from a folder of labelled images."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the package version (pyproject.toml reads it from here)
 
 __all__ = ["LoadedModel", "ModelSpec", "load", "load_model", "__version__"]
 # Exported lazily (PEP 562): importing cliptune, e.g. for the CLI's --help, does not import torch.

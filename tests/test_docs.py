@@ -23,3 +23,9 @@ def test_the_site_navigation_lists_every_method_page_and_the_readme_is_a_landing
     listed = {next(iter(item.values())) for item in methods}
     assert {f"methods/{name}.md" for name in METHODS} <= listed
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def test_the_changelog_has_a_section_for_this_version():
+    import cliptune
+
+    assert f"## [{cliptune.__version__}] - " in (ROOT / "CHANGELOG.md").read_text()
