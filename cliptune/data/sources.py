@@ -12,8 +12,6 @@ from cliptune.data.folders import ImageFolderData, load_imagefolder
 from cliptune.data.hfdatasets import is_datasets_dir, load_datasets_dir
 from cliptune.data.manifest import MANIFEST_SUFFIXES, ManifestColumns, is_manifest, load_manifest
 
-DATA_FORMATS = ("auto", "imagefolder", "manifest", "datasets")
-
 
 def load_data(source: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
               shots: Optional[int] = None, classnames_file: Optional[str] = None, strict: bool = False,
