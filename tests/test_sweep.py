@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from cliptune.cli import cli
 from cliptune.commands.sweep import check_space, method_space, read_space
+from cliptune.methods import METHODS
 from cliptune.core.errors import CliptuneError
 
 
@@ -89,6 +90,11 @@ def test_space_keys_are_checked_and_each_method_declares_its_own(tmp_path):
     assert "coop.ctx_init" in coop and "epochs" not in method_space("coop", 16, 200)  # --steps: the budget is yours
     assert {"lora.lora_r", "lora.lora_alpha", "lora.lora_towers", "steps"} <= set(method_space("lora", 16, None))
     assert "clip-adapter.ratio" in method_space("clip-adapter", 16, None) and method_space("linear-probe", 16, None) == {}
+    for method in METHODS:  # every default space names its own method's options (a subclass inherits its parent's)
+        check_space(method_space(method, 16, None), method)
+    assert {"promptsrc.n_ctx", "promptsrc.prompt_depth", "promptsrc.text_weight"} <= set(method_space("promptsrc", 16, None))
+    with pytest.raises(CliptuneError, match="unknown search key 'promptsrc.section'"):  # a class variable, not an option
+        check_space({"promptsrc.section": ("choice", ["x"])}, "promptsrc")
 
 
 def test_unknown_space_key_is_a_one_line_error(tiny_config, split_data, tmp_path):

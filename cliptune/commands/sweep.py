@@ -11,6 +11,7 @@ trial (on val) is evaluated on test once, and `sweep.json`, `sweep.md`,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -64,7 +65,7 @@ def read_space(path: str | Path) -> Dict[str, tuple]:
 
 def check_space(space: Dict[str, tuple], method: str) -> None:
     """Every key a run key or an option of the swept method; none that would change the data or the model."""
-    options = [f"{method}.{name}" for name in method_class(method).config_class.__dataclass_fields__]
+    options = [f"{method}.{spec.name}" for spec in dataclasses.fields(method_class(method).config_class)]
     for key in space:
         if key in FIXED_KEYS:
             raise CliptuneError(f"the sweep cannot search '{key}': it changes the data or the model every trial shares")

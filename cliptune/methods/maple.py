@@ -47,7 +47,7 @@ class MaPLe(Method):
 
     @classmethod
     def search_space(cls, shots):
-        return {**super().search_space(shots), "maple.n_ctx": ("int", 1, 4), "maple.prompt_depth": ("int", 1, 9)}
+        return {**super().search_space(shots), f"{cls.name}.n_ctx": ("int", 1, 4), f"{cls.name}.prompt_depth": ("int", 1, 9)}
 
     def __init__(self, model, classnames, templates, config: MaPLeConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
