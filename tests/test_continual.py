@@ -124,7 +124,7 @@ def test_wise_strategy_with_alpha_zero_keeps_the_initial_model(tiny_config, spli
     assert result["control_acc"][-1] == pytest.approx(result["zeroshot_control"], abs=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["lwf-vr", "lwf", "wise"])
+@pytest.mark.parametrize("strategy", ["lwf-vr", "lwf", "wise", "modx"])
 def test_lora_strategies_carry_merged_weights(tiny_config, split_data, colour_data, tmp_path, strategy):
     config = _continual_config(split_data, colour_data, tiny_config, strategy, method="lora")
     result = continual(config, tmp_path / strategy)
@@ -424,3 +424,27 @@ def test_modx_is_naive_at_alpha_zero_and_moves_the_weights_otherwise(tiny_config
     assert result.exit_code != 0 and "'modx_alpha' must be at least 0" in result.output
     pulled = load_file(str(tmp_path / "pulled" / "checkpoints" / "last" / "model.safetensors"))
     assert not all(torch.equal(pulled[k], weights["naive"][k]) for k in pulled)
+
+
+def test_modx_on_cached_features_gives_them_to_both_models(tiny_config, split_data):
+    """A frozen image tower (full fine-tuning of the text tower): the inputs are image features, the same for the
+    current and the previous model; only the text side differs."""
+    from cliptune.continual.modx import offdiagonal_distillation
+
+    model = load_model(model_config=tiny_config)
+    teacher = dataclasses.replace(model, clip=copy.deepcopy(model.clip))
+    config = build_config(None, {"data": str(split_data), "model_config": tiny_config, "method": "full", "modx_alpha": 2.0})
+    name, data = load_task(f"{split_data}:Tomato___Late_blight,Corn_(maize)___Common_rust", config, None)
+    method = build_method("full", model, data.classnames, ["a photo of a {}."], {"train_towers": "text"}).train()
+    assert method.uses_image_features
+    strategy = strategy_class("modx")(config)
+    strategy.start_task(method, teacher, data, ["a photo of a {}."])
+    _perturb(method)
+    features = torch.randn(4, model.text.output_dim, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1, 1, 0])
+    extra = strategy.regulariser(method, features, labels)
+    with torch.no_grad():
+        images = F.normalize(features, dim=-1)
+        old_texts = zeroshot_weights(teacher.text, data.classnames, ["a photo of a {}."])[labels]
+        expected = offdiagonal_distillation(images, method.class_features()[labels], images, old_texts, labels)
+    assert expected > 0 and torch.allclose(extra, 2.0 * expected, atol=1e-6)
