@@ -77,16 +77,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_two_processes_and_one(args, out: Path, quiet_two: bool = False):
-    """`cliptune ARGS` under `torchrun --nproc_per_node 2` (into out/two, on a free port) and as one process
-    (out/one, in this process: no second start-up); both must succeed. Returns (the torchrun CompletedProcess, the
-    one-process click Result)."""
+def run_two_processes_and_one(args, out: Path, quiet_two: bool = False, launcher: str = "torchrun"):
+    """`cliptune ARGS` in two processes (into out/two, on a free port) started by `torchrun --nproc_per_node 2` or by
+    `accelerate launch --multi_gpu --num_processes 2` (`launcher`; on a CPU-only machine both start gloo processes),
+    and as one process (out/one, in this process: no second start-up); both must succeed. Returns (the two-process
+    CompletedProcess, the one-process click Result)."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).with_name("torchrun")
     quiet = ["--quiet"] if quiet_two else []
-    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), "-m", "cliptune", *quiet,
-                          *args, "--out", str(out / "two")], capture_output=True, text=True, env=env, timeout=300)
+    if launcher == "torchrun":
+        start = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(port)]
+    else:
+        start = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    two = subprocess.run([*start, "-m", "cliptune", *quiet, *args, "--out", str(out / "two")], capture_output=True,
+                         text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     from click.testing import CliRunner
 

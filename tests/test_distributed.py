@@ -78,3 +78,19 @@ def test_a_late_process_joins_the_feature_cache_barrier(tiny_config, colour_data
     torch.multiprocessing.spawn(_cache_features_in_two_processes, nprocs=2,
                                 args=(free_port(), tiny_config, str(colour_data), str(tmp_path / "cache")))
     assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 1
+
+
+@pytest.mark.distributed
+def test_accelerate_launch_starts_the_same_two_process_run(tiny_config, colour_data, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (docs/engine.md) on a CPU-only machine: two gloo processes
+    that train and score as one process does (CoOp on cached features, the feature path of the engine)."""
+    args = ["finetune", "--data", str(colour_data), "--model-config", tiny_config, "--method", "coop", "--n-ctx", "2",
+            "--epochs", "2", "--lr", "0.05", "--batch-size", "8"]
+    run_two_processes_and_one(args, tmp_path, quiet_two=True, launcher="accelerate")
+    m2 = json.loads((tmp_path / "two/metrics.json").read_text())
+    m1 = json.loads((tmp_path / "one/metrics.json").read_text())
+    assert (m2["processes"], m1["processes"]) == (2, 1)
+    assert [h["loss"] for h in m2["train"]["history"]] == pytest.approx([h["loss"] for h in m1["train"]["history"]], abs=1e-5)
+    assert m2["test"]["top1"] == m1["test"]["top1"]
+    w2, w1 = (load_file(str(tmp_path / run / "checkpoints/best/method.safetensors")) for run in ("two", "one"))
+    assert all(torch.allclose(w2[k], w1[k], atol=1e-5) for k in w1)
