@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 from cliptune.core.cachedir import user_cache_dir
 from cliptune.core.errors import CliptuneError
+from cliptune.core.runfolder import atomic_write
 from cliptune.data.folders import ImageFolderData, assemble, readable_image
 from cliptune.data.manifest import ManifestColumns, check_split_labels
 
@@ -73,11 +74,8 @@ def _image_file(value, folder: Path, index: int) -> Path:
     if value.get("bytes") is None:
         return Path(value["path"])
     file = folder / f"{index:08d}{Path(value.get('path') or '').suffix or '.img'}"
-    if not file.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        staging = file.with_name(f".{file.name}.{os.getpid()}")
-        staging.write_bytes(value["bytes"])
-        staging.replace(file)  # atomic: a concurrent reader sees the whole file or none
+    if not file.is_file():  # a concurrent reader sees the whole file or none
+        atomic_write(file, lambda staging: staging.write_bytes(value["bytes"]))
     return file
 
 
