@@ -42,6 +42,8 @@ class RunConfig:
     path_col: str = option("path", "Manifest column of the image paths (relative to the manifest) [path].")
     label_col: str = option("label", "Manifest column of the labels [label].")
     split_col: str = option("split", "Manifest column of the splits (train/val/test; absent: seeded splits) [split].")
+    caption_col: str = option("caption", "Manifest or dataset column of the image captions (optional; --loss contrastive "
+                                         "and soft-contrastive train on them) [caption].")
     val_fraction: float = option(0.1, "Validation share when the data has no val/ folder [0.1].", min=0, below=1)
     test_fraction: float = option(0.2, "Test share when the data has no test/ folder [0.2].", min=0, below=1)
     shots: Optional[int] = option(None, "Images per class sampled from train (seeded).", min=1, unset="for all images")

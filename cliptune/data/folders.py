@@ -54,6 +54,9 @@ class ImageFolderData:
     descriptions: Dict[str, List[str]]
     splits: Dict[str, Split]
     skipped_files: int = 0
+    # image file -> its caption (a manifest's caption column, an ImageFolder image's `.txt` sidecar); contrastive
+    # fine-tuning trains on them, evaluation stays class-based
+    captions: Dict[Path, str] = field(default_factory=dict)
 
     @property
     def named_descriptions(self) -> Dict[str, List[str]]:
@@ -85,6 +88,7 @@ class ImageFolderData:
             descriptions={c: self.descriptions[c] for c in folders if c in self.descriptions},
             splits=splits,
             skipped_files=self.skipped_files,
+            captions=self.captions,
         )
 
 
@@ -106,6 +110,19 @@ def visible_files(folder: Path) -> List[Path]:
 def image_files_under(folder: Path) -> List[Path]:
     """The image files (by extension) under `folder`, as `visible_files` finds them."""
     return [p for p in visible_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
+
+
+def sidecar_captions(files: Sequence[Path]) -> Dict[Path, str]:
+    """The captions of images that have one in a text file of the same name (`0001.jpg` + `0001.txt`, the layout
+    img2dataset and webdataset use); an empty file is no caption."""
+    captions = {}
+    for path in files:
+        sidecar = path.with_suffix(".txt")
+        if sidecar.is_file():
+            text = " ".join(sidecar.read_text(encoding="utf-8", errors="replace").split())
+            if text:
+                captions[path] = text
+    return captions
 
 
 def _scan_class_dirs(root: Path, strict: bool) -> tuple[Dict[str, List[Path]], int]:
@@ -183,15 +200,16 @@ def load_imagefolder(
     if not root.is_dir():
         raise CliptuneError(f"data directory not found: {root}")
     per_split, skipped = _scan_splits(root, strict)
-    return assemble(root, per_split, skipped, val_fraction, test_fraction, seed, shots, classnames_file, val_shots)
+    captions = sidecar_captions([f for labels in per_split.values() for files in labels.values() for f in files])
+    return assemble(root, per_split, skipped, val_fraction, test_fraction, seed, shots, classnames_file, val_shots, captions)
 
 
 def assemble(root: Path, per_split: Dict[str, Dict[str, List[Path]]], skipped: int, val_fraction: float,
              test_fraction: float, seed: int, shots: Optional[int], classnames_file: Optional[str],
-             val_shots: Optional[int]) -> ImageFolderData:
-    """The dataset of `{split: {class: files}}` (an ImageFolder's folders, a manifest's rows): seeded splits carved
-    where a split is missing, few-shot sampling, and class names (`classnames_file`, else `classnames.yaml` beside
-    the data)."""
+             val_shots: Optional[int], captions: Optional[Dict[Path, str]] = None) -> ImageFolderData:
+    """The dataset of `{split: {class: files}}` (an ImageFolder's folders, a manifest's rows) and the files' captions:
+    seeded splits carved where a split is missing, few-shot sampling, and class names (`classnames_file`, else
+    `classnames.yaml` beside the data)."""
     classes = sorted(per_split["train"])
     splits = _stratified_splits(per_split, classes, val_fraction, test_fraction, seed)
     if shots is not None:
@@ -204,7 +222,7 @@ def assemble(root: Path, per_split: Dict[str, Dict[str, List[Path]]], skipped: i
     if classnames_file and not classnames_path.is_file():
         raise CliptuneError(f"classnames file not found: {classnames_file}")
     names, descriptions = _load_classnames(classnames_path if classnames_path.is_file() else None, classes)
-    return ImageFolderData(root, classes, names, descriptions, splits, skipped)
+    return ImageFolderData(root, classes, names, descriptions, splits, skipped, captions or {})
 
 
 def _scan_splits(root: Path, strict: bool) -> tuple:

@@ -2,8 +2,9 @@
 folder holding `dataset_dict.json` (one subfolder per split) or `state.json` (one split, carved like an ImageFolder
 without split folders).
 
-The image column (`--path-col`, else `image`; an `Image` feature, or paths) and the label column (`--label-col`, a
-`ClassLabel` whose names become the classes, or strings) are read row by row. Images stored in the dataset are
+The image column (`--path-col`, else `image`; an `Image` feature, or paths), the label column (`--label-col`, a
+`ClassLabel` whose names become the classes, or strings) and an optional caption column (`--caption-col`) are read
+row by row. Images stored in the dataset are
 written once, under the cliptune cache (`datasets/`, keyed by the dataset's files), as numbered files in row order;
 the rows then become the same `ImageFolderData` an ImageFolder gives, so every command treats them alike (tested:
 the same images as an ImageFolder give the same zero-shot and linear-probe results). Splits named `train`, `val`
@@ -49,13 +50,17 @@ def _load(path: Path) -> Dict[str, object]:
     return {SPLIT_ALIASES[name]: split for name, split in splits.items()}
 
 
-def _columns(path: Path, split, columns: ManifestColumns) -> Tuple[str, str]:
+def _columns(path: Path, split, columns: ManifestColumns) -> Tuple[str, str, Optional[str]]:
+    """The (image, label, caption or None) columns of a split."""
     names = split.column_names
     image = columns.path if columns.path in names else "image"
-    for column, flag in ((image, "--path-col"), (columns.label, "--label-col")):
+    required = [(image, "--path-col"), (columns.label, "--label-col")]
+    if columns.caption != ManifestColumns.caption:  # a caption column named by --caption-col must exist
+        required.append((columns.caption, "--caption-col"))
+    for column, flag in required:
         if column not in names:
             raise CliptuneError(f"{path}: no column '{column}' (columns: {', '.join(names)}; name it with {flag})")
-    return image, columns.label
+    return image, columns.label, columns.caption if columns.caption in names else None
 
 
 def _image_folder(split, column: str) -> Path:
@@ -79,11 +84,12 @@ def _image_file(value, folder: Path, index: int) -> Path:
     return file
 
 
-def _split_files(path: Path, name: str, split, columns: ManifestColumns, strict: bool) -> Tuple[Dict[str, List[Path]], int]:
-    """({label: files}, unreadable rows skipped) of one split, in row order."""
+def _split_files(path: Path, name: str, split, columns: ManifestColumns, strict: bool,
+                 captions: Dict[Path, str]) -> Tuple[Dict[str, List[Path]], int]:
+    """({label: files}, unreadable rows skipped) of one split, in row order; the rows' captions go into `captions`."""
     from datasets import ClassLabel, Image
 
-    image, label = _columns(path, split, columns)
+    image, label, caption = _columns(path, split, columns)
     feature = split.features[label]
     names = feature.names if isinstance(feature, ClassLabel) else None
     if isinstance(split.features[image], Image):
@@ -91,7 +97,7 @@ def _split_files(path: Path, name: str, split, columns: ManifestColumns, strict:
     folder = _image_folder(split, image) / name
     per_label: Dict[str, List[Path]] = {}
     skipped = 0
-    for index, row in enumerate(split.select_columns([image, label])):
+    for index, row in enumerate(split.select_columns([image, label] + ([caption] if caption else []))):
         value = row[label]
         text = names[value] if names is not None else ("" if value is None else str(value).strip())
         if not text:
@@ -103,6 +109,8 @@ def _split_files(path: Path, name: str, split, columns: ManifestColumns, strict:
             skipped += 1
             continue
         per_label.setdefault(text, []).append(file)
+        if caption and row[caption] and str(row[caption]).strip():
+            captions[file] = " ".join(str(row[caption]).split())
     return per_label, skipped
 
 
@@ -112,9 +120,9 @@ def load_datasets_dir(path: str | Path, val_fraction: float = 0.1, test_fraction
     """A saved dataset's splits as seeded, stratified splits (its own, the missing ones carved out of train), with the
     labels as classes."""
     path = Path(path)
-    per_split, skipped = {}, 0
+    per_split, skipped, captions = {}, 0, {}
     for name, split in _load(path).items():
-        per_split[name], lost = _split_files(path, name, split, columns, strict)
+        per_split[name], lost = _split_files(path, name, split, columns, strict, captions)
         skipped += lost
     check_split_labels(path, per_split)
-    return assemble(path, per_split, skipped, val_fraction, test_fraction, seed, shots, classnames_file, val_shots)
+    return assemble(path, per_split, skipped, val_fraction, test_fraction, seed, shots, classnames_file, val_shots, captions)

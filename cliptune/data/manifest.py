@@ -1,7 +1,8 @@
 """Datasets listed in a manifest: a CSV, TSV or JSONL file with one image per row.
 
-Columns (names configurable): `path` (relative to the manifest's folder, or absolute), `label`, and an optional
-`split` (train/val/test; without it the seeded split of an ImageFolder applies); other columns are ignored. The
+Columns (names configurable): `path` (relative to the manifest's folder, or absolute), `label`, an optional
+`split` (train/val/test; without it the seeded split of an ImageFolder applies) and an optional `caption` (what
+contrastive fine-tuning trains on); other columns are ignored. The
 rows become the same `ImageFolderData` an ImageFolder gives, with the labels as classes, so few-shot sampling,
 base-to-novel, `classnames.yaml` (next to the manifest) and every command behave identically: a manifest that
 lists an ImageFolder's files with their folder names as labels gives the same splits (tested). A bad row is one
@@ -25,11 +26,12 @@ LABEL_SEPARATOR = "|"  # `a|b` would be several labels of one image (multi-label
 
 @dataclass(frozen=True)
 class ManifestColumns:
-    """The manifest's column names (`--path-col`, `--label-col`, `--split-col`)."""
+    """The manifest's column names (`--path-col`, `--label-col`, `--split-col`, `--caption-col`)."""
 
     path: str = "path"
     label: str = "label"
     split: str = "split"
+    caption: str = "caption"
 
 
 def is_manifest(source: str | Path) -> bool:
@@ -81,6 +83,9 @@ def _check_columns(path: Path, rows: List[Tuple[int, Dict[str, str]]], columns: 
             plural = " (several labels per image: multi-label manifests are not supported yet)" if "labels" in present else ""
             raise CliptuneError(f"{path} has no '{name}' column for the image {role}{plural} (columns: "
                                 f"{', '.join(sorted(present))}; {flag} names another)")
+    if columns.caption != ManifestColumns.caption and columns.caption not in present:  # named, so expected
+        raise CliptuneError(f"{path} has no '{columns.caption}' column for the captions (columns: "
+                            f"{', '.join(sorted(present))}; --caption-col names another)")
     return columns.split in present
 
 
@@ -104,10 +109,12 @@ def _row_entry(path: Path, number: int, row: Dict[str, str], columns: ManifestCo
 
 
 def scan_manifest(path: Path, columns: ManifestColumns, strict: bool) -> tuple:
-    """({split: {label: sorted files}}, files skipped as unreadable), as `folders._scan_splits` gives an ImageFolder's."""
+    """({split: {label: sorted files}}, files skipped as unreadable, {file: caption}), as `folders._scan_splits` gives
+    an ImageFolder's."""
     rows = read_rows(path)
     has_split = _check_columns(path, rows, columns)
     per_split: Dict[str, Dict[str, List[Path]]] = {}
+    captions: Dict[Path, str] = {}
     seen: Dict[Path, int] = {}
     skipped = 0
     for number, row in rows:
@@ -122,8 +129,10 @@ def scan_manifest(path: Path, columns: ManifestColumns, strict: bool) -> tuple:
             skipped += 1
             continue
         per_split.setdefault(split, {}).setdefault(label, []).append(file)
+        if row.get(columns.caption):
+            captions[file] = " ".join(row[columns.caption].split())
     check_split_labels(path, per_split)
-    return per_split, skipped
+    return per_split, skipped, captions
 
 
 def check_split_labels(source: Path, per_split: Dict[str, Dict[str, List[Path]]]) -> None:
@@ -148,5 +157,5 @@ def load_manifest(path: str | Path, val_fraction: float = 0.1, test_fraction: fl
     path = Path(path)
     if not is_manifest(path):
         raise CliptuneError(f"not a manifest: {path} (a .csv, .tsv or .jsonl file)")
-    per_split, skipped = scan_manifest(path, columns, strict)
-    return assemble(path, per_split, skipped, val_fraction, test_fraction, seed, shots, classnames_file, val_shots)
+    per_split, skipped, captions = scan_manifest(path, columns, strict)
+    return assemble(path, per_split, skipped, val_fraction, test_fraction, seed, shots, classnames_file, val_shots, captions)

@@ -146,6 +146,12 @@ class Method(nn.Module, metaclass=ABCMeta):
         self.classnames = list(classnames)
 
     @property
+    def reads_sample_ids(self) -> bool:
+        """True while `loss` takes `sample_ids`, the batch's rows of the training inputs `prepare` saw (e.g. to pair
+        each image with its own caption)."""
+        return False
+
+    @property
     def gathers_across_processes(self) -> bool:
         """True while `loss` all-gathers the batch across processes: the engine then calls it on every process, even
         one whose slice of the batch is empty (a process that skipped it would leave the others waiting)."""

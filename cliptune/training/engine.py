@@ -47,6 +47,7 @@ class Inputs:
     labels: torch.Tensor
     features: Optional[torch.Tensor] = None
     images: Optional[Dataset] = None  # ImageDataset (files) or DecodedImages (the decoded-image cache)
+    captions: Optional[List[Optional[str]]] = None  # each image's caption (None: it has none), when the data has any
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -169,22 +170,22 @@ class Trainer:
         return torch.randint(inputs.features.shape[0], (len(inputs),), generator=generator)
 
     def _local_batches(self, inputs: Inputs, batches: List[torch.Tensor], views: Optional[torch.Tensor], epoch: int = 0):
-        """Yield (x, y) for this process's slice of each global batch."""
+        """Yield (x, y, the rows of `inputs` they are) for this process's slice of each global batch."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         local = [b[rank::world] for b in batches]
         device = self.accelerator.device
         if inputs.features is not None:
             for index in local:
                 x = inputs.features[views[index], index] if views is not None else inputs.features[index]
-                yield x.to(device), inputs.labels[index].to(device)
+                yield x.to(device), inputs.labels[index].to(device), index
             return
         images = inputs.images
         if not getattr(images, "random", True):  # decoded and deterministic: whole batches at once, no loader
             for index in local:
-                yield images.batch(index).to(device), inputs.labels[index].to(device)
+                yield images.batch(index).to(device), inputs.labels[index].to(device), index
             return
-        for x, y in self._loader(images, [b.tolist() for b in local], epoch):
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for (x, y), index in zip(self._loader(images, [b.tolist() for b in local], epoch), local):
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), index
 
     def _loader(self, images, batches: List[List[int]], epoch: int) -> DataLoader:
         """The DataLoader of one epoch's batches, with the device's defaults (`loader_settings`).
@@ -316,10 +317,10 @@ class Trainer:
         bar = progress_bar(total=len(batches), initial=first_step, desc=f"epoch {epoch + 1}/{fit.epochs}",
                            main_process=accelerator.is_local_main_process, leave=False)
         encode = train.images is not None and self.method.uses_image_features  # --aug-per-step: re-augmented images, frozen tower
-        for step, (x, y) in enumerate(self._local_batches(train, batches[first_step:], views, epoch), start=first_step):
+        for step, (x, y, rows) in enumerate(self._local_batches(train, batches[first_step:], views, epoch), start=first_step):
             if encode:
                 x = self._frozen_image_features(x)
-            loss, synced = self._micro_step(fit, x, y, batches, step)
+            loss, synced = self._micro_step(fit, x, y, batches, step, rows)
             loss_sum += loss * len(y)
             seen += len(y)
             bar.update(1)
@@ -339,9 +340,10 @@ class Trainer:
         totals = accelerator.reduce(torch.tensor([loss_sum, seen], dtype=torch.float64, device=accelerator.device), "sum")
         return float(totals[0] / totals[1].clamp(min=1))
 
-    def _micro_step(self, fit: "_Fit", x: torch.Tensor, y: torch.Tensor, batches: List[torch.Tensor], step: int) -> tuple:
-        """Forward and backward of this process's slice of micro-batch `step`, and the optimizer update that ends
-        its accumulation group; returns (this slice's mean loss, whether the update ran)."""
+    def _micro_step(self, fit: "_Fit", x: torch.Tensor, y: torch.Tensor, batches: List[torch.Tensor], step: int,
+                    rows: torch.Tensor) -> tuple:
+        """Forward and backward of this process's slice of micro-batch `step` (`rows` of the training inputs), and the
+        optimizer update that ends its accumulation group; returns (this slice's mean loss, whether the update ran)."""
         config, accelerator = self.config, self.accelerator
         synced = (step + 1) % config.grad_accum == 0 or step == len(batches) - 1
         # each image weighs 1/(images in its accumulation group): k micro-batches = one k-times batch
@@ -352,7 +354,8 @@ class Trainer:
                 logits = self.model(x)
                 # a loss that all-gathers the batch must run on every process, even on an empty slice
                 if len(y) or self.method.gathers_across_processes:
-                    loss = self.method.loss(logits, y, config.label_smoothing)
+                    batch = {"sample_ids": rows.to(y.device)} if self.method.reads_sample_ids else {}
+                    loss = self.method.loss(logits, y, config.label_smoothing, **batch)
                     scaled = loss * (len(y) / group_n) * accelerator.num_processes
                 else:  # an empty slice of a tiny last batch still joins the all-reduce
                     loss, scaled = logits.sum() * 0, logits.sum() * 0

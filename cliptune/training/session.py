@@ -119,7 +119,8 @@ def evaluation_config(config: RunConfig, data_dir: Optional[str] = None, classna
 
 def data_source(config: RunConfig) -> Dict[str, Any]:
     """How the run reads `--data` and continual task specs: their format and a manifest's column names."""
-    return {"data_format": config.data_format, "columns": ManifestColumns(config.path_col, config.label_col, config.split_col)}
+    return {"data_format": config.data_format, "columns": ManifestColumns(config.path_col, config.label_col, config.split_col,
+                                                                          config.caption_col)}
 
 
 @dataclass
@@ -212,10 +213,13 @@ class Session:
         return ImageDataset(files, self.train_transform if train else self.eval_transform)
 
     def inputs(self, split: str, use_features: bool, train: bool = False) -> Inputs:
-        labels = labels_tensor(self.data.split(split))
+        files = self.data.split(split)
+        labels = labels_tensor(files)
+        # training inputs carry the images' captions (what a contrastive loss pairs them with), when the data has any
+        captions = [self.data.captions.get(f) for f in files.files] if train and self.data.captions else None
         if use_features and not (train and self.config.aug_per_step):
-            return Inputs(labels=labels, features=self.features(split, augmented=train))
-        return Inputs(labels=labels, images=self.images(split, train))
+            return Inputs(labels=labels, features=self.features(split, augmented=train), captions=captions)
+        return Inputs(labels=labels, images=self.images(split, train), captions=captions)
 
     def zeroshot_logits(self, split: str) -> torch.Tensor:
         weights = zeroshot_text_features(self.model, self.data.classnames, self.templates, cache_dir=self.feature_dir,
