@@ -138,7 +138,7 @@ def config_flags(*names: str):
 
 
 MODEL_SETTINGS = ("model", "pretrained", "model_config")
-DATA_SETTINGS = ("data", "data_format", "path_col", "label_col", "split_col", "caption_col", "val_fraction", "test_fraction", "classnames",
+DATA_SETTINGS = ("data", "data_format", "path_col", "label_col", "split_col", "caption_col", "task", "label_sep", "val_fraction", "test_fraction", "classnames",
                  "templates", "seed", "strict", "cache_dir")
 TRAINING_SETTINGS = (
     "shots", "epochs", "steps", "lr", "batch_size", "optimizer", "weight_decay", "warmup_steps", "warmup_epochs",
@@ -227,8 +227,7 @@ def zeroshot(split, recipe, set_values, out, overwrite, **options):
 
     config = build_config(recipe, _cli_values(**options), list(set_values))
     metrics = api.zeroshot(config, out, split=split, overwrite=overwrite)
-    result = metrics[split]
-    _echo_result(f"zero-shot {split}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  n={result['n']}")
+    _echo_result(_summary(f"zero-shot {split}", metrics[split]))
 
 
 @cli.command(cls=MethodOptionsCommand)
@@ -243,17 +242,28 @@ def finetune(recipe, set_values, out, resume, overwrite, method_values, **option
     config = None if resume else build_config(recipe, _cli_values(**options), list(set_values), method_values)
     metrics = api.finetune(config, out, overwrite=overwrite, resume=resume)
     zs, test = metrics["zeroshot"], metrics["test"]
-    _echo_result(f"zero-shot test: top-1 {zs['top1']:.4f}  top-5 {zs['top5']:.4f}")
+    _echo_result(_summary("zero-shot test", zs, with_n=False))
     kept = " (the zero-shot fallback)" if metrics.get("result") == "zero-shot" else ""
-    _echo_result(f"{metrics['method']} test{kept}: top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  n={test['n']}")
-    _echo_result(f"{metrics['method']} test{kept}: balanced accuracy {test['balanced_accuracy']:.4f}  macro-F1 "
-                 f"{test['macro_f1']:.4f}  AUROC {'-' if test['auroc'] is None else format(test['auroc'], '.4f')}")
+    _echo_result(_summary(f"{metrics['method']} test{kept}", test))
+    if "top1" in test:
+        _echo_result(f"{metrics['method']} test{kept}: balanced accuracy {test['balanced_accuracy']:.4f}  macro-F1 "
+                     f"{test['macro_f1']:.4f}  AUROC {'-' if test['auroc'] is None else format(test['auroc'], '.4f')}")
     if "novel" in metrics:
         _echo_result(f"zero-shot novel: top-1 {metrics['zeroshot_novel']['top1']:.4f}  harmonic mean {metrics['zeroshot_hm']:.4f}")
         _echo_result(f"{metrics['method']} novel: top-1 {metrics['novel']['top1']:.4f}  harmonic mean {metrics['hm']:.4f}")
     if metrics["guard"]["message"]:
         _echo_result(metrics["guard"]["message"])
     _echo_result(f"run folder: {out}")
+
+
+def _summary(name: str, result: dict, with_n: bool = True) -> str:
+    """One result line: top-1 and top-5, or mAP, F1 and AUROC of a multi-label split."""
+    n = f"  n={result['n']}" if with_n else ""
+    if "map" in result:
+        auroc = "-" if result["auroc"] is None else format(result["auroc"], ".4f")
+        return (f"{name}: mAP {result['map']:.4f}  macro-F1 {result['macro_f1']:.4f}  micro-F1 {result['micro_f1']:.4f}  "
+                f"AUROC {auroc}{n}")
+    return f"{name}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}{n}"
 
 
 @cli.command("eval")
@@ -272,7 +282,7 @@ def eval_command(run, data, split, classnames, as_json, adapter):
     if as_json:
         _echo_result(json.dumps(report, indent=2))
     else:
-        _echo_result(f"{report['method']} {split}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  n={result['n']}")
+        _echo_result(_summary(f"{report['method']} {split}", result))
 
 
 @cli.command()
@@ -444,10 +454,11 @@ def sweep(trials, timeout, space, recipe, set_values, out, method_values, **opti
     study = Sweep(out, recipe, _cli_values(**options), list(set_values), method_values,
                   space=read_space(space) if space else None)
     result = study.run(trials, timeout)
-    from cliptune.core.metrics import score
+    from cliptune.core.metrics import headline, score
 
     best, zeroshot, metric = result["best"], result["zeroshot"], result["metric"]
-    label = "top-1" if metric == "top1" else metric
+    shown = metric if metric in best["test"] else headline(best["test"])[0]  # multi-label: mAP stands for top-1
+    label = {"top1": "top-1", "map": "mAP"}.get(shown, shown)
     _echo_result(f"best trial {best['number']}: val {label} {best['val']:.4f}  test {label} {score(best['test'], metric):.4f}  "
                  f"({', '.join(f'{k}={v}' for k, v in best['params'].items())})")
     _echo_result(f"zero-shot: val {label} {score(zeroshot['val'], metric):.4f}  test {label} {score(zeroshot['test'], metric):.4f}")

@@ -86,7 +86,7 @@ def small_manifest(colour_data, tmp_path):
     (lambda rows: rows[:2] + [[rows[2][0].replace(".png", "-gone.png"), rows[2][1]]] + rows[3:], r"m\.csv:4: image not found: .*-gone\.png$"),
     (lambda rows: rows[:4] + [[rows[4][0], ""]] + rows[5:], r"m\.csv:6: empty 'label' for "),
     (lambda rows: rows + [rows[1]], r"m\.csv:\d+: .* is already listed on line 3$"),
-    (lambda rows: rows[:1] + [[rows[1][0], "red|green"]] + rows[2:], r"m\.csv:3: 'red\|green' holds several labels; multi-label"),
+    (lambda rows: rows[:1] + [[rows[1][0], "red|green"]] + rows[2:], r"m\.csv:3: 'red\|green' holds several labels: pass --task multi-label"),
 ])
 def test_a_bad_row_is_one_error_naming_the_file_and_line(small_manifest, edit, message):
     write = small_manifest[0]

@@ -23,7 +23,7 @@ def tiny_architecture(recipe: str) -> str:
 
 def test_all_expected_recipes_exist():
     for name in ("demo", "coop", "cocoop", "maple", "lora", "flyp", "soft-target", "medical-xray",
-                 "medical-dermatology", "medical-pathology", "agri-leaf-disease", "agri-leaf-captions", "agri-pests"):
+                 "medical-dermatology", "medical-cxr14", "medical-pathology", "agri-leaf-disease", "agri-leaf-captions", "agri-pests"):
         assert name in RECIPES
 
 

@@ -8,7 +8,7 @@ import math
 import platform
 import re
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -19,11 +19,11 @@ from cliptune.training.engine import Trainer
 from cliptune.training.optim import training_length, with_budget_lr
 from cliptune.core.cachedir import feature_cache
 from cliptune.core.errors import CliptuneError
-from cliptune.methods import build_method
+from cliptune.methods import METHODS, build_method, method_class
 from cliptune.core.metrics import classification_metrics, score
 from cliptune.deploy.report import save_predictions, write_run_report
 from cliptune.core.progress import RESULT
-from cliptune.core.runfolder import RunFolder, atomic_write_json
+from cliptune.core.runfolder import RunFolder, atomic_write_json, read_json
 from cliptune.training.session import (Session, evaluation_config, finished_run, kept_zeroshot, make_accelerator,
                                        tracked_settings)
 from cliptune.core.timing import PhaseClock, command_started, describe
@@ -37,6 +37,9 @@ def _model_fields(config: RunConfig) -> Dict:
 
 def _line(name: str, metrics: Dict) -> str:
     auroc = metrics.get("auroc")
+    if "map" in metrics:
+        return (f"{name}: mAP {metrics['map']:.2%}  macro-F1 {metrics['macro_f1']:.2%}  micro-F1 {metrics['micro_f1']:.2%}  "
+                f"AUROC {'-' if auroc is None else f'{auroc:.4f}'}  (n={metrics['n']}; thresholds from {metrics['thresholds_from']})")
     return (f"{name}: top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  balanced accuracy "
             f"{metrics['balanced_accuracy']:.2%}  macro-F1 {metrics['macro_f1']:.2%}  AUROC "
             f"{'-' if auroc is None else f'{auroc:.4f}'}  (n={metrics['n']})")
@@ -56,7 +59,8 @@ def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite:
         metrics = {"method": "zeroshot", **_model_fields(config), "classes": session.data.classes,
                    "classnames": session.data.classnames, "split": split, "templates": session.templates}
         logits, labels = session.zeroshot_logits(split), labels_tensor(session.data.split(split))
-        metrics[split] = classification_metrics(logits, labels, session.data.classes)
+        val = session.zeroshot_metrics("val") if session.data.multi_label and split != "val" and len(session.data.splits["val"]) else None
+        metrics[split] = classification_metrics(logits, labels, session.data.classes, thresholds=val_thresholds(val))
         log.info(_line(f"zero-shot {split}", metrics[split]), extra=RESULT)
         save_predictions(run.root, split, logits, labels)
         atomic_write_json(run.metrics, metrics)
@@ -142,6 +146,10 @@ def _sessions_and_method(config: RunConfig, session: Session) -> tuple:
     if config.base_novel:
         session, novel_session = split_base_novel(session)
     data = session.data
+    problem = method_class(config.method).multi_label_problem(config.method_options()) if data.multi_label else None
+    if problem:
+        able = ", ".join(name for name, cls in METHODS.items() if cls.multi_label)
+        raise CliptuneError(f"{data.root} is multi-label: {problem}; methods for multi-label data: {able}")
     method = build_method(config.method, session.model, data.classnames, session.templates,
                           config.method_options(), data.named_descriptions, seed=config.seed)
     if novel_session is not None and method.class_specific:
@@ -153,10 +161,17 @@ def _zeroshot_results(session: Session, novel_session: Optional[Session], test: 
     """Zero-shot test logits and metrics, val and novel-class metrics: the baselines a trained run is judged against."""
     data = session.data
     logits = session.zeroshot_logits("test") if test else None
+    val = session.zeroshot_metrics("val") if len(data.splits["val"]) else None
     return {"test_logits": logits,
-            "test": classification_metrics(logits, labels_tensor(data.split("test")), data.classes) if test else None,
-            "val": session.zeroshot_metrics("val") if len(data.splits["val"]) else None,
+            "test": classification_metrics(logits, labels_tensor(data.split("test")), data.classes, thresholds=val_thresholds(val))
+                    if test else None,
+            "val": val,
             "novel": novel_session.zeroshot_metrics("test") if novel_session is not None else None}
+
+
+def val_thresholds(val: Optional[Dict]) -> Optional[List[float]]:
+    """The per-class thresholds multi-label metrics fitted on val, for the test split (None: single-label, or no val)."""
+    return list(val["thresholds"].values()) if val and "thresholds" in val else None
 
 
 def _trained_metrics(config: RunConfig, session: Session, trainer: Trainer, method, summary, run: RunFolder, clock: PhaseClock,
@@ -166,12 +181,17 @@ def _trained_metrics(config: RunConfig, session: Session, trainer: Trainer, meth
     data = session.data
     trainable = sum(p.numel() for p in method.trainable_parameters())  # after prepare(): some methods size them there
     load_method_state(method, run.checkpoints / "best")
-    test_metrics = test_logits = None
-    if test:
-        with clock.phase("final_eval"):
+    val_metrics = test_metrics = test_logits = None
+    with clock.phase("final_eval"):
+        if val is not None:  # the best epoch's validation pass, when this process ran it (same weights)
+            selected = trainer.validated.get(summary.best_epoch)
+            val_metrics = (classification_metrics(selected, val.labels, data.classes) if selected is not None
+                           else trainer.evaluate(val, data.classes))
+        if test:  # multi-label: at the thresholds fitted on val
             test_inputs = session.inputs("test", method.uses_image_features)
             test_logits = trainer.predict(test_inputs)
-            test_metrics = classification_metrics(test_logits, test_inputs.labels, data.classes)
+            test_metrics = classification_metrics(test_logits, test_inputs.labels, data.classes, thresholds=val_thresholds(val_metrics))
+    if test:
         log.info(_line(f"{config.method} test", test_metrics), extra=RESULT)
     metrics = {
         "method": config.method, **_model_fields(config), "classes": data.classes, "classnames": data.classnames,
@@ -183,10 +203,8 @@ def _trained_metrics(config: RunConfig, session: Session, trainer: Trainer, meth
         "processes": trainer.accelerator.num_processes,
     }
     with clock.phase("final_eval"):
-        if val is not None:  # the best epoch's validation pass, when this process ran it (same weights)
-            selected = trainer.validated.get(summary.best_epoch)
-            metrics["val"] = (classification_metrics(selected, val.labels, data.classes) if selected is not None
-                              else trainer.evaluate(val, data.classes))
+        if val_metrics is not None:
+            metrics["val"] = val_metrics
         if novel_session is not None:
             metrics.update(base_novel_metrics(trainer, method, test_metrics, zeroshot["test"], novel_session, zeroshot["novel"]))
         metrics["zeroshot_val"] = zeroshot["val"]
@@ -273,7 +291,7 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
     else:
         session = session.reused(config, accelerator)
     if kept_zeroshot(run):  # the run's result is the zero-shot classifier (--fallback zero-shot)
-        return _write_evaluation(run, config.method, session.data, split, session.zeroshot_metrics(split))
+        return _write_evaluation(run, config.method, session.data, split, session.zeroshot_metrics(split, run_thresholds(run)))
     _, best, saved = finished_run(run.root)
     data = session.data
     method = build_method(config.method, session.model, data.classnames, session.templates, saved["config"], data.named_descriptions)
@@ -290,8 +308,13 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
         load_method_state(method, best)
     method.to(accelerator.device)
     trainer = Trainer(method, config, None, accelerator)
-    result = trainer.evaluate(session.inputs(split, method.uses_image_features), data.classes)
+    result = trainer.evaluate(session.inputs(split, method.uses_image_features), data.classes, thresholds=run_thresholds(run))
     return _write_evaluation(run, config.method, data, split, result)
+
+
+def run_thresholds(run: RunFolder) -> Optional[List[float]]:
+    """The per-class thresholds a finished multi-label run fitted on its val split (None for single-label runs)."""
+    return val_thresholds(read_json(run.metrics).get("val")) if run.metrics.is_file() else None
 
 
 def _write_evaluation(run: RunFolder, method_name: str, data, split: str, result: Dict) -> Dict:

@@ -133,7 +133,9 @@ def _check_before_work(first: RunConfig, root: Path) -> None:
         raise CliptuneError(f"--data {first.data}: no such folder or file")
     _check_folder(root)
     tracking(first.report_to, root)
-    Session.open(first, make_accelerator(first.mixed_precision))
+    if Session.open(first, make_accelerator(first.mixed_precision)).data.multi_label:
+        raise CliptuneError(f"{first.data} is multi-label: compare tabulates single-label results for now; run "
+                            "`cliptune finetune` per method (its metrics.json holds mAP and F1) or `cliptune sweep`")
 
 
 def _check_cells(root: Path, cells: List[Cell]) -> None:
@@ -235,7 +237,8 @@ def summarise(cells: List[Dict], methods: Sequence[str], shots: Sequence[int]) -
 
 
 def _metric_label(metric: str) -> str:
-    return {"top1": "top-1", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "auroc": "AUROC"}[metric]
+    return {"top1": "top-1", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "auroc": "AUROC", "map": "mAP",
+            "micro_f1": "micro-F1"}[metric]
 
 
 def _shots_label(k: int) -> str:

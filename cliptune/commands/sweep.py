@@ -27,7 +27,7 @@ from cliptune.core.figures import save_figure
 from cliptune.core.progress import RESULT
 from cliptune.core.runfolder import atomic_write_json, atomic_write_text
 from cliptune.methods import method_class
-from cliptune.core.metrics import score
+from cliptune.core.metrics import headline, score
 from cliptune.training.engine import doubling
 from cliptune.training.session import Session, make_accelerator, report_summary, tracking
 
@@ -206,7 +206,8 @@ def trial_scalars(complete: list, best_test: Dict) -> Dict[int, Dict[str, float]
     for trial in sorted(complete, key=lambda t: t.number):
         best = max(best, trial.value)
         records[trial.number] = {"sweep/val": trial.value, "sweep/best_val": best}
-    records[max(records)]["sweep/best_test_top1"] = best_test["top1"]
+    name, value = headline(best_test)
+    records[max(records)][f"sweep/best_test_{name}"] = value
     return records
 
 

@@ -40,6 +40,8 @@ def wise_sweep(run_dir: str | Path, data_dir: Optional[str] = None, alphas: Sequ
     accelerator = make_accelerator(config.mixed_precision)
     session = Session.open(config, accelerator, cache_dir=None, data_dir=data_dir)
     data = session.data
+    if data.multi_label:
+        raise CliptuneError(f"{data.root} is multi-label: WiSE-FT chooses its alpha by val top-1, single-label data only for now")
     if not len(data.splits.get("val", ())):
         raise CliptuneError(f"{data.root} has no val split to choose the WiSE-FT alpha on")
     method = method_class(sidecar["method"]).zeroshot_endpoint(session.model, data.classnames, session.templates,

@@ -42,6 +42,10 @@ class RunConfig:
     path_col: str = option("path", "Manifest column of the image paths (relative to the manifest) [path].")
     label_col: str = option("label", "Manifest column of the labels [label].")
     split_col: str = option("split", "Manifest column of the splits (train/val/test; absent: seeded splits) [split].")
+    task: str = option("auto", "single-label, multi-label (each image has a set of labels: a manifest cell 'a|b|c'), or "
+                               "auto: multi-label when a manifest has a 'labels' column and no 'label' column [auto].",
+                       choices=("auto", "single-label", "multi-label"))
+    label_sep: str = option("|", "Separator of the labels in one manifest cell [|].")
     caption_col: str = option("caption", "Manifest or dataset column of the image captions (optional; --loss contrastive "
                                          "and soft-contrastive train on them) [caption].")
     val_fraction: float = option(0.1, "Validation share when the data has no val/ folder [0.1].", min=0, below=1)
@@ -67,8 +71,9 @@ class RunConfig:
               "unset = on exactly when the steps come from you and the lr from the defaults.")
     select: str = option("best-val", "Checkpoint evaluated at the end [method default].", choices=("best-val", "last"))
     metric: str = option(
-        "top1", "What --select best-val, compare and sweep rank by on val/test [top1]; auroc falls back to top1 on a split "
-                "where it is undefined.", choices=("top1", "balanced_accuracy", "macro_f1", "auroc"))
+        "top1", "What --select best-val, compare and sweep rank by on val/test [top1]; a metric a split does not define "
+                "(auroc on a one-class split; top1 of multi-label data) falls back to its top-1, or mAP for multi-label data.",
+        choices=("top1", "balanced_accuracy", "macro_f1", "auroc", "map", "micro_f1"))
     result_fallback: str = option(
         "none", "What a run keeps when it ends below zero-shot on val: none (the adapted model, with a warning) or "
                 "zero-shot [none].", choices=("none", "zero-shot"), flag="--fallback")

@@ -1,14 +1,16 @@
 """Classification metrics from logits: top-1/top-5, per-class top-1, ECE (15 bins) and NLL, and the metrics of
 imbalanced and clinical data (balanced accuracy, macro-F1, per-class precision/recall, one-vs-rest AUROC,
-confusion matrix) through scikit-learn."""
+confusion matrix) through scikit-learn; for multi-label data (2-D targets) mAP, per-class AP and AUROC, and macro /
+micro-F1 at per-class thresholds."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, recall_score, roc_auc_score
+from sklearn.metrics import (average_precision_score, confusion_matrix, f1_score, precision_recall_curve,
+                             precision_recall_fscore_support, recall_score, roc_auc_score)
 
 
 def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> List[Tuple[float, float, float, float]]:
@@ -36,9 +38,65 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
 
 def score(metrics: Dict, name: str) -> float:
-    """The value `--metric name` ranks by: the metric, or top-1 where it is undefined (AUROC on a one-class split)."""
+    """The value `--metric name` ranks by: the metric, else the split's headline (top-1; mAP for multi-label data)
+    where it is undefined (AUROC on a one-class split, top-1 of multi-label data)."""
     value = metrics.get(name)
-    return float(metrics["top1"] if value is None else value)
+    return float(headline(metrics)[1] if value is None else value)
+
+
+def headline(metrics: Dict) -> Tuple[str, float]:
+    """("top1", top-1) of a single-label split's metrics, ("map", mAP) of a multi-label one."""
+    return ("top1", metrics["top1"]) if "top1" in metrics else ("map", metrics["map"])
+
+
+def fit_thresholds(scores: torch.Tensor, targets: torch.Tensor) -> List[float]:
+    """Per class, the score above which it is predicted: the one with the best F1 on these images (the midpoint to the
+    next lower score, so that it generalises); 0.5 for a class with no positive here."""
+    thresholds = []
+    for c in range(scores.shape[1]):
+        y, s = targets[:, c].numpy(), scores[:, c].double().numpy()
+        if not y.any():
+            thresholds.append(0.5)
+            continue
+        precision, recall, cut = precision_recall_curve(y, s)
+        f1 = 2 * precision[:-1] * recall[:-1] / (precision[:-1] + recall[:-1]).clip(min=1e-12)
+        best = float(cut[int(f1.argmax())])
+        below = s[s < best]
+        thresholds.append((best + float(below.max())) / 2 if below.size else best)
+    return thresholds
+
+
+def average_precisions(logits: torch.Tensor, targets: torch.Tensor) -> List[float]:
+    """scikit-learn's average precision of each class with a positive among these images, scored by the softmax."""
+    scores, truth = logits.float().softmax(dim=1).numpy(), (targets > 0).numpy()
+    return [float(average_precision_score(truth[:, c], scores[:, c])) for c in range(truth.shape[1]) if truth[:, c].any()]
+
+
+def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Sequence[str],
+                       thresholds: Optional[Sequence[float]] = None) -> Dict:
+    """mAP (mean over the classes with a positive here of scikit-learn's average precision), per-class AP and AUROC,
+    and macro / micro-F1 of the labels predicted above per-class `thresholds` (None: fitted on these images, an
+    optimistic figure for the split thresholds are chosen on). Scores are the softmax over classes (the training
+    objective: cross-entropy against the image's label set, each label an equal share)."""
+    scores = logits.float().softmax(dim=1)
+    truth = (targets > 0).numpy()
+    fitted = thresholds is None
+    thresholds = fit_thresholds(scores, targets > 0) if fitted else list(thresholds)
+    predicted = (scores.numpy() >= torch.tensor(thresholds).numpy()[None, :])
+    with_positives = [c for c in range(len(classes)) if truth[:, c].any()]
+    ap = dict(zip((classes[c] for c in with_positives), average_precisions(logits, targets)))
+    auroc = {classes[c]: float(roc_auc_score(truth[:, c], scores[:, c].numpy())) for c in with_positives if not truth[:, c].all()}
+    return {
+        "map": float(sum(ap.values()) / len(ap)) if ap else 0.0,
+        "macro_f1": float(f1_score(truth, predicted, labels=with_positives, average="macro", zero_division=0)),
+        "micro_f1": float(f1_score(truth, predicted, average="micro", zero_division=0)),
+        "auroc": float(sum(auroc.values()) / len(auroc)) if auroc else None,
+        "n": int(len(truth)),
+        "per_class_ap": ap,
+        "per_class_auroc": auroc,
+        "thresholds": {name: float(t) for name, t in zip(classes, thresholds)},
+        "thresholds_from": "this split" if fitted else "val",
+    }
 
 
 def imbalance_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> Dict:
@@ -62,11 +120,15 @@ def imbalance_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: Sequen
     }
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], imbalance: bool = True) -> Dict:
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], imbalance: bool = True,
+                           thresholds: Optional[Sequence[float]] = None) -> Dict:
     """Accuracies as fractions in [0, 1]; top-5 becomes top-k with k = min(5, number of classes). `imbalance=False`
-    leaves out `imbalance_metrics` (scikit-learn's input checks cost milliseconds: per-epoch validation skips them)."""
+    leaves out `imbalance_metrics` (scikit-learn's input checks cost milliseconds: per-epoch validation skips them).
+    2-D `labels` (multi-label targets) get `multilabel_metrics` at `thresholds`."""
     logits = logits.float().cpu()
     labels = labels.cpu()
+    if labels.dim() == 2:
+        return multilabel_metrics(logits, labels, classes, thresholds)
     k = min(5, logits.shape[1])
     topk = logits.topk(k, dim=1).indices
     top1 = topk[:, 0].eq(labels)
@@ -80,7 +142,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
     return {
         "top1": float(top1.float().mean()),
         "top5": float(top5.float().mean()),
-        "n": int(labels.numel()),
+        "n": int(labels.shape[0]),
         "per_class": per_class,
         "ece": expected_calibration_error(probs, labels),
         "nll": float(F.cross_entropy(logits, labels)),

@@ -34,7 +34,10 @@ def display_name(folder: str) -> str:
 @dataclass
 class Split:
     files: List[Path] = field(default_factory=list)
-    labels: List[int] = field(default_factory=list)
+    labels: List[int] = field(default_factory=list)  # multi-label data: each image's first label
+    # multi-label data: (images, classes), each image's labels an equal share of 1 (cliptune.data.multilabel); None for
+    # single-label data
+    targets: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -59,6 +62,11 @@ class ImageFolderData:
     captions: Dict[Path, str] = field(default_factory=dict)
 
     @property
+    def multi_label(self) -> bool:
+        """True when each image has a set of labels (`Split.targets`)."""
+        return self.splits["train"].targets is not None
+
+    @property
     def named_descriptions(self) -> Dict[str, List[str]]:
         """Descriptions keyed by display name, as methods see classes."""
         return {self.classnames[self.classes.index(folder)]: texts for folder, texts in self.descriptions.items()}
@@ -71,6 +79,8 @@ class ImageFolderData:
 
     def restrict_to(self, folders: Sequence[str]) -> "ImageFolderData":
         """Keep only the given classes (in the given order), relabelled 0..k-1."""
+        if self.multi_label:
+            raise CliptuneError(f"{self.root} is multi-label: base-to-novel and continual tasks split single-label data by class")
         index = {c: i for i, c in enumerate(self.classes)}
         new_label = {index[c]: i for i, c in enumerate(folders)}
         splits = {}
@@ -218,11 +228,16 @@ def assemble(root: Path, per_split: Dict[str, Dict[str, List[Path]]], skipped: i
         splits["val"] = _few_shot(splits["val"], classes, val_shots, seed, split_name="val")
     if skipped:
         log.warning("skipped %d file(s) that are not readable images (use --strict to make this an error)", skipped)
+    names, descriptions = class_names(root, classnames_file, classes)
+    return ImageFolderData(root, classes, names, descriptions, splits, skipped, captions or {})
+
+
+def class_names(root: Path, classnames_file: Optional[str], classes: Sequence[str]) -> tuple[List[str], Dict[str, List[str]]]:
+    """Display names and descriptions of `classes`: from `classnames_file`, else `classnames.yaml` beside the data."""
     classnames_path = Path(classnames_file) if classnames_file else (root if root.is_dir() else root.parent) / CLASSNAMES_FILE
     if classnames_file and not classnames_path.is_file():
         raise CliptuneError(f"classnames file not found: {classnames_file}")
-    names, descriptions = _load_classnames(classnames_path if classnames_path.is_file() else None, classes)
-    return ImageFolderData(root, classes, names, descriptions, splits, skipped, captions or {})
+    return _load_classnames(classnames_path if classnames_path.is_file() else None, classes)
 
 
 def _scan_splits(root: Path, strict: bool) -> tuple:
@@ -339,6 +354,9 @@ def train_transform(image_size, mean, std, crop_scale=(0.5, 1.0), hflip=True, co
 
 
 def labels_tensor(split: Split) -> torch.Tensor:
+    """(N,) class indices, or the (N, classes) targets of multi-label data."""
+    if split.targets is not None:
+        return split.targets
     return torch.tensor(split.labels, dtype=torch.long)
 
 

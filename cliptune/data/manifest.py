@@ -2,7 +2,8 @@
 
 Columns (names configurable): `path` (relative to the manifest's folder, or absolute), `label`, an optional
 `split` (train/val/test; without it the seeded split of an ImageFolder applies) and an optional `caption` (what
-contrastive fine-tuning trains on); other columns are ignored. The
+contrastive fine-tuning trains on); other columns are ignored. A `labels` column (or `--task multi-label`) holds
+several labels per image, `a|b|c`, and makes a multi-label dataset (`cliptune.data.multilabel`). The
 rows become the same `ImageFolderData` an ImageFolder gives, with the labels as classes, so few-shot sampling,
 base-to-novel, `classnames.yaml` (next to the manifest) and every command behave identically: a manifest that
 lists an ImageFolder's files with their folder names as labels gives the same splits (tested). A bad row is one
@@ -12,6 +13,7 @@ error naming the file and line.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,19 +21,23 @@ from typing import Dict, List, Optional, Tuple
 
 from cliptune.core.errors import CliptuneError
 from cliptune.data.folders import SPLIT_NAMES, ImageFolderData, assemble, readable_image
+from cliptune.data.multilabel import assemble_multilabel
 
 MANIFEST_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None}
-LABEL_SEPARATOR = "|"  # `a|b` would be several labels of one image (multi-label)
 
 
 @dataclass(frozen=True)
 class ManifestColumns:
-    """The manifest's column names (`--path-col`, `--label-col`, `--split-col`, `--caption-col`)."""
+    """How a manifest is read: its column names (`--path-col`, `--label-col`, `--split-col`, `--caption-col`), whether
+    a cell holds several labels (`--task`; None: when there is a `labels` column and no `label` one) and their
+    separator (`--label-sep`)."""
 
     path: str = "path"
     label: str = "label"
     split: str = "split"
     caption: str = "caption"
+    multi_label: Optional[bool] = None
+    separator: str = "|"
 
 
 def is_manifest(source: str | Path) -> bool:
@@ -73,52 +79,55 @@ def _image_path(manifest: Path, value: str) -> Path:
     return Path(value) if Path(value).is_absolute() else manifest.parent / value
 
 
-def _check_columns(path: Path, rows: List[Tuple[int, Dict[str, str]]], columns: ManifestColumns) -> bool:
-    """Whether the manifest has a split column; refuses an empty manifest, a missing column and multi-label rows."""
+def _check_columns(path: Path, rows: List[Tuple[int, Dict[str, str]]], columns: ManifestColumns) -> ManifestColumns:
+    """The columns as this manifest has them: the label column (`labels` for a multi-label manifest without a `label`
+    column) and whether it is multi-label; refuses an empty manifest and a missing column."""
     if not rows:
         raise CliptuneError(f"{path} lists no images")
     present = set(rows[0][1])
-    for role, name, flag in (("path", columns.path, "--path-col"), ("label", columns.label, "--label-col")):
+    multi_label = columns.label not in present and "labels" in present if columns.multi_label is None else columns.multi_label
+    label = "labels" if multi_label and columns.label not in present and "labels" in present else columns.label
+    for role, name, flag in (("path", columns.path, "--path-col"), ("label", label, "--label-col")):
         if name not in present:
-            plural = " (several labels per image: multi-label manifests are not supported yet)" if "labels" in present else ""
-            raise CliptuneError(f"{path} has no '{name}' column for the image {role}{plural} (columns: "
+            raise CliptuneError(f"{path} has no '{name}' column for the image {role} (columns: "
                                 f"{', '.join(sorted(present))}; {flag} names another)")
     if columns.caption != ManifestColumns.caption and columns.caption not in present:  # named, so expected
         raise CliptuneError(f"{path} has no '{columns.caption}' column for the captions (columns: "
                             f"{', '.join(sorted(present))}; --caption-col names another)")
-    return columns.split in present
+    return dataclasses.replace(columns, label=label, multi_label=multi_label)
 
 
 def _row_entry(path: Path, number: int, row: Dict[str, str], columns: ManifestColumns, has_split: bool) -> tuple:
-    """(split, label, image path) of one row, or one error naming the file and line."""
+    """(split, labels, image path) of one row, or one error naming the file and line."""
     where = f"{path}:{number}"
     image, label = row.get(columns.path, ""), row.get(columns.label, "")
     if not image:
         raise CliptuneError(f"{where}: empty '{columns.path}'")
-    if not label:
+    labels = tuple(dict.fromkeys(part.strip() for part in label.split(columns.separator) if part.strip()))
+    if not labels:
         raise CliptuneError(f"{where}: empty '{columns.label}' for {image}")
-    if LABEL_SEPARATOR in label:
-        raise CliptuneError(f"{where}: '{label}' holds several labels; multi-label manifests are not supported yet")
+    if len(labels) > 1 and not columns.multi_label:
+        raise CliptuneError(f"{where}: '{label}' holds several labels: pass --task multi-label (or name the column 'labels')")
     split = row.get(columns.split, "") if has_split else "train"
     if split not in SPLIT_NAMES:
         raise CliptuneError(f"{where}: split '{split}' is not one of {', '.join(SPLIT_NAMES)}")
     file = _image_path(path, image)
     if not file.is_file():
         raise CliptuneError(f"{where}: image not found: {file}")
-    return split, label, file
+    return split, labels, file
 
 
 def scan_manifest(path: Path, columns: ManifestColumns, strict: bool) -> tuple:
-    """({split: {label: sorted files}}, files skipped as unreadable, {file: caption}), as `folders._scan_splits` gives
-    an ImageFolder's."""
+    """({split: [(file, labels)]} in row order, files skipped as unreadable, {file: caption}, the columns as read)."""
     rows = read_rows(path)
-    has_split = _check_columns(path, rows, columns)
-    per_split: Dict[str, Dict[str, List[Path]]] = {}
+    columns = _check_columns(path, rows, columns)
+    has_split = columns.split in rows[0][1]
+    per_split: Dict[str, List[Tuple[Path, Tuple[str, ...]]]] = {}
     captions: Dict[Path, str] = {}
     seen: Dict[Path, int] = {}
     skipped = 0
     for number, row in rows:
-        split, label, file = _row_entry(path, number, row, columns, has_split)
+        split, labels, file = _row_entry(path, number, row, columns, has_split)
         resolved = file.resolve()
         if resolved in seen:
             raise CliptuneError(f"{path}:{number}: {file} is already listed on line {seen[resolved]}")
@@ -128,11 +137,10 @@ def scan_manifest(path: Path, columns: ManifestColumns, strict: bool) -> tuple:
                 raise CliptuneError(f"{path}:{number}: not a readable image: {file} (drop --strict to skip such rows)")
             skipped += 1
             continue
-        per_split.setdefault(split, {}).setdefault(label, []).append(file)
+        per_split.setdefault(split, []).append((file, labels))
         if row.get(columns.caption):
             captions[file] = " ".join(row[columns.caption].split())
-    check_split_labels(path, per_split)
-    return per_split, skipped, captions
+    return per_split, skipped, captions, columns
 
 
 def check_split_labels(source: Path, per_split: Dict[str, Dict[str, List[Path]]]) -> None:
@@ -157,5 +165,17 @@ def load_manifest(path: str | Path, val_fraction: float = 0.1, test_fraction: fl
     path = Path(path)
     if not is_manifest(path):
         raise CliptuneError(f"not a manifest: {path} (a .csv, .tsv or .jsonl file)")
-    per_split, skipped, captions = scan_manifest(path, columns, strict)
-    return assemble(path, per_split, skipped, val_fraction, test_fraction, seed, shots, classnames_file, val_shots, captions)
+    per_split, skipped, captions, columns = scan_manifest(path, columns, strict)
+    settings = (val_fraction, test_fraction, seed, shots, classnames_file, val_shots, captions)
+    if columns.multi_label:
+        return assemble_multilabel(path, per_split, skipped, *settings)
+    by_label = {split: _by_label(rows) for split, rows in per_split.items()}
+    check_split_labels(path, by_label)
+    return assemble(path, by_label, skipped, *settings)
+
+
+def _by_label(rows: List[Tuple[Path, Tuple[str, ...]]]) -> Dict[str, List[Path]]:
+    by_label: Dict[str, List[Path]] = {}
+    for file, (label,) in rows:
+        by_label.setdefault(label, []).append(file)
+    return by_label

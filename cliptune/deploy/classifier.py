@@ -101,8 +101,10 @@ class Classifier:
     """An adapted CLIP classifier: `classes`, `preprocess` (PIL -> tensor), `predict`, `logits`, `encode_image`."""
 
     def __init__(self, network: nn.Module, classes: Sequence[str], classnames: Sequence[str], templates: Sequence[str],
-                 preprocessing: Dict, info: Dict):
+                 preprocessing: Dict, info: Dict, thresholds: Optional[Dict[str, float]] = None):
         self.network = network.eval()
+        # multi-label: each class's probability threshold (fitted on the run's val split); None for single-label
+        self.thresholds = thresholds
         self.classes = list(classes)
         self.classnames = list(classnames)
         self.templates = list(templates)
@@ -139,11 +141,18 @@ class Classifier:
         return self.network.image_features(images.to(self.device)).float()
 
     def _top(self, probabilities: torch.Tensor, topk: int) -> List[List[Tuple[str, float]]]:
+        """Per image, its top-k (class, probability) pairs; multi-label: every class above its threshold, most likely
+        first (none when no class is)."""
+        if self.thresholds is not None:
+            cut = torch.tensor([self.thresholds[c] for c in self.classes], device=probabilities.device)
+            return [sorted(((self.classes[i], float(row[i])) for i in (row >= cut).nonzero().flatten().tolist()),
+                           key=lambda pair: -pair[1]) for row in probabilities]
         values, indices = probabilities.topk(min(topk, len(self.classes)), dim=1)
         return [[(self.classes[i], float(v)) for v, i in zip(row_v, row_i)] for row_v, row_i in zip(values.tolist(), indices.tolist())]
 
     def predict(self, images: Sequence[ImageInput], topk: int = 5, batch_size: int = 32) -> List[List[Tuple[str, float]]]:
-        """Per image (a path or a PIL image), its top-k (class, probability) pairs, most likely first."""
+        """Per image (a path or a PIL image), its top-k (class, probability) pairs, most likely first (multi-label: the
+        classes above their thresholds)."""
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         results = []
@@ -229,7 +238,8 @@ def _load_run(run_dir: Path) -> Classifier:
         info["options"] = method.config.to_dict()
         network, model = ImageClassifier(method), method.model
     info["model"] = {"model": model.spec.model, "pretrained": model.spec.pretrained, "model_config": model.spec.model_config}
-    return Classifier(network, metrics["classes"], metrics["classnames"], templates, preprocessing_of(model), info)
+    thresholds = (metrics.get(metrics.get("split", "test")) or {}).get("thresholds")  # multi-label: fitted on val
+    return Classifier(network, metrics["classes"], metrics["classnames"], templates, preprocessing_of(model), info, thresholds)
 
 
 def _load_export(folder: Path) -> Classifier:
@@ -248,7 +258,8 @@ def _load_export(folder: Path) -> Classifier:
         load_method_state(method, folder)
         network = ImageClassifier(method)
     info = {"method": sidecar["method"], "options": sidecar.get("options"), "model": base, "source": str(folder.resolve())}
-    return Classifier(network, sidecar["classes"], sidecar["classnames"], sidecar["templates"], sidecar["preprocessing"], info)
+    return Classifier(network, sidecar["classes"], sidecar["classnames"], sidecar["templates"], sidecar["preprocessing"], info,
+                      sidecar.get("thresholds"))
 
 
 # ----- export -----
@@ -295,7 +306,7 @@ def export_classifier(run_dir: str | Path, output: str | Path, run_classifier: O
             "format": "cliptune-classifier", "version": FORMAT_VERSION, "method": run_classifier.method,
             "options": method.config.to_dict() if method is not None else None,
             "classes": run_classifier.classes, "classnames": run_classifier.classnames, "templates": run_classifier.templates,
-            "preprocessing": run_classifier.preprocessing,
+            "preprocessing": run_classifier.preprocessing, "thresholds": run_classifier.thresholds,
             "model": {"model": spec.model, "pretrained": spec.pretrained if _is_published_tag(spec) else None},
             "weights": "merged" if merged else "base",
             "head": "zeroshot" if merged or method is None else "method",

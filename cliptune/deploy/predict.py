@@ -1,4 +1,5 @@
-"""`cliptune predict`: top-k classes of new images, as a table, CSV or JSON."""
+"""`cliptune predict`: top-k classes of new images (multi-label runs: every label above its threshold), as a table,
+CSV or JSON."""
 
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ def predict_paths(source: str | Path, inputs: Sequence[str], topk: int = 5, batc
 def render(classifier: Classifier, predictions: List[Tuple[Path, list]], unreadable: List[Path], fmt: str) -> str:
     """The predictions as `table` (one line per image), `csv` (file,rank,class,name,probability) or `json`."""
     names = dict(zip(classifier.classes, classifier.classnames))
+    key = "top" if classifier.thresholds is None else "labels"  # multi-label: the labels above their thresholds
     if fmt == "json":
         return json.dumps({
             "source": classifier.info["source"], "method": classifier.method,
-            "predictions": [{"file": str(path), "top": [{"class": c, "name": names[c], "probability": p} for c, p in top]}
+            "predictions": [{"file": str(path), key: [{"class": c, "name": names[c], "probability": p} for c, p in top]}
                             for path, top in predictions],
             "unreadable": [str(path) for path in unreadable],
         }, indent=2) + "\n"
@@ -49,8 +51,8 @@ def render(classifier: Classifier, predictions: List[Tuple[Path, list]], unreada
         return buffer.getvalue()
     if fmt != "table":
         raise CliptuneError(f"unknown format '{fmt}' (available: {', '.join(FORMATS)})")
-    k = len(predictions[0][1])
-    rows = [["FILE", *(f"TOP-{rank}" for rank in range(1, k + 1))]]
-    rows += [[str(path), *(f"{c} ({p:.1%})" for c, p in top)] for path, top in predictions]
+    k = max(len(top) for _, top in predictions)
+    rows = [["FILE", *(f"{'TOP' if key == 'top' else 'LABEL'}-{rank}" for rank in range(1, k + 1))]]
+    rows += [[str(path), *(f"{c} ({p:.1%})" for c, p in top), *([""] * (k - len(top)))] for path, top in predictions]
     widths = [max(len(row[i]) for row in rows) for i in range(k + 1)]
     return "".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n" for row in rows)

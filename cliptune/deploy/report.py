@@ -44,7 +44,8 @@ def predictions_path(run_dir: str | Path, split: str) -> Path:
 
 def save_predictions(run_dir: str | Path, split: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
     """The evaluated split's logits and labels, for the report's confusion matrix and reliability diagram."""
-    atomic_save_safetensors(predictions_path(run_dir, split), {"logits": logits.float(), "labels": labels.long()})
+    labels = labels.float() if labels.dim() == 2 else labels.long()  # multi-label targets stay a (N, classes) table
+    atomic_save_safetensors(predictions_path(run_dir, split), {"logits": logits.float(), "labels": labels})
 
 
 def _split_labels(run: RunFolder, split: str) -> Tuple[List[Path], List[int]]:
@@ -125,8 +126,10 @@ def confusion_figure(logits: torch.Tensor, labels: torch.Tensor, classes: Sequen
     return _png(figure)
 
 
-def per_class_figure(series: Dict[str, Dict[str, float]], classes: Sequence[str], title: str) -> str:
-    """Horizontal bars of per-class top-1, one colour per series (e.g. zero-shot and the method)."""
+def per_class_figure(series: Dict[str, Dict[str, float]], classes: Sequence[str], title: str,
+                     measure: str = "top-1 accuracy") -> str:
+    """Horizontal bars of a per-class `measure` (top-1; AP of multi-label runs), one colour per series (e.g. zero-shot
+    and the method)."""
     names = list(series)
     shown = list(classes)
     if len(shown) > PER_CLASS_SHOWN and len(names) >= 2:  # the largest changes from the first series to the last
@@ -146,14 +149,14 @@ def per_class_figure(series: Dict[str, Dict[str, float]], classes: Sequence[str]
     axes.set_yticks([i + height * (len(names) - 1) / 2 for i in range(len(shown))], shown, fontsize=8)
     axes.invert_yaxis()
     axes.set_xlim(0, 1)
-    axes.set_xlabel("top-1 accuracy")
+    axes.set_xlabel(measure)
     axes.set_title(title)
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     return _png(figure)
 
 
 def curves_figure(histories: Dict[str, List[Dict]], title: str) -> Optional[str]:
-    """Training loss and validation top-1 per epoch, one line per run."""
+    """Training loss and validation top-1 (mAP of multi-label runs) per epoch, one line per run."""
     histories = {name: h for name, h in histories.items() if h}
     if not histories:
         return None
@@ -161,13 +164,15 @@ def curves_figure(histories: Dict[str, List[Dict]], title: str) -> Optional[str]
     for name, history in histories.items():
         epochs = [record["epoch"] for record in history]
         loss_axes.plot(epochs, [record["loss"] for record in history], marker="o", label=name)
-        val = [(record["epoch"], record["val_top1"]) for record in history if "val_top1" in record]
+        val = [(record["epoch"], record.get("val_top1", record.get("val_map"))) for record in history
+               if "val_top1" in record or "val_map" in record]
         if val:
             val_axes.plot(*zip(*val), marker="o", label=name)
     loss_axes.set_xlabel("epoch")
     loss_axes.set_ylabel("training loss")
     val_axes.set_xlabel("epoch")
-    val_axes.set_ylabel("validation top-1")
+    val_axes.set_ylabel("validation top-1 (mAP)" if any("val_map" in r for h in histories.values() for r in h)
+                        else "validation top-1")
     from matplotlib.ticker import MaxNLocator
 
     for axes in (loss_axes, val_axes):
@@ -259,17 +264,52 @@ def _headline(summary: Dict) -> List[Tuple[str, str]]:
     return rows
 
 
+def _multilabel_headline(summary: Dict) -> List[Tuple[str, str]]:
+    m, result, split = summary["metrics"], summary["result"], summary["split"]
+    rows = [("method", html.escape(m["method"])), ("model", html.escape(f"{m.get('model')} ({m.get('pretrained')})")),
+            (f"{split} mAP", _percent(result["map"])), (f"{split} macro-F1", _percent(result["macro_f1"])),
+            (f"{split} micro-F1", _percent(result["micro_f1"])), (f"{split} AUROC", _percent(result["auroc"])),
+            ("thresholds fitted on", html.escape(result["thresholds_from"])), ("images", str(result["n"])),
+            ("classes", str(len(m["classes"])))]
+    if "zeroshot" in m:
+        rows.append(("zero-shot mAP", _percent(m["zeroshot"]["map"])))
+    train = m.get("train")
+    if train:
+        rows += [("shots", str(summary["shots"] or "all")), ("training seconds", f"{train['seconds']:.1f}"),
+                 ("epochs (best)", f"{train['epochs']} ({train.get('best_epoch')})"), ("training images", str(train["n"]))]
+    return rows
+
+
+def _multilabel_body(summary: Dict) -> List[str]:
+    """Per-class AP and AUROC (against zero-shot) and training curves of a multi-label run."""
+    m, split, result = summary["metrics"], summary["split"], summary["result"]
+    series = {"zero-shot": m["zeroshot"]["per_class_ap"]} if "zeroshot" in m else {}
+    series[m["method"]] = result["per_class_ap"]
+    parts = ["<h2>Per-class average precision</h2>",
+             per_class_figure(series, m["classes"], f"per-class {split} AP", measure="average precision"),
+             "<details><summary>table</summary>" + _table(
+                 ("class", *series, "AUROC", "threshold"),
+                 [(html.escape(c), *(_percent(s.get(c)) for s in series.values()), _percent(result["per_class_auroc"].get(c)),
+                   f"{result['thresholds'][c]:.4f}") for c in m["classes"]]) + "</details>"]
+    curves = curves_figure({m["method"]: m.get("train", {}).get("history", [])}, "training")
+    return parts + (["<h2>Training curves</h2>", curves] if curves else [])
+
+
 def run_report_html(run_dir: str | Path) -> str:
     """The single-run report page."""
     summary = _run_summary(run_dir)
     m, split, result = summary["metrics"], summary["split"], summary["result"]
     method, classes = m["method"], m["classes"]
+    multi_label = "map" in result
     parts = [f"<h1>cliptune run {html.escape(summary['name'])}</h1>",
              f"<p class=note>{html.escape(str(Path(summary['root']).resolve()))}</p>",
-             _table(None, _headline(summary))]
+             _table(None, (_multilabel_headline if multi_label else _headline)(summary))]
     guard = (m.get("guard") or {}).get("message")
     if guard:
         parts.append(f"<p class=warning>{html.escape(guard)}</p>")
+    if multi_label:
+        parts += [*_multilabel_body(summary), "<h2>Resolved config</h2>", f"<pre>{html.escape(summary['config'])}</pre>"]
+        return _page(f"cliptune run {summary['name']}", "\n".join(parts))
     predictions = load_predictions(run_dir, split)
     figures = []
     if predictions is not None:
@@ -306,6 +346,10 @@ def write_run_report(run_dir: str | Path) -> Path:
 def comparison_html(run_dirs: Sequence[str | Path]) -> str:
     """Runs side by side: one table of headline numbers, then per-class accuracy, curves and calibration together."""
     summaries = [_run_summary(run) for run in run_dirs]
+    multi_label = [s["name"] for s in summaries if "map" in s["result"]]
+    if multi_label:
+        raise CliptuneError(f"{multi_label[0]} is a multi-label run: the side-by-side report compares single-label runs for "
+                            "now; open each run's report.html")
     labels = _unique_labels(summaries)
     rows = []
     for label, s in zip(labels, summaries):

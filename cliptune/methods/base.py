@@ -72,6 +72,9 @@ class Method(nn.Module, metaclass=ABCMeta):
     export_formats: ClassVar[tuple] = ()
     # True when WiSE-FT can mix a run's `wise_parts()` with those of `zeroshot_endpoint(...)`.
     wise_ft: ClassVar[bool] = False
+    # True when the method trains on multi-label targets (each image's label set as a distribution, 2-D `labels`):
+    # its loss is cross-entropy on its class logits, which such targets turn into the multi-label softmax loss.
+    multi_label: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -161,6 +164,11 @@ class Method(nn.Module, metaclass=ABCMeta):
         """(batch, dim) features of the images this method classifies (a method that prompts the image tower returns
         its own); what `cliptune predict` and exports normalise and compare."""
         return self.model.image.encode(images, normalize=False)
+
+    @classmethod
+    def multi_label_problem(cls, options: Dict[str, Any]) -> Optional[str]:
+        """Why this method, with these options, cannot train on multi-label data (None when it can)."""
+        return None if cls.multi_label else f"{cls.name} trains on one label per image"
 
     # ----- continual learning (cliptune/continual/) -----
     @classmethod

@@ -29,6 +29,7 @@ class CoCoOpConfig(MethodConfig):
 
 class CoCoOp(Method):
     name = "cocoop"
+    multi_label = True  # its loss is cross-entropy on class logits
     config_class = CoCoOpConfig
     trains = "context vectors + a meta-net conditioning them on each image"
     paper = "CoCoOp (Zhou et al., CVPR'22)"

@@ -69,6 +69,7 @@ DASSL_DIFFERENCE = ("a bank of 16 augmented views per image encoded once, where 
 
 class CoOp(Method):
     name = "coop"
+    multi_label = True  # its loss is cross-entropy on class logits
     config_class = CoOpConfig
     trains = "context vectors of the class prompts (text tower frozen)"
     paper = "CoOp (Zhou et al., IJCV'22)"

@@ -61,6 +61,7 @@ class FullConfig(MethodConfig):
 
 class FullFineTune(Method):
     name = "full"
+    multi_label = True  # with loss ce: cross-entropy on class logits
     config_class = FullConfig
     trains = "whole towers or their last N blocks (CE, FLYP contrastive or soft-target loss)"
     paper = "WiSE-FT (Wortsman et al., CVPR'22) / FLYP (Goyal et al., CVPR'23)"
@@ -116,6 +117,11 @@ class FullFineTune(Method):
 
     def linear_head(self):
         return self.head if self.has_linear_head else None
+
+    @classmethod
+    def multi_label_problem(cls, options):
+        loss = cls.config_class.from_options(options).loss
+        return None if loss == "ce" else f"full.loss {loss} trains on one label per image: use full.loss=ce"
 
     @classmethod
     def continual_problem(cls, options):

@@ -35,6 +35,7 @@ def knowledge_distance(learned: torch.Tensor, handcrafted: torch.Tensor) -> torc
 
 class KgCoOp(CoOp):
     name = "kgcoop"
+    multi_label = True  # its loss is cross-entropy on class logits
     config_class = KgCoOpConfig
     trains = "context vectors of the class prompts, kept near the hand-crafted prompts' text features"
     paper = "KgCoOp (Yao et al., CVPR'23)"

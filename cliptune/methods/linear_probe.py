@@ -8,6 +8,9 @@ trained by the engine: the head is fitted in `prepare()`. One deliberate differe
 L2-normalised (lpclip fits raw features), so the fitted head, the zero-shot head and their WiSE-FT mixtures
 share one input space.
 
+Multi-label data: the same objective against each image's label set as a distribution (its k labels 1/k each,
+`cliptune.data.multilabel`), with C chosen by validation mAP.
+
 Solver `sgd` trains the head through the engine instead, starting from the zero-shot classifier
 (weights = class text embeddings, bias 0, temperature = the model's logit scale).
 """
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cliptune.core.metrics import average_precisions
 from cliptune.methods.base import Method, MethodConfig
 from cliptune.core.options import option
 from cliptune.models.zeroshot import zeroshot_weights
@@ -45,6 +49,7 @@ def logistic_regression(features: torch.Tensor, labels: torch.Tensor, classes: i
     """(weight, bias) minimising C * sum_i CE(W x_i + b, y_i) + ||W||^2 / 2 (sklearn's LogisticRegression),
     from zeros or from `start` (a nearby solution: the C search warm-starts each fit from the previous one)."""
     x = features.double()
+    labels = labels.double() if labels.is_floating_point() else labels  # multi-label targets: a distribution per image
     weight = torch.zeros(classes, x.shape[1], dtype=torch.float64) if start is None else start[0].clone()
     bias = torch.zeros(classes, dtype=torch.float64) if start is None else start[1].clone()
     weight.requires_grad_(True)
@@ -64,7 +69,12 @@ def logistic_regression(features: torch.Tensor, labels: torch.Tensor, classes: i
 
 
 def _accuracy(features, labels, weight, bias) -> float:
-    return float(((features.double() @ weight.T + bias).argmax(dim=1) == labels).double().mean())
+    """Top-1 on val; mAP for multi-label targets (what the C search maximises)."""
+    logits = features.double() @ weight.T + bias
+    if labels.dim() == 2:
+        precisions = average_precisions(logits, labels)
+        return sum(precisions) / max(1, len(precisions))
+    return float((logits.argmax(dim=1) == labels).double().mean())
 
 
 def search_c(train_x, train_y, val_x, val_y, classes: int) -> tuple:
@@ -102,6 +112,7 @@ class LinearProbe(Method):
     uses_image_features = True
     wise_ft = True
     class_specific = True
+    multi_label = True
 
     def __init__(self, model, classnames, templates, config: LinearProbeConfig, descriptions=None):
         super().__init__(model, classnames, templates, config, descriptions)
@@ -142,7 +153,7 @@ class LinearProbe(Method):
             return
         features, labels = train.features, train.labels
         if features.dim() == 3:  # (views, N, D): each view is one more training sample
-            labels = labels.repeat(features.shape[0])
+            labels = labels.repeat(features.shape[0], *([1] * (labels.dim() - 1)))
             features = features.reshape(-1, features.shape[-1])
         x = F.normalize(features.float(), dim=-1).cpu()
         c, start = self.config.c, None

@@ -185,6 +185,7 @@ def _attention_linears(block: nn.Module) -> Dict[str, str]:
 
 class LoRA(Method):
     name = "lora"
+    multi_label = True  # its loss is cross-entropy on class logits
     config_class = LoRAConfig
     trains = "low-rank updates of the attention projections (peft)"
     paper = "CLIP-LoRA (Zanella & Ben Ayed, CVPRW'24)"

@@ -34,6 +34,7 @@ class MaPLeConfig(MethodConfig):
 
 class MaPLe(Method):
     name = "maple"
+    multi_label = True  # its loss is cross-entropy on class logits
     config_class = MaPLeConfig
     trains = "coupled language/vision prompts in the first layers of both towers"
     paper = "MaPLe (Khattak et al., CVPR'23)"

@@ -30,7 +30,7 @@ from cliptune.config.run import RunConfig
 from cliptune.data.folders import loader_settings
 from cliptune.core.errors import CliptuneError, InterruptedRun
 from cliptune.methods.base import Method
-from cliptune.core.metrics import classification_metrics, score
+from cliptune.core.metrics import classification_metrics, headline, score
 from cliptune.core.progress import progress_bar
 from cliptune.core.runfolder import RunFolder
 from cliptune.core.seeding import isolated_rng
@@ -50,7 +50,7 @@ class Inputs:
     captions: Optional[List[Optional[str]]] = None  # each image's caption (None: it has none), when the data has any
 
     def __len__(self) -> int:
-        return int(self.labels.numel())
+        return int(self.labels.shape[0])
 
 
 @dataclass
@@ -184,8 +184,9 @@ class Trainer:
             for index in local:
                 yield images.batch(index).to(device), inputs.labels[index].to(device), index
             return
-        for (x, y), index in zip(self._loader(images, [b.tolist() for b in local], epoch), local):
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), index
+        for (x, _), index in zip(self._loader(images, [b.tolist() for b in local], epoch), local):
+            # the labels of `inputs`, not the dataset's: multi-label targets are rows of a tensor
+            yield x.to(device, non_blocking=True), inputs.labels[index].to(device, non_blocking=True), index
 
     def _loader(self, images, batches: List[List[int]], epoch: int) -> DataLoader:
         """The DataLoader of one epoch's batches, with the device's defaults (`loader_settings`).
@@ -228,8 +229,9 @@ class Trainer:
                 outputs.append(method(x.to(self.accelerator.device)).float().cpu())
         return torch.cat(outputs)
 
-    def evaluate(self, inputs: Inputs, classes) -> Dict:
-        return classification_metrics(self.predict(inputs), inputs.labels, classes)
+    def evaluate(self, inputs: Inputs, classes, thresholds=None) -> Dict:
+        """Metrics of `inputs` (multi-label: at per-class `thresholds`, else fitted on these images)."""
+        return classification_metrics(self.predict(inputs), inputs.labels, classes, thresholds=thresholds)
 
     # ----- checkpoints -----
     def _save_last(self, state: Dict) -> None:
@@ -407,9 +409,10 @@ class Trainer:
             # only what selection needs, per epoch; `validated` keeps the logits for the full metrics at the end
             result = classification_metrics(logits, val.labels, classes, imbalance=config.metric != "top1")
             fit.summary.eval_seconds += time.perf_counter() - evaluating
-            record["val_top1"] = result["top1"]
+            name, value = headline(result)
+            record[f"val_{name}"] = value
             value = score(result, config.metric)
-            if config.metric != "top1":
+            if config.metric != name and config.metric in result:
                 record[f"val_{config.metric}"] = value
             if self.on_validated is not None:
                 self.on_validated(epoch + 1, value)

@@ -11,7 +11,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -119,8 +119,9 @@ def evaluation_config(config: RunConfig, data_dir: Optional[str] = None, classna
 
 def data_source(config: RunConfig) -> Dict[str, Any]:
     """How the run reads `--data` and continual task specs: their format and a manifest's column names."""
-    return {"data_format": config.data_format, "columns": ManifestColumns(config.path_col, config.label_col, config.split_col,
-                                                                          config.caption_col)}
+    multi_label = {"auto": None, "single-label": False, "multi-label": True}[config.task]
+    columns = ManifestColumns(config.path_col, config.label_col, config.split_col, config.caption_col, multi_label, config.label_sep)
+    return {"data_format": config.data_format, "columns": columns}
 
 
 @dataclass
@@ -227,8 +228,10 @@ class Session:
         features = F.normalize(self.features(split).to(weights.device), dim=-1)
         return self.model.logit_scale * features @ weights.T
 
-    def zeroshot_metrics(self, split: str) -> Dict:
-        return classification_metrics(self.zeroshot_logits(split), labels_tensor(self.data.split(split)), self.data.classes)
+    def zeroshot_metrics(self, split: str, thresholds: Optional[List[float]] = None) -> Dict:
+        """Zero-shot metrics of `split` (multi-label: at per-class `thresholds`, else fitted on the split)."""
+        return classification_metrics(self.zeroshot_logits(split), labels_tensor(self.data.split(split)), self.data.classes,
+                                      thresholds=thresholds)
 
 
 def finished_run(run_dir: str | Path) -> tuple:
