@@ -35,10 +35,12 @@ class RunConfig:
     # data
     data: Optional[str] = option(
         None, "ImageFolder root (class folders, or train/ val/ test/ of them), a CSV/TSV/JSONL manifest (path, label "
-              "[, split] columns), or a folder saved by Hugging Face datasets (save_to_disk).", path="dataset")
+              "[, split] columns), a folder saved by Hugging Face datasets (save_to_disk), or webdataset shards (a folder "
+              "of .tar files, one .tar, or a pattern such as 'shards/train-{000..009}.tar').", path="dataset")
     data_format: str = option("auto", "What --data is [auto: a .csv/.tsv/.jsonl file is a manifest, a folder saved by "
-                                      "Hugging Face datasets a dataset, another folder an ImageFolder].",
-                              choices=("auto", "imagefolder", "manifest", "datasets"))
+                                      "Hugging Face datasets a dataset, .tar files (or a folder of only them) shards, "
+                                      "another folder an ImageFolder].",
+                              choices=("auto", "imagefolder", "manifest", "datasets", "shards"))
     path_col: str = option("path", "Manifest column of the image paths (relative to the manifest) [path].")
     label_col: str = option("label", "Manifest column of the labels [label].")
     split_col: str = option("split", "Manifest column of the splits (train/val/test; absent: seeded splits) [split].")
@@ -195,6 +197,8 @@ def check_config(config: RunConfig, files: bool = True) -> None:
             if kind == "any" or not isinstance(item, str) or not item:
                 continue  # a tag or a path, unset, or templates given inline as a list
             path = Path(parse_dataset_spec(item)[0] if kind in ("folder", "dataset") else item)
+            if kind == "dataset" and "{" in path.name:  # a shard pattern: each shard is checked when the data is read
+                path = path.parent
             found = {"folder": path.is_dir(), "file": path.is_file(), "dataset": path.exists()}[kind]
             if not found:
                 raise CliptuneError(f"{flag_name(SETTINGS[key])} {item}: no such {'folder or file' if kind == 'dataset' else kind}")
