@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import cliptune
 from cliptune.commands import api
 from cliptune.config.run import build_config
 from cliptune.data.folders import display_name, image_files_under
+from validation_tasks import task_settings
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 60, 200), "yellow": (220, 210, 40),
            "purple": (150, 50, 170), "cyan": (40, 190, 200), "orange": (230, 130, 30), "white": (235, 235, 235),
@@ -52,16 +52,6 @@ def caption_manifest(root: Path, out: Path) -> Path:
     return out
 
 
-def settings(tasks: Path | None) -> dict:
-    """{name: (ImageFolder root, run values)} for the demo (its recipe: the demo CLIP and templates) and each task."""
-    found = {"demo": (Path(cliptune.__file__).parent / "sample_data", {"recipe": "demo"})}
-    for folder in sorted(tasks.iterdir()) if tasks else ():
-        config = next(folder.glob("validation-*-clip.json"), None)
-        if config is not None:
-            found[folder.name] = (folder, {"model_config": str(config), "pretrained": str(config.with_suffix(".safetensors"))})
-    return found
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=Path, help="folder written by scripts/make_validation_tasks.py")
@@ -73,7 +63,7 @@ def main() -> None:
     print("| setting | zero-shot | " + " | ".join(f"{loss} p={p:g}" for loss, p in runs) + " |")
     print("|---|---|" + "---|" * len(runs))
     with tempfile.TemporaryDirectory() as scratch:
-        for name, (root, values) in settings(args.tasks).items():
+        for name, (root, values) in task_settings(args.tasks).items():
             values = dict(values)
             recipe = values.pop("recipe", None)
             manifest = caption_manifest(root, Path(scratch) / f"{name}.csv")

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from PIL import Image
 
-import cliptune
 from cliptune.commands import api
 from cliptune.config.run import build_config
 from cliptune.data.folders import image_files_under
+from validation_tasks import task_settings
 
 GRIDS = {"train": 240, "val": 40, "test": 120}
 
@@ -53,16 +53,6 @@ def grid_manifest(root: Path, out: Path, seed: int = 0) -> Path:
     return out / "grids.csv"
 
 
-def settings(tasks: Path | None) -> dict:
-    """{name: (ImageFolder root, run values)}: the bundled digits with the demo recipe's model, and each task."""
-    found = {"demo": (Path(cliptune.__file__).parent / "sample_data", {"recipe": "demo"})}
-    for folder in sorted(tasks.iterdir()) if tasks else ():
-        config = next(folder.glob("validation-*-clip.json"), None)
-        if config is not None:
-            found[folder.name] = (folder, {"model_config": str(config), "pretrained": str(config.with_suffix(".safetensors"))})
-    return found
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=Path, help="folder written by scripts/make_validation_tasks.py")
@@ -76,7 +66,7 @@ def main() -> None:
     print("| setting | zero-shot | " + " | ".join(methods) + " |")
     print("|---|---|" + "---|" * len(methods))
     with tempfile.TemporaryDirectory() as scratch:
-        for name, (root, values) in settings(args.tasks).items():
+        for name, (root, values) in task_settings(args.tasks).items():
             values = dict(values)
             recipe = values.pop("recipe", None)
             manifest = grid_manifest(root, Path(scratch) / name)

@@ -85,3 +85,32 @@ def test_bad_saved_datasets_are_one_line(split_data, tmp_path):
     result = CliRunner().invoke(cli, ["zeroshot", "--data", str(saved), "--data-format", "manifest", "--out",
                                       str(tmp_path / "o")])
     assert result.exit_code != 0 and "not a manifest" in result.output and "Traceback" not in result.output
+
+
+def test_a_hub_dataset_is_loaded_by_name_and_fails_offline_in_one_line(split_data, tmp_path, monkeypatch):
+    saved = datasets.load_from_disk(str(_save(split_data, tmp_path / "saved", splits=True)))
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: asked.append(name) or saved)  # what the Hub would return
+    _same_dataset(load_data("hf:someorg/leaves"), load_imagefolder(split_data))
+    assert asked == ["someorg/leaves"]
+    monkeypatch.undo()  # the real loader, offline (conftest sets HF_HUB_OFFLINE=1)
+    result = CliRunner().invoke(cli, ["zeroshot", "--data", "hf:someorg/leaves", "--model-config", str(Path(__file__).parent /
+                                      "fixtures" / "tiny-clip.json"), "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0
+    assert "could not load the Hugging Face dataset 'someorg/leaves' (Couldn't reach" in result.output
+    assert len(result.output.strip().splitlines()[-1]) > 0 and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_label_list_column_makes_a_multi_label_dataset(split_data, tmp_path):
+    images = sorted(split_data.rglob("*.png"))
+    names = sorted({p.parent.name for p in images})
+    labels = [[names.index(p.parent.name)] + ([0] if i % 3 == 0 and p.parent.name != names[0] else []) for i, p in enumerate(images)]
+    features = datasets.Features({"image": datasets.Value("string"), "label": datasets.Sequence(datasets.ClassLabel(names=names))})
+    datasets.Dataset.from_dict({"image": [str(p) for p in images], "label": labels}, features=features).save_to_disk(str(tmp_path / "ml"))
+    data = load_data(tmp_path / "ml", seed=2)
+    assert data.multi_label and data.classes == names
+    sets = {str(p): {names[c] for c in row} for p, row in zip(images, labels)}
+    for split in data.splits.values():
+        for file, target in zip(split.files, split.targets):
+            assert {data.classes[c] for c in target.nonzero().flatten().tolist()} == sets[str(file)]

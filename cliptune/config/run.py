@@ -176,8 +176,8 @@ PATH_KEYS = [name for name, spec in SETTINGS.items() if spec.metadata.get("path"
 
 
 def parse_dataset_spec(spec: str) -> tuple[str, Optional[List[str]]]:
-    """`DIR` or `DIR:class,class` (a subset of the class folders)."""
-    if Path(spec).exists() or ":" not in spec:
+    """`DIR` or `DIR:class,class` (a subset of the class folders); `hf:org/name` (a Hub dataset) too."""
+    if Path(spec).exists() or ":" not in spec or (spec.startswith("hf:") and spec.count(":") == 1):
         return spec, None
     root, _, classes = spec.rpartition(":")
     return root, [c for c in classes.split(",") if c]
@@ -199,6 +199,8 @@ def check_config(config: RunConfig, files: bool = True) -> None:
             path = Path(parse_dataset_spec(item)[0] if kind in ("folder", "dataset") else item)
             if kind == "dataset" and "{" in path.name:  # a shard pattern: each shard is checked when the data is read
                 path = path.parent
+            if kind == "dataset" and str(item).startswith("hf:"):  # a Hub dataset: checked when it is loaded
+                continue
             found = {"folder": path.is_dir(), "file": path.is_file(), "dataset": path.exists()}[kind]
             if not found:
                 raise CliptuneError(f"{flag_name(SETTINGS[key])} {item}: no such {'folder or file' if kind == 'dataset' else kind}")

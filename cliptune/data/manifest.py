@@ -169,12 +169,13 @@ def load_manifest(path: str | Path, val_fraction: float = 0.1, test_fraction: fl
     settings = (val_fraction, test_fraction, seed, shots, classnames_file, val_shots, captions)
     if columns.multi_label:
         return assemble_multilabel(path, per_split, skipped, *settings)
-    by_label = {split: _by_label(rows) for split, rows in per_split.items()}
+    by_label = {split: rows_by_label(rows) for split, rows in per_split.items()}
     check_split_labels(path, by_label)
     return assemble(path, by_label, skipped, *settings)
 
 
-def _by_label(rows: List[Tuple[Path, Tuple[str, ...]]]) -> Dict[str, List[Path]]:
+def rows_by_label(rows: List[Tuple[Path, Tuple[str, ...]]]) -> Dict[str, List[Path]]:
+    """{label: files} of single-label (file, (label,)) rows, in row order."""
     by_label: Dict[str, List[Path]] = {}
     for file, (label,) in rows:
         by_label.setdefault(label, []).append(file)

@@ -9,7 +9,7 @@ from typing import Optional
 
 from cliptune.core.errors import CliptuneError
 from cliptune.data.folders import ImageFolderData, load_imagefolder
-from cliptune.data.hfdatasets import is_datasets_dir, load_datasets_dir
+from cliptune.data.hfdatasets import is_datasets_dir, is_hub_dataset, load_datasets_dir
 from cliptune.data.manifest import MANIFEST_SUFFIXES, ManifestColumns, is_manifest, load_manifest
 from cliptune.data.shards import is_shards, load_shards
 
@@ -21,7 +21,7 @@ def load_data(source: str | Path, val_fraction: float = 0.1, test_fraction: floa
     """The dataset at `source`, split and sampled as `load_imagefolder` describes."""
     settings = (val_fraction, test_fraction, seed, shots, classnames_file, strict, val_shots)
     if data_format == "auto":
-        data_format = ("manifest" if is_manifest(source) else "datasets" if is_datasets_dir(source)
+        data_format = ("manifest" if is_manifest(source) else "datasets" if is_datasets_dir(source) or is_hub_dataset(source)
                        else "shards" if is_shards(source) else "imagefolder")
     if data_format == "manifest":
         return load_manifest(source, *settings, columns=columns)
