@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from cliptune.cli import cli
@@ -109,3 +110,20 @@ def test_bad_shards_are_one_line_errors(split_data, tmp_path):
     (tmp_path / "broken.tar").write_bytes(b"not a tar at all" * 64)
     with pytest.raises(CliptuneError, match=r"broken\.tar: not a readable tar shard"):
         load_data(tmp_path / "broken.tar")
+
+
+@pytest.mark.distributed
+def test_torchrun_on_shards_equals_one_process(split_data, tiny_config, tmp_path):
+    """Both processes index the shards and copy out the same images (atomically, so the one that comes second finds
+    them whole); the two-process run then equals the one-process run."""
+    from safetensors.torch import load_file
+
+    from helpers import run_two_processes_and_one
+
+    shards = write_shards(split_data, tmp_path / "shards", per_shard=6)
+    args = ["finetune", "--data", str(shards), "--model-config", tiny_config, "--method", "coop", "--n-ctx", "4", "--epochs", "2",
+            "--batch-size", "8", "--lr", "0.01", "--shots", "4"]
+    run_two_processes_and_one(args, tmp_path, quiet_two=True)
+    w2 = load_file(str(tmp_path / "two/checkpoints/best/method.safetensors"))
+    w1 = load_file(str(tmp_path / "one/checkpoints/best/method.safetensors"))
+    assert all(torch.allclose(w2[k], w1[k], atol=1e-5) for k in w1)

@@ -20,7 +20,7 @@ from cliptune.training.optim import training_length, with_budget_lr
 from cliptune.core.cachedir import feature_cache
 from cliptune.core.errors import CliptuneError
 from cliptune.methods import METHODS, build_method, method_class
-from cliptune.core.metrics import classification_metrics, score
+from cliptune.core.metrics import classification_metrics, headline, score
 from cliptune.deploy.report import save_predictions, write_run_report
 from cliptune.core.progress import RESULT
 from cliptune.core.runfolder import RunFolder, atomic_write_json, read_json
@@ -243,7 +243,8 @@ def zeroshot_guard(method_name: str, val: Optional[Dict], zeroshot_val: Optional
     kept = below and fallback == "zero-shot"
     message = None
     if below:
-        said = f"{method_name} ended below zero-shot on val{'' if metric == 'top1' else ' ' + metric} ({adapted:.2f} vs {baseline:.2f})"
+        shown = metric if metric in val else headline(val)[0]  # a metric the split lacks falls back to its headline
+        said = f"{method_name} ended below zero-shot on val{'' if shown == 'top1' else ' ' + shown} ({adapted:.2f} vs {baseline:.2f})"
         message = (f"{said}; kept the zero-shot classifier (--fallback zero-shot)" if kept
                    else f"{said}; see 'cliptune sweep' or --fallback zero-shot")
     return {"below_zeroshot": below, "val": adapted, "zeroshot_val": baseline, "fallback": kept, "message": message}
