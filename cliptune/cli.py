@@ -138,7 +138,7 @@ def config_flags(*names: str):
 
 
 MODEL_SETTINGS = ("model", "pretrained", "model_config")
-DATA_SETTINGS = ("data", "data_format", "path_col", "label_col", "split_col", "caption_col", "task", "label_sep", "val_fraction", "test_fraction", "classnames",
+DATA_SETTINGS = ("data", "data_format", "path_col", "label_col", "split_col", "caption_col", "task", "label_sep", "zeroshot_pairs", "val_fraction", "test_fraction", "classnames",
                  "templates", "seed", "strict", "cache_dir")
 TRAINING_SETTINGS = (
     "shots", "epochs", "steps", "lr", "batch_size", "optimizer", "weight_decay", "warmup_steps", "warmup_epochs",

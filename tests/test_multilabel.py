@@ -193,3 +193,34 @@ def test_the_chest_xray_recipe_reads_the_nih_chestxray14_layout(colour_pairs, tm
     config = build_config("medical-cxr14", {"data": str(nih)})
     data = load_data(config.data, seed=config.seed, **data_source(config))
     assert data.multi_label and data.classes == sorted(NAMES) and config.metric == "map"
+
+
+def test_zeroshot_prompt_pairs_score_each_class_by_a_sigmoid_of_with_minus_without(colour_pairs, colour_data, tiny_config,
+                                                                                   tmp_path):
+    from cliptune.deploy.classifier import load
+    from cliptune.models.loading import load_model
+
+    result = CliRunner().invoke(cli, ["zeroshot", "--data", str(colour_pairs), "--model-config", tiny_config, "--zeroshot-pairs",
+                                      "--out", str(tmp_path / "zs")])
+    assert result.exit_code == 0, result.output
+    test = json.loads((tmp_path / "zs" / "metrics.json").read_text())["test"]
+    assert test["scores"] == "sigmoid" and test["thresholds_from"] == "val"
+    classifier = load(tmp_path / "zs")
+    images = sorted((colour_pairs.parent / "images").glob("*.png"))[:5]
+    batch = torch.stack([classifier.preprocess(Image.open(p)) for p in images])
+    model = load_model(model_config=tiny_config)
+    with torch.no_grad():  # by hand: the scaled cosine to "a photo with X." minus that to "a photo without X."
+        image = model.image.encode(batch, normalize=True)
+        texts = {kind: model.text.encode(model.text.tokenize([f"a photo {kind} {c}." for c in classifier.classes]))
+                 for kind in ("with", "without")}
+        expected = model.logit_scale * (image @ texts["with"].T - image @ texts["without"].T)
+    assert torch.allclose(classifier.logits(batch), expected, atol=1e-4)
+    chosen = [{c for c, p in zip(classifier.classes, row.tolist()) if p >= test["thresholds"][c]} for row in expected.sigmoid()]
+    assert [{c for c, _ in labels} for labels in classifier.predict(images)] == chosen
+    exported = CliRunner().invoke(cli, ["export", str(tmp_path / "zs"), "--format", "classifier", "--output", str(tmp_path / "clf")])
+    assert exported.exit_code == 0, exported.output
+    assert load(tmp_path / "clf").predict(images) == classifier.predict(images)
+    single = CliRunner().invoke(cli, ["zeroshot", "--data", str(colour_data), "--model-config", tiny_config, "--zeroshot-pairs",
+                                      "--out", str(tmp_path / "single")])
+    assert single.exit_code != 0 and "--zeroshot-pairs scores multi-label data" in single.output
+    assert not (tmp_path / "single").exists()

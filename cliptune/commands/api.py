@@ -60,7 +60,8 @@ def zeroshot(config: RunConfig, out: str | Path, split: str = "test", overwrite:
                    "classnames": session.data.classnames, "split": split, "templates": session.templates}
         logits, labels = session.zeroshot_logits(split), labels_tensor(session.data.split(split))
         val = session.zeroshot_metrics("val") if session.data.multi_label and split != "val" and len(session.data.splits["val"]) else None
-        metrics[split] = classification_metrics(logits, labels, session.data.classes, thresholds=val_thresholds(val))
+        metrics[split] = classification_metrics(logits, labels, session.data.classes, thresholds=val_thresholds(val),
+                                                scoring=session.zeroshot_scoring)
         log.info(_line(f"zero-shot {split}", metrics[split]), extra=RESULT)
         save_predictions(run.root, split, logits, labels)
         atomic_write_json(run.metrics, metrics)
@@ -163,8 +164,8 @@ def _zeroshot_results(session: Session, novel_session: Optional[Session], test: 
     logits = session.zeroshot_logits("test") if test else None
     val = session.zeroshot_metrics("val") if len(data.splits["val"]) else None
     return {"test_logits": logits,
-            "test": classification_metrics(logits, labels_tensor(data.split("test")), data.classes, thresholds=val_thresholds(val))
-                    if test else None,
+            "test": classification_metrics(logits, labels_tensor(data.split("test")), data.classes, thresholds=val_thresholds(val),
+                                           scoring=session.zeroshot_scoring) if test else None,
             "val": val,
             "novel": novel_session.zeroshot_metrics("test") if novel_session is not None else None}
 

@@ -48,6 +48,9 @@ class RunConfig:
                                "auto: multi-label when a manifest has a 'labels' column and no 'label' column [auto].",
                        choices=("auto", "single-label", "multi-label"))
     label_sep: str = option("|", "Separator of the labels in one manifest cell [|].")
+    zeroshot_pairs: bool = option(
+        False, "Multi-label zero-shot: score each class by 'a photo with {}.' against 'a photo without {}.' (a sigmoid "
+               "of the difference) instead of a softmax over the classes.")
     caption_col: str = option("caption", "Manifest or dataset column of the image captions (optional; --loss contrastive "
                                          "and soft-contrastive train on them) [caption].")
     val_fraction: float = option(0.1, "Validation share when the data has no val/ folder [0.1].", min=0, below=1)

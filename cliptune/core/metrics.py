@@ -66,25 +66,33 @@ def fit_thresholds(scores: torch.Tensor, targets: torch.Tensor) -> List[float]:
     return thresholds
 
 
-def average_precisions(logits: torch.Tensor, targets: torch.Tensor) -> List[float]:
-    """scikit-learn's average precision of each class with a positive among these images, scored by the softmax."""
-    scores, truth = logits.float().softmax(dim=1).numpy(), (targets > 0).numpy()
+SCORINGS = ("softmax", "sigmoid")
+
+
+def label_scores(logits: torch.Tensor, scoring: str = "softmax") -> torch.Tensor:
+    """Multi-label probabilities: the softmax over classes (the training objective: cross-entropy against the image's
+    label set, each label an equal share), or each logit's sigmoid (zero-shot prompt pairs)."""
+    return logits.float().sigmoid() if scoring == "sigmoid" else logits.float().softmax(dim=1)
+
+
+def average_precisions(scores: torch.Tensor, targets: torch.Tensor) -> List[float]:
+    """scikit-learn's average precision of each class with a positive among these images."""
+    scores, truth = scores.double().numpy(), (targets > 0).numpy()
     return [float(average_precision_score(truth[:, c], scores[:, c])) for c in range(truth.shape[1]) if truth[:, c].any()]
 
 
 def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Sequence[str],
-                       thresholds: Optional[Sequence[float]] = None) -> Dict:
+                       thresholds: Optional[Sequence[float]] = None, scoring: str = "softmax") -> Dict:
     """mAP (mean over the classes with a positive here of scikit-learn's average precision), per-class AP and AUROC,
     and macro / micro-F1 of the labels predicted above per-class `thresholds` (None: fitted on these images, an
-    optimistic figure for the split thresholds are chosen on). Scores are the softmax over classes (the training
-    objective: cross-entropy against the image's label set, each label an equal share)."""
-    scores = logits.float().softmax(dim=1)
+    optimistic figure for the split thresholds are chosen on), all on `label_scores(logits, scoring)`."""
+    scores = label_scores(logits, scoring)
     truth = (targets > 0).numpy()
     fitted = thresholds is None
     thresholds = fit_thresholds(scores, targets > 0) if fitted else list(thresholds)
     predicted = (scores.numpy() >= torch.tensor(thresholds).numpy()[None, :])
     with_positives = [c for c in range(len(classes)) if truth[:, c].any()]
-    ap = dict(zip((classes[c] for c in with_positives), average_precisions(logits, targets)))
+    ap = dict(zip((classes[c] for c in with_positives), average_precisions(scores, targets)))
     auroc = {classes[c]: float(roc_auc_score(truth[:, c], scores[:, c].numpy())) for c in with_positives if not truth[:, c].all()}
     return {
         "map": float(sum(ap.values()) / len(ap)) if ap else 0.0,
@@ -96,6 +104,7 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Seq
         "per_class_auroc": auroc,
         "thresholds": {name: float(t) for name, t in zip(classes, thresholds)},
         "thresholds_from": "this split" if fitted else "val",
+        "scores": scoring,
     }
 
 
@@ -121,14 +130,14 @@ def imbalance_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: Sequen
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], imbalance: bool = True,
-                           thresholds: Optional[Sequence[float]] = None) -> Dict:
+                           thresholds: Optional[Sequence[float]] = None, scoring: str = "softmax") -> Dict:
     """Accuracies as fractions in [0, 1]; top-5 becomes top-k with k = min(5, number of classes). `imbalance=False`
     leaves out `imbalance_metrics` (scikit-learn's input checks cost milliseconds: per-epoch validation skips them).
-    2-D `labels` (multi-label targets) get `multilabel_metrics` at `thresholds`."""
+    2-D `labels` (multi-label targets) get `multilabel_metrics` at `thresholds`, on `scoring`'s probabilities."""
     logits = logits.float().cpu()
     labels = labels.cpu()
     if labels.dim() == 2:
-        return multilabel_metrics(logits, labels, classes, thresholds)
+        return multilabel_metrics(logits, labels, classes, thresholds, scoring)
     k = min(5, logits.shape[1])
     topk = logits.topk(k, dim=1).indices
     top1 = topk[:, 0].eq(labels)

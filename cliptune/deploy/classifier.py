@@ -34,13 +34,14 @@ from cliptune.data.folders import eval_transform, image_files_under
 from cliptune.data.manifest import is_manifest, manifest_images
 from cliptune.training.checkpoints import load_method_state
 from cliptune.core.errors import CliptuneError
+from cliptune.core.metrics import label_scores
 from cliptune.methods import build_method
 from cliptune.models.loading import LoadedModel, _resolve_local_text_paths, load_model
 from cliptune.core.progress import progress_bar
 from cliptune.core.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json, replace_dir
 from cliptune.training.session import finished_run, load_run_method, model_from_config
 from cliptune.data.templates import load_templates
-from cliptune.models.zeroshot import zeroshot_weights
+from cliptune.models.zeroshot import PAIR_TEMPLATES, zeroshot_weights
 
 SIDECAR = "classifier.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -64,7 +65,11 @@ class ZeroShotHead(nn.Module):
         self.register_buffer("logit_scale", logit_scale.detach().clone().reshape(()))
 
     @classmethod
-    def of(cls, model: LoadedModel, classnames: Sequence[str], templates: Sequence[str]) -> "ZeroShotHead":
+    def of(cls, model: LoadedModel, classnames: Sequence[str], templates: Sequence[str], pairs: bool = False) -> "ZeroShotHead":
+        """The templates' head, or with `pairs` the prompt-pair head (positive minus negative prompt features)."""
+        if pairs:
+            positive, negative = (zeroshot_weights(model.text, classnames, [template]) for template in PAIR_TEMPLATES)
+            return cls(model, positive - negative, model.logit_scale)
         return cls(model, zeroshot_weights(model.text, classnames, templates), model.logit_scale)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -101,10 +106,11 @@ class Classifier:
     """An adapted CLIP classifier: `classes`, `preprocess` (PIL -> tensor), `predict`, `logits`, `encode_image`."""
 
     def __init__(self, network: nn.Module, classes: Sequence[str], classnames: Sequence[str], templates: Sequence[str],
-                 preprocessing: Dict, info: Dict, thresholds: Optional[Dict[str, float]] = None):
+                 preprocessing: Dict, info: Dict, thresholds: Optional[Dict[str, float]] = None, scoring: str = "softmax"):
         self.network = network.eval()
         # multi-label: each class's probability threshold (fitted on the run's val split); None for single-label
         self.thresholds = thresholds
+        self.scoring = scoring  # how logits become probabilities: softmax, or sigmoid (multi-label zero-shot prompt pairs)
         self.classes = list(classes)
         self.classnames = list(classnames)
         self.templates = list(templates)
@@ -140,6 +146,9 @@ class Classifier:
         """(batch, dim) unit-norm image embeddings of the classifier's (adapted) image tower."""
         return self.network.image_features(images.to(self.device)).float()
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return label_scores(logits, self.scoring)
+
     def _top(self, probabilities: torch.Tensor, topk: int) -> List[List[Tuple[str, float]]]:
         """Per image, its top-k (class, probability) pairs; multi-label: every class above its threshold, most likely
         first (none when no class is)."""
@@ -158,7 +167,7 @@ class Classifier:
         results = []
         for start in range(0, len(images), batch_size):
             batch = torch.stack([self.preprocess(_open(item)) for item in images[start : start + batch_size]])
-            results += self._top(self.logits(batch).softmax(dim=1), topk)
+            results += self._top(self.probabilities(self.logits(batch)), topk)
         return results
 
     def predict_files(self, paths: Sequence[Path], topk: int = 5, batch_size: int = 32) -> Tuple[List[Tuple[Path, list]], List[Path]]:
@@ -174,7 +183,7 @@ class Classifier:
                 except CliptuneError:
                     unreadable.append(path)
             if tensors:
-                predictions += list(zip(decoded, self._top(self.logits(torch.stack(tensors)).softmax(dim=1), topk)))
+                predictions += list(zip(decoded, self._top(self.probabilities(self.logits(torch.stack(tensors))), topk)))
             if bar is not None:
                 bar.update(len(paths[start : start + batch_size]))
         if bar is not None:
@@ -229,17 +238,19 @@ def _load_run(run_dir: Path) -> Classifier:
     config, metrics = load_config(run.config), read_json(run.metrics)
     templates = _run_templates(config, metrics)
     info = {"method": metrics["method"], "source": str(run.root.resolve())}
+    result = metrics.get(metrics.get("split", "test")) or {}
+    scoring = result.get("scores", "softmax")
     if metrics["method"] == "zeroshot" or metrics.get("result") == "zero-shot":  # a zero-shot run, or the fallback
         info["method"] = "zeroshot"
         model = model_from_config(config)
-        network = ZeroShotHead.of(model, metrics["classnames"], templates)
+        network = ZeroShotHead.of(model, metrics["classnames"], templates, pairs=scoring == "sigmoid")
     else:
         method = load_run_method(run_dir)
         info["options"] = method.config.to_dict()
         network, model = ImageClassifier(method), method.model
     info["model"] = {"model": model.spec.model, "pretrained": model.spec.pretrained, "model_config": model.spec.model_config}
-    thresholds = (metrics.get(metrics.get("split", "test")) or {}).get("thresholds")  # multi-label: fitted on val
-    return Classifier(network, metrics["classes"], metrics["classnames"], templates, preprocessing_of(model), info, thresholds)
+    return Classifier(network, metrics["classes"], metrics["classnames"], templates, preprocessing_of(model), info,
+                      result.get("thresholds"), scoring)  # multi-label: thresholds fitted on val
 
 
 def _load_export(folder: Path) -> Classifier:
@@ -259,7 +270,7 @@ def _load_export(folder: Path) -> Classifier:
         network = ImageClassifier(method)
     info = {"method": sidecar["method"], "options": sidecar.get("options"), "model": base, "source": str(folder.resolve())}
     return Classifier(network, sidecar["classes"], sidecar["classnames"], sidecar["templates"], sidecar["preprocessing"], info,
-                      sidecar.get("thresholds"))
+                      sidecar.get("thresholds"), sidecar.get("scores", "softmax"))
 
 
 # ----- export -----
@@ -307,6 +318,7 @@ def export_classifier(run_dir: str | Path, output: str | Path, run_classifier: O
             "options": method.config.to_dict() if method is not None else None,
             "classes": run_classifier.classes, "classnames": run_classifier.classnames, "templates": run_classifier.templates,
             "preprocessing": run_classifier.preprocessing, "thresholds": run_classifier.thresholds,
+            "scores": run_classifier.scoring,
             "model": {"model": spec.model, "pretrained": spec.pretrained if _is_published_tag(spec) else None},
             "weights": "merged" if merged else "base",
             "head": "zeroshot" if merged or method is None else "method",
@@ -324,7 +336,8 @@ def export_classifier(run_dir: str | Path, output: str | Path, run_classifier: O
         if sidecar["head"] == "zeroshot":
             # the fixed head of the exported weights: computed from them exactly as loading would
             exported = _load_model_from(staging, sidecar["model"])
-            head = ZeroShotHead.of(exported, run_classifier.classnames, run_classifier.templates)
+            head = ZeroShotHead.of(exported, run_classifier.classnames, run_classifier.templates,
+                                   pairs=run_classifier.scoring == "sigmoid")
             atomic_save_safetensors(staging / HEAD_WEIGHTS, {"class_features": head.class_features, "logit_scale": head.logit_scale})
         else:  # the run's own checkpoint file: exactly what `load_method_state` reads back
             shutil.copyfile(finished_run(run_dir)[1] / METHOD_WEIGHTS, staging / METHOD_WEIGHTS)

@@ -89,10 +89,11 @@ def export_onnx(source: str | Path, output: str | Path) -> Path:
         _atomic(output, lambda path: path.write_bytes(traced.read_bytes()))
     atomic_write_json(sidecar_path(output), {
         "format": "cliptune-onnx", "input": INPUT_NAME, "output": OUTPUT_NAME,
-        "output_meaning": "class logits; softmax over the last axis gives probabilities"
-                          + ("; multi-label: a class is predicted when its probability reaches its threshold"
-                             if classifier.thresholds is not None else ""),
-        "thresholds": classifier.thresholds,
+        "output_meaning": ("class logits; " + ("the sigmoid of each" if classifier.scoring == "sigmoid" else
+                                                "softmax over the last axis") + " gives probabilities"
+                           + ("; multi-label: a class is predicted when its probability reaches its threshold"
+                              if classifier.thresholds is not None else "")),
+        "thresholds": classifier.thresholds, "scores": classifier.scoring,
         "method": classifier.method, "classes": classifier.classes, "classnames": classifier.classnames,
         "preprocessing": classifier.preprocessing, "source": classifier.info["source"], "opset": OPSET,
     })

@@ -72,7 +72,7 @@ def _accuracy(features, labels, weight, bias) -> float:
     """Top-1 on val; mAP for multi-label targets (what the C search maximises)."""
     logits = features.double() @ weight.T + bias
     if labels.dim() == 2:
-        precisions = average_precisions(logits, labels)
+        precisions = average_precisions(logits.softmax(dim=1), labels)
         return sum(precisions) / max(1, len(precisions))
     return float((logits.argmax(dim=1) == labels).double().mean())
 

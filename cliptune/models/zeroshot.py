@@ -22,6 +22,11 @@ MOST_PROMPTS_PER_CALL = 128  # more prompts per call add memory and hardly any s
 ACTIVATIONS_PER_WIDTH = 24
 
 
+# multi-label zero-shot by prompt pairs: a class's logit is the scaled cosine to its positive prompt minus that to its
+# negative one (a linear head, `positive - negative` features), read through a sigmoid
+PAIR_TEMPLATES = ("a photo with {}.", "a photo without {}.")
+
+
 def class_prompts(classname: str, templates: Sequence[str]) -> list[str]:
     return [template.format(classname) for template in templates]
 

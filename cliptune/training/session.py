@@ -27,6 +27,7 @@ from cliptune.training.engine import Inputs
 from cliptune.core.cachedir import feature_cache
 from cliptune.core.errors import CliptuneError
 from cliptune.models.features import FeatureMemory, image_features, zeroshot_text_features
+from cliptune.models.zeroshot import PAIR_TEMPLATES
 from cliptune.data.imagecache import DecodedImages, decode_split, train_size
 from cliptune.data.manifest import ManifestColumns
 from cliptune.data.sources import load_data
@@ -157,6 +158,8 @@ class Session:
             raise CliptuneError("no data given: pass --data DIR (an ImageFolder root) or --data FILE (a CSV/TSV/JSONL manifest)")
         data = load_data(data_dir, config.val_fraction, config.test_fraction, config.seed, config.shots, config.classnames,
                          config.strict, validation_shots(config), **data_source(config))
+        if config.zeroshot_pairs and not data.multi_label:
+            raise CliptuneError(f"--zeroshot-pairs scores multi-label data; {data.root} has one label per image")
         templates = load_templates(config.templates)
         model = model_from_config(config, accelerator.device)
         return cls(config, model, data, templates, accelerator, cache_dir)
@@ -222,16 +225,29 @@ class Session:
             return Inputs(labels=labels, features=self.features(split, augmented=train), captions=captions)
         return Inputs(labels=labels, images=self.images(split, train), captions=captions)
 
+    @property
+    def zeroshot_scoring(self) -> str:
+        """How zero-shot logits become multi-label probabilities: a sigmoid for prompt pairs, else the softmax."""
+        return "sigmoid" if self.config.zeroshot_pairs else "softmax"
+
     def zeroshot_logits(self, split: str) -> torch.Tensor:
-        weights = zeroshot_text_features(self.model, self.data.classnames, self.templates, cache_dir=self.feature_dir,
-                                         memory=self.memory)
+        """The zero-shot head on `split`: the templates' class features, or (`zeroshot_pairs`) each class's positive
+        minus its negative prompt feature (`PAIR_TEMPLATES`)."""
+        def encoded(templates):
+            return zeroshot_text_features(self.model, self.data.classnames, templates, cache_dir=self.feature_dir,
+                                          memory=self.memory)
+
+        if self.config.zeroshot_pairs:
+            weights = encoded(PAIR_TEMPLATES[:1]) - encoded(PAIR_TEMPLATES[1:])
+        else:
+            weights = encoded(self.templates)
         features = F.normalize(self.features(split).to(weights.device), dim=-1)
         return self.model.logit_scale * features @ weights.T
 
     def zeroshot_metrics(self, split: str, thresholds: Optional[List[float]] = None) -> Dict:
         """Zero-shot metrics of `split` (multi-label: at per-class `thresholds`, else fitted on the split)."""
         return classification_metrics(self.zeroshot_logits(split), labels_tensor(self.data.split(split)), self.data.classes,
-                                      thresholds=thresholds)
+                                      thresholds=thresholds, scoring=self.zeroshot_scoring)
 
 
 def finished_run(run_dir: str | Path) -> tuple:
