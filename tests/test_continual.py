@@ -411,6 +411,47 @@ def test_modx_regulariser_is_alpha_times_the_term_on_the_batch(tiny_config, spli
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.trainable_parameters())
 
 
+def test_modx_pairs_images_with_their_own_captions_where_they_have_one(tiny_config, split_data, tmp_path):
+    """Mod-X trains on image-caption pairs: a captioned image's text is its caption (current and previous model), and
+    its own pair in the screening is that caption; an image without one keeps its class prompt."""
+    import shutil
+
+    from cliptune.continual.modx import offdiagonal_distillation
+
+    data_dir = shutil.copytree(split_data, tmp_path / "captioned")
+    for i, image in enumerate(sorted((data_dir / "train").rglob("*.png"))):
+        if i % 2 == 0:
+            image.with_suffix(".txt").write_text(f"leaf number {i} with {image.parent.name.lower().replace('_', ' ')}")
+    learner, teacher = _learner(tiny_config, data_dir, "modx", modx_alpha=2.0)
+    assert learner.reads_sample_ids  # the engine hands the batch's rows to the learner
+    _perturb(learner.method)
+    _, data = load_task(f"{data_dir}:Tomato___Late_blight,Corn_(maize)___Common_rust", learner.settings, None)
+    train = data.split("train")
+    ids = torch.tensor([0, 1, 9, 12])
+    labels = torch.tensor([train.labels[i] for i in ids.tolist()])
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    learner.method.train()
+    learner(images)
+    total = learner.loss(learner.method(images), labels, sample_ids=ids)
+    extra = learner.strategy.regulariser(learner.method, images, labels, ids)
+    method = learner.method
+    captions = [data.captions.get(train.files[i]) for i in ids.tolist()]
+    assert sum(c is not None for c in captions) in (1, 2, 3)  # a mix of captioned and uncaptioned images
+    with torch.no_grad():
+        prompts = method.class_features()[labels]
+        old_prompts = zeroshot_weights(teacher.text, method.classnames, ["a photo of a {}."])[labels]
+        texts = torch.stack([method.model.text.encode(method.model.text.tokenize([c]))[0] if c else p
+                             for c, p in zip(captions, prompts)])
+        old_texts = torch.stack([teacher.text.encode(teacher.text.tokenize([c]))[0] if c else p
+                                 for c, p in zip(captions, old_prompts)])
+        rows = sorted({c for c in captions if c})
+        pairs = torch.tensor([rows.index(c) + 100 if c else -1 - int(y) for c, y in zip(captions, labels)])
+        expected = offdiagonal_distillation(method.model.image.encode(images), texts, teacher.image.encode(images),
+                                            old_texts, pairs)
+    assert torch.allclose(extra, 2.0 * expected, atol=1e-5) and expected > 0
+    assert torch.isfinite(total)
+
+
 def test_modx_is_naive_at_alpha_zero_and_moves_the_weights_otherwise(tiny_config, split_data, colour_data, tmp_path):
     assert "modx" in CliRunner().invoke(cli, ["continual", "--help"]).output
     naive = continual(_continual_config(split_data, colour_data, tiny_config, "naive"), tmp_path / "naive")

@@ -44,7 +44,11 @@ class Strategy:
     def start_task(self, method, teacher: LoadedModel, data, templates: List[str]) -> None:
         """Called before each task is learned, with the task's method, teacher and data."""
 
-    def regulariser(self, method, inputs: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+    # True while `regulariser` reads `sample_ids`, the batch's rows of the task's training split (e.g. their captions)
+    reads_sample_ids: bool = False
+
+    def regulariser(self, method, inputs: torch.Tensor, labels: torch.Tensor,
+                    sample_ids: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """A term added to the method's loss on a training batch (None: nothing)."""
         return None
 
@@ -130,7 +134,7 @@ class FeatureDistillation(Strategy):
             batch = next(self._batches)
         return batch.to(device)
 
-    def regulariser(self, method, inputs, labels):
+    def regulariser(self, method, inputs, labels, sample_ids=None):
         config, teacher = self.config, self.teacher_model
         images = self.next_images(inputs.device)
         texts = self.texts

@@ -108,7 +108,7 @@ class ContinualLearner(nn.Module):
     uses_image_features = property(lambda self: self.method.uses_image_features)
     # a FLYP-loss task all-gathers its batch: every process must reach the loss (an empty slice included)
     gathers_across_processes = property(lambda self: self.method.gathers_across_processes)
-    reads_sample_ids = property(lambda self: self.method.reads_sample_ids)
+    reads_sample_ids = property(lambda self: self.method.reads_sample_ids or self.strategy.reads_sample_ids)
 
     def trainable_parameters(self):
         return self.method.trainable_parameters()
@@ -143,12 +143,12 @@ class ContinualLearner(nn.Module):
         return self.method(inputs)
 
     def loss(self, logits, labels, label_smoothing: float = 0.0, **batch):
-        loss = self.method.loss(logits, labels, label_smoothing, **batch)
+        loss = self.method.loss(logits, labels, label_smoothing, **(batch if self.method.reads_sample_ids else {}))
         if self.anchor is not None:
             own = dict(self.method.named_parameters())
             loss = loss + self.settings.l2 * l2_to_anchor(own, self.anchor)
         if self._inputs is not None:
-            extra = self.strategy.regulariser(self.method, self._inputs, labels)
+            extra = self.strategy.regulariser(self.method, self._inputs, labels, batch.get("sample_ids"))
             loss = loss if extra is None else loss + extra
         return loss
 
