@@ -47,7 +47,8 @@ def captioned(colour_data, tmp_path):
 
 
 def test_manifest_sidecars_and_datasets_give_the_same_captions(captioned, tmp_path):
-    from_folder = load_data(captioned)
+    from_folder = load_data(captioned, strict=True)  # a caption sidecar is neither an image nor a file to refuse
+    assert from_folder.skipped_files == 0
     from_manifest = load_data(captioned / "all.csv")
     expected = {image.resolve(): _caption(image) for image in captioned.rglob("*.png") if _caption(image)}
     assert {p.resolve(): c for p, c in from_folder.captions.items()} == expected

@@ -452,6 +452,32 @@ def test_modx_pairs_images_with_their_own_captions_where_they_have_one(tiny_conf
     assert torch.isfinite(total)
 
 
+def test_tasks_with_captions_report_retrieval_recall_after_every_task(tiny_config, split_data, colour_data, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from cliptune.core.metrics import retrieval_recall
+    from cliptune.data.folders import eval_transform
+
+    data_dir = shutil.copytree(split_data, tmp_path / "captioned")
+    for i, image in enumerate(sorted(data_dir.rglob("*.png"))):
+        image.with_suffix(".txt").write_text(f"picture {i} of {image.parent.name.lower().replace('_', ' ')}")
+    config = _continual_config(data_dir, colour_data, tiny_config, "naive")
+    result = continual(config, tmp_path / "run")
+    assert len(result["retrieval"]) == 2 and len(result["zeroshot_retrieval"]) == 2
+    first = result["zeroshot_retrieval"][0]
+    _, task = load_task(config.tasks[0], config, config.shots)
+    test = task.split("test")
+    model = load_model(model_config=tiny_config)  # the zero-shot model, recomputed by hand
+    preprocess = eval_transform(model.image_size, model.mean, model.std, model.interpolation)
+    with torch.no_grad():
+        images = model.image.encode(torch.stack([preprocess(Image.open(f).convert("RGB")) for f in test.files]))
+        texts = model.text.encode(model.text.tokenize([task.captions[f] for f in test.files]))
+    assert first == {**retrieval_recall(images, texts), "n": len(test)}
+    assert task.skipped_files == 0  # the .txt captions beside the images are not unreadable images
+
+
 def test_modx_is_naive_at_alpha_zero_and_moves_the_weights_otherwise(tiny_config, split_data, colour_data, tmp_path):
     assert "modx" in CliRunner().invoke(cli, ["continual", "--help"]).output
     naive = continual(_continual_config(split_data, colour_data, tiny_config, "naive"), tmp_path / "naive")

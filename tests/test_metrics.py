@@ -49,3 +49,15 @@ def test_metric_chooses_the_best_val_epoch_and_the_guards_comparison(colour_data
     guard = metrics["guard"]
     assert guard["val"] == pytest.approx(metrics["val"]["macro_f1"]) and guard["zeroshot_val"] == pytest.approx(
         metrics["zeroshot_val"]["macro_f1"])
+
+
+def test_retrieval_recall_counts_pairs_whose_own_match_ranks_within_k():
+    from cliptune.core.metrics import retrieval_recall
+
+    # image 0's own text is its best match; image 1 prefers text 0 then its own; image 2 ranks its own text last
+    similarity = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.7, 0.6, 0.2]])
+    images, texts = torch.eye(3), similarity.T.contiguous()  # images @ texts.T == similarity
+    recalls = retrieval_recall(images, texts, ks=(1, 2))
+    assert recalls["i2t_r1"] == pytest.approx(1 / 3) and recalls["i2t_r2"] == pytest.approx(2 / 3)
+    # text 0's best image is image 0; text 1 ranks image 2 (0.6) above image 1 (0.5); text 2 finds image 2 first
+    assert recalls["t2i_r1"] == pytest.approx(2 / 3) and recalls["t2i_r2"] == pytest.approx(1.0)

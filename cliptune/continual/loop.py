@@ -28,6 +28,7 @@ from cliptune.data.sources import load_data
 from cliptune.training.checkpoints import load_method_state
 from cliptune.training.engine import Trainer
 from cliptune.training.optim import training_length, with_budget_lr
+from cliptune.core.metrics import retrieval_recall
 from cliptune.core.errors import CliptuneError
 from cliptune.core.figures import new_figure, save_figure
 from cliptune.methods import build_method, method_class, methods_exporting
@@ -172,6 +173,22 @@ def _evaluate(config: RunConfig, model: LoadedModel, data: ImageFolderData, temp
     return Session(config, model, data, templates, accelerator, cache_dir).zeroshot_metrics("test")["top1"]
 
 
+def _retrieval(config: RunConfig, model: LoadedModel, data: ImageFolderData, templates, accelerator,
+               cache_dir) -> Optional[Dict[str, float]]:
+    """Image-text retrieval recall@1/5 over a task's test images that have a caption (Mod-X's evaluation); None
+    without captions."""
+    split = data.split("test")
+    rows = [i for i, file in enumerate(split.files) if file in data.captions]
+    if not rows:
+        return None
+    images = Session(config, model, data, templates, accelerator, cache_dir).features("test")[rows]
+    text = model.text
+    with torch.no_grad():
+        tokens = text.tokenize([data.captions[split.files[i]] for i in rows])
+        texts = torch.cat([text.encode(chunk, normalize=True) for chunk in tokens.split(256)])
+    return {**retrieval_recall(F.normalize(images.to(texts.device).float(), dim=-1), texts), "n": len(rows)}
+
+
 def _with_weights(pristine: nn.Module, model: LoadedModel, state: Dict[str, torch.Tensor], revision: str) -> LoadedModel:
     """A plain CLIP (no adapters) holding `state`, with a unique spec revision so no cached feature of
     other weights (in memory or on disk) is ever reused for it."""
@@ -228,6 +245,8 @@ def continual(config: RunConfig, out: str | Path, overwrite: bool = False, resum
                   "controls": [name for name, _ in controls], "acc": progress["acc"], "zeroshot": progress["zeroshot"],
                   "control_acc": progress["control_acc"], "zeroshot_control": progress["zeroshot_control"],
                   **mtil_metrics(progress["acc"])}
+        if any(progress.get("zeroshot_retrieval") or []):  # tasks with captions: retrieval recall after every task
+            result.update(retrieval=progress["retrieval"], zeroshot_retrieval=progress["zeroshot_retrieval"])
         if accelerator.is_main_process:
             _plot(run.root / "continual.png", progress["acc"], names, f"{config.strategy} ({config.method})")
             atomic_write_json(run.root / "continual.json", result)
@@ -282,6 +301,9 @@ class _Sequence:
     def evaluate(self, model: LoadedModel, tasks: List[tuple]) -> List[float]:
         return [_evaluate(self.config, model, data, self.templates, self.accelerator, self.run.cache) for _, data in tasks]
 
+    def retrieval(self, model: LoadedModel) -> List[Optional[Dict[str, float]]]:
+        return [_retrieval(self.config, model, data, self.templates, self.accelerator, self.run.cache) for _, data in self.tasks]
+
     def start(self, model: LoadedModel, resume: bool) -> tuple:
         """(model, progress): after the last finished task when resuming, else the zero-shot model and its accuracies."""
         if resume and (self.progress_dir / "progress.json").is_file():
@@ -293,7 +315,8 @@ class _Sequence:
             log.info("resuming after task %d of %d", len(progress["acc"]), len(self.tasks))
             return model, progress
         progress = {"acc": [], "control_acc": [], "zeroshot": self.evaluate(model, self.tasks),
-                    "zeroshot_control": self.evaluate(model, self.controls), "steps": 0}
+                    "zeroshot_control": self.evaluate(model, self.controls), "steps": 0,
+                    "retrieval": [], "zeroshot_retrieval": self.retrieval(model)}
         self.accelerator.log(accuracy_scalars(progress["zeroshot"], progress["zeroshot_control"]), step=0)
         return model, progress
 
@@ -330,6 +353,7 @@ class _Sequence:
         """Accuracies after task `index` on every task and control, checkpointed with the weights (for --resume)."""
         progress["acc"].append(self.evaluate(model, self.tasks))
         progress["control_acc"].append(self.evaluate(model, self.controls))
+        progress.setdefault("retrieval", []).append(self.retrieval(model))
         progress["steps"] = progress.get("steps", 0) + self.task_steps
         self.accelerator.log(accuracy_scalars(progress["acc"][-1], progress["control_acc"][-1]), step=progress["steps"])
         log.info("after %s: %s", self.tasks[index][0],

@@ -108,6 +108,20 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Seq
     }
 
 
+def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
+    """Recall@k of image i finding its own text i among all the texts (`i2t_rK`) and of text i finding image i
+    (`t2i_rK`), from unit-norm features: the share of pairs with fewer than k others scored above their own."""
+    similarity = image_features.float() @ text_features.float().T
+    own = similarity.diagonal()
+    above_for_image = (similarity > own[:, None]).sum(dim=1)
+    above_for_text = (similarity > own[None, :]).sum(dim=0)
+    recalls = {}
+    for k in ks:
+        recalls[f"i2t_r{k}"] = float((above_for_image < k).float().mean())
+        recalls[f"t2i_r{k}"] = float((above_for_text < k).float().mean())
+    return recalls
+
+
 def imbalance_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> Dict:
     """Balanced accuracy and macro-F1 over the classes present in `labels`, per-class precision and recall, the
     macro one-vs-rest AUROC over the classes with positives and negatives here (None without any), and the

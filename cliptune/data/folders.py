@@ -142,7 +142,11 @@ def _scan_class_dirs(root: Path, strict: bool) -> tuple[Dict[str, List[Path]], i
     skipped = 0
     for class_dir in class_dirs:
         images = []
-        for path in visible_files(class_dir):
+        found = visible_files(class_dir)
+        stems = {path.with_suffix("") for path in found if path.suffix.lower() in IMAGE_EXTENSIONS}
+        for path in found:
+            if path.suffix.lower() == ".txt" and path.with_suffix("") in stems:
+                continue  # an image's caption (`sidecar_captions`), not a file to skip
             if path.suffix.lower() in IMAGE_EXTENSIONS and readable_image(path):
                 images.append(path)
             elif strict:
