@@ -293,7 +293,8 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
     else:
         session = session.reused(config, accelerator)
     if kept_zeroshot(run):  # the run's result is the zero-shot classifier (--fallback zero-shot)
-        return _write_evaluation(run, config.method, session.data, split, session.zeroshot_metrics(split, run_thresholds(run)))
+        thresholds = run_thresholds(run, session.data.classes)
+        return _write_evaluation(run, config.method, session.data, split, session.zeroshot_metrics(split, thresholds))
     _, best, saved = finished_run(run.root)
     data = session.data
     method = build_method(config.method, session.model, data.classnames, session.templates, saved["config"], data.named_descriptions)
@@ -310,13 +311,16 @@ def evaluate_run(run_dir: str | Path, data_dir: Optional[str] = None, split: str
         load_method_state(method, best)
     method.to(accelerator.device)
     trainer = Trainer(method, config, None, accelerator)
-    result = trainer.evaluate(session.inputs(split, method.uses_image_features), data.classes, thresholds=run_thresholds(run))
+    result = trainer.evaluate(session.inputs(split, method.uses_image_features), data.classes,
+                              thresholds=run_thresholds(run, data.classes))
     return _write_evaluation(run, config.method, data, split, result)
 
 
-def run_thresholds(run: RunFolder) -> Optional[List[float]]:
-    """The per-class thresholds a finished multi-label run fitted on its val split (None for single-label runs)."""
-    return val_thresholds(read_json(run.metrics).get("val")) if run.metrics.is_file() else None
+def run_thresholds(run: RunFolder, classes: List[str]) -> Optional[List[float]]:
+    """The per-class thresholds a finished multi-label run fitted on its val split, when evaluated on its own classes
+    (None for single-label runs, and on other classes: they are then fitted on the evaluated split)."""
+    metrics = read_json(run.metrics) if run.metrics.is_file() else {}
+    return val_thresholds(metrics.get("val")) if metrics.get("classes") == list(classes) else None
 
 
 def _write_evaluation(run: RunFolder, method_name: str, data, split: str, result: Dict) -> Dict:
