@@ -35,14 +35,14 @@ SMALL_MEMBER = 1 << 16  # labels and captions are read; anything larger is not o
 
 
 def is_shards(source: str | Path) -> bool:
-    """A `.tar` file, a brace pattern of them, or a folder holding `.tar` files and no sub-folders."""
+    """A `.tar` file, a brace pattern of them, or a folder holding `.tar` files and no (visible) sub-folders."""
     text = str(source)
     if "{" in text and text.endswith(".tar"):
         return True
     path = Path(source)
     if path.is_file():
         return path.suffix == ".tar"
-    return path.is_dir() and any(path.glob("*.tar")) and not any(p.is_dir() for p in path.iterdir())
+    return path.is_dir() and any(path.glob("*.tar")) and not any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
 
 
 def shard_files(source: str | Path) -> Tuple[Path, Dict[str, List[Path]]]:

@@ -63,6 +63,7 @@ def kdsp_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tor
 class BiomedCoOp(CoOp):
     name = "biomedcoop"
     config_class = BiomedCoOpConfig
+    config: BiomedCoOpConfig
     trains = "context vectors of the class prompts, kept consistent with per-class descriptions (classnames.yaml)"
     paper = "BiomedCoOp (Koleilat et al., CVPR'25)"
     differs = ("descriptions come from classnames.yaml (a class without any uses the templates; every class uses as "

@@ -42,6 +42,7 @@ def class_trust(probabilities: torch.Tensor, labels: torch.Tensor, classes: int)
 class CLAP(Method):
     name = "clap"
     config_class = CLAPConfig
+    config: CLAPConfig
     trains = "a linear head started at the zero-shot classifier, held near it by a class-adaptive penalty"
     paper = "CLAP (Silva-Rodríguez et al., CVPR'24)"
     differs = (f"each epoch draws one of {VIEWS} cached augmented views per image, where the original shuffles all "

@@ -31,6 +31,7 @@ class CLIPAdapterConfig(MethodConfig):
 class CLIPAdapter(Method):
     name = "clip-adapter"
     config_class = CLIPAdapterConfig
+    config: CLIPAdapterConfig
     trains = "a residual bottleneck MLP on the image features"
     paper = "CLIP-Adapter (Gao et al., IJCV'23)"
     differs = "lr 0.01 (the released code ships no optimiser config; CoOp's 0.002 barely moves the adapter); " + DASSL_DIFFERENCE

@@ -31,6 +31,7 @@ class CoCoOp(Method):
     name = "cocoop"
     multi_label = True  # its loss is cross-entropy on class logits
     config_class = CoCoOpConfig
+    config: CoCoOpConfig
     trains = "context vectors + a meta-net conditioning them on each image"
     paper = "CoCoOp (Zhou et al., CVPR'22)"
     differs = DASSL_DIFFERENCE

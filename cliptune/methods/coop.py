@@ -71,6 +71,7 @@ class CoOp(Method):
     name = "coop"
     multi_label = True  # its loss is cross-entropy on class logits
     config_class = CoOpConfig
+    config: CoOpConfig
     trains = "context vectors of the class prompts (text tower frozen)"
     paper = "CoOp (Zhou et al., IJCV'22)"
     differs = DASSL_DIFFERENCE

@@ -63,6 +63,7 @@ class FullFineTune(Method):
     name = "full"
     multi_label = True  # with loss ce: cross-entropy on class logits
     config_class = FullConfig
+    config: FullConfig
     trains = "whole towers or their last N blocks (CE, FLYP contrastive or soft-target loss)"
     paper = "WiSE-FT (Wortsman et al., CVPR'22) / FLYP (Goyal et al., CVPR'23)"
     differs = ("batch 32, where WiSE-FT and FLYP use 512 (a CPU-sized default; recipes/flyp.yaml and wise-ft.yaml use 512); "

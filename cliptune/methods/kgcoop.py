@@ -37,6 +37,7 @@ class KgCoOp(CoOp):
     name = "kgcoop"
     multi_label = True  # its loss is cross-entropy on class logits
     config_class = KgCoOpConfig
+    config: KgCoOpConfig
     trains = "context vectors of the class prompts, kept near the hand-crafted prompts' text features"
     paper = "KgCoOp (Yao et al., CVPR'23)"
     differs = ("the hand-crafted features average the run's prompt templates, where KgCoOp encodes one template per "

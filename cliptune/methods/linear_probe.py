@@ -105,6 +105,7 @@ def search_c(train_x, train_y, val_x, val_y, classes: int) -> tuple:
 class LinearProbe(Method):
     name = "linear-probe"
     config_class = LinearProbeConfig
+    config: LinearProbeConfig
     trains = "a linear head on frozen image features (L-BFGS logistic regression, C searched on val)"
     paper = "CLIP linear-probe protocol (Radford et al., ICML'21)"
     differs = ("L2-normalised features (lpclip fits raw ones), so the head mixes with the zero-shot head under WiSE-FT; "

@@ -187,6 +187,7 @@ class LoRA(Method):
     name = "lora"
     multi_label = True  # its loss is cross-entropy on class logits
     config_class = LoRAConfig
+    config: LoRAConfig
     trains = "low-rank updates of the attention projections (peft)"
     paper = "CLIP-LoRA (Zanella & Ben Ayed, CVPRW'24)"
     uses_image_features = False  # per instance: True when only the text tower is adapted

@@ -36,6 +36,7 @@ class MaPLe(Method):
     name = "maple"
     multi_label = True  # its loss is cross-entropy on class logits
     config_class = MaPLeConfig
+    config: MaPLeConfig
     trains = "coupled language/vision prompts in the first layers of both towers"
     paper = "MaPLe (Khattak et al., CVPR'23)"
     uses_image_features = False

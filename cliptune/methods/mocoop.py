@@ -118,6 +118,7 @@ def gate_loss(scores: torch.Tensor, image: torch.Tensor, prototypes: torch.Tenso
 class MoCoOp(Method):
     name = "mocoop"
     config_class = MoCoOpConfig
+    config: MoCoOpConfig
     trains = "one prompt context per template group, a router mixing the best two per image, a shared text shift"
     paper = "MoCoOp (Du et al., Mixture of Prompt Learning for Vision Language Models, 2024)"
     differs = ("the image tower's LayerNorms stay frozen (the original trains them at 0.1x lr), so MoCoOp trains on cached "

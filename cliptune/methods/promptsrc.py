@@ -90,6 +90,7 @@ class GaussianPromptAggregation(nn.Module):
 class PromptSRC(MaPLe):
     name = "promptsrc"
     config_class = PromptSRCConfig
+    config: PromptSRCConfig
     trains = "deep language and vision prompts, kept near the frozen model's features and logits, averaged over epochs"
     paper = "PromptSRC (Khattak et al., ICCV'23)"
     differs = ("the hand-crafted text features average the run's templates (unit-norm each), where PromptSRC averages "

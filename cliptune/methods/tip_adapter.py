@@ -42,6 +42,7 @@ def cache_logits(features: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 class TipAdapter(Method):
     name = "tip-adapter"
     config_class = TipAdapterConfig
+    config: TipAdapterConfig
     trains = "nothing: a cache of the few-shot training features (alpha/beta searched on val)"
     paper = "Tip-Adapter (Zhang et al., ECCV'22)"
     uses_image_features = True
@@ -120,6 +121,7 @@ class TipAdapterFConfig(TipAdapterConfig):
 class TipAdapterF(TipAdapter):
     name = "tip-adapter-f"
     config_class = TipAdapterFConfig
+    config: TipAdapterFConfig
     trains = "the cache keys of Tip-Adapter (alpha/beta searched on val after training)"
     paper = "Tip-Adapter-F (Zhang et al., ECCV'22)"
     differs = ("the keys train on the cache's 10 augmented views, where the original re-augments every iteration; "
