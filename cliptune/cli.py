@@ -12,6 +12,7 @@ import os
 import sys
 import typing
 from pathlib import Path
+from typing import Any, Mapping
 
 import click
 
@@ -114,7 +115,7 @@ def option_group(options):
     return decorate
 
 
-def _flag_spec(flag: str, name: str, annotation, metadata: dict, help_text: str) -> tuple:
+def _flag_spec(flag: str, name: str, annotation, metadata: Mapping[str, Any], help_text: str) -> tuple:
     """(declarations, settings) of the click option for one option-dataclass field. Bounds and choices are
     checked by the config (one-line errors), not by click (a usage block); bools get a --x/--no-x pair;
     list fields repeat."""

@@ -8,7 +8,7 @@ import math
 import platform
 import re
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -165,7 +165,7 @@ def _zeroshot_results(session: Session, novel_session: Optional[Session], test: 
     val = session.zeroshot_metrics("val") if len(data.splits["val"]) else None
     return {"test_logits": logits,
             "test": classification_metrics(logits, labels_tensor(data.split("test")), data.classes, thresholds=val_thresholds(val),
-                                           scoring=session.zeroshot_scoring) if test else None,
+                                           scoring=session.zeroshot_scoring) if logits is not None else None,
             "val": val,
             "novel": novel_session.zeroshot_metrics("test") if novel_session is not None else None}
 
@@ -192,7 +192,7 @@ def _trained_metrics(config: RunConfig, session: Session, trainer: Trainer, meth
             test_inputs = session.inputs("test", method.uses_image_features)
             test_logits = trainer.predict(test_inputs)
             test_metrics = classification_metrics(test_logits, test_inputs.labels, data.classes, thresholds=val_thresholds(val_metrics))
-    if test:
+    if test_metrics is not None:
         log.info(_line(f"{config.method} test", test_metrics), extra=RESULT)
     metrics = {
         "method": config.method, **_model_fields(config), "classes": data.classes, "classnames": data.classnames,
@@ -206,7 +206,7 @@ def _trained_metrics(config: RunConfig, session: Session, trainer: Trainer, meth
     with clock.phase("final_eval"):
         if val_metrics is not None:
             metrics["val"] = val_metrics
-        if novel_session is not None:
+        if novel_session is not None and test_metrics is not None:  # base-to-novel runs are tested
             metrics.update(base_novel_metrics(trainer, method, test_metrics, zeroshot["test"], novel_session, zeroshot["novel"]))
         metrics["zeroshot_val"] = zeroshot["val"]
         metrics["guard"] = zeroshot_guard(config.method, metrics.get("val"), zeroshot["val"], config.result_fallback,
@@ -270,7 +270,8 @@ def base_novel_metrics(trainer: Trainer, method, base: Dict, zeroshot_base: Dict
     training, which may change the towers in place), with harmonic means."""
     method.set_classes(novel.data.classnames)
     result = trainer.evaluate(novel.inputs("test", method.uses_image_features), novel.data.classes)
-    metrics = {"novel_classes": novel.data.classes, "base": base, "novel": result, "hm": harmonic_mean(base["top1"], result["top1"]),
+    metrics: Dict[str, Any] = {"novel_classes": novel.data.classes, "base": base, "novel": result,
+                               "hm": harmonic_mean(base["top1"], result["top1"]),
                "zeroshot_base": zeroshot_base, "zeroshot_novel": zeroshot_novel,
                "zeroshot_hm": harmonic_mean(zeroshot_base["top1"], zeroshot_novel["top1"])}
     log.info(_line("zero-shot novel", zeroshot_novel), extra=RESULT)

@@ -350,10 +350,10 @@ def compare(
     if overridden:
         raise CliptuneError(f"the grid sets {', '.join(overridden)}; use --methods, --shots and --seeds instead")
     cells = _build_cells(methods, shots, seeds, recipe, shared, set_values)
-    buildable = [cell for cell in cells if cell.config is not None]
-    if not buildable:
+    configs = [cell.config for cell in cells if cell.config is not None]
+    if not configs:
         raise CliptuneError(cells[0].error)  # the shared options fail for every method
-    first, root = buildable[0].config, Path(out)
+    first, root = configs[0], Path(out)
     _check_before_work(first, root)
     tuned = {}
     if sweep:

@@ -47,7 +47,7 @@ def read_space(path: str | Path) -> Dict[str, tuple]:
         raise CliptuneError(f"--space {path}: {exc}".splitlines()[0]) from None
     if not isinstance(raw, dict):
         raise CliptuneError(f"--space {path}: expected a mapping of key -> {{log|float|int|choice: ...}}")
-    space = {}
+    space: Dict[str, tuple] = {}
     for key, spec in raw.items():
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
             raise CliptuneError(f"--space {path}: '{key}' must be one of {{log|float|int|choice: ...}}, got {spec!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from cliptune.core.errors import CliptuneError
 from cliptune.core.figures import new_figure, save_figure
@@ -51,7 +51,7 @@ def wise_sweep(run_dir: str | Path, data_dir: Optional[str] = None, alphas: Sequ
     method.eval()
     trainer = Trainer(method, config, None, accelerator)
     splits = {name: session.inputs(name, method.uses_image_features) for name in ("val", "test")}
-    result = {"alphas": alphas, "val_top1": [], "test_top1": []}
+    result: Dict[str, Any] = {"alphas": alphas, "val_top1": [], "test_top1": []}
     for alpha in alphas:
         method.load_wise_parts(interpolate_parts(zeroshot, finetuned, alpha))
         for name, inputs in splits.items():

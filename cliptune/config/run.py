@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -393,7 +393,8 @@ def build_config(
         if name not in accepted:
             raise CliptuneError(f"--{name.replace('_', '-')} does not apply to method '{probe.method}'")
     sources: Dict[str, str] = {}
-    layers = [("method defaults", registry[probe.method].training_defaults(probe.shots), None, None)]
+    layers: List[Tuple[str, Any, Optional[str], Any]] = [("method defaults", registry[probe.method].training_defaults(probe.shots),
+                                                          None, None)]
     if protocol is not None:
         layers.append(("protocol defaults", protocol(probe), None, None))
     layers += [(f"recipe {path.name}", values, str(path), lines) for values, path, lines in recipe_layers]

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from cliptune.config.run import RunConfig
 from cliptune.data.folders import eval_transform
 from cliptune.models.loading import LoadedModel
-from cliptune.models.towers import TextTower
+from cliptune.models.towers import AnyTextTower
 
 
 class Strategy:
@@ -90,7 +90,7 @@ def feature_distillation(student_images, teacher_images, teacher_texts, scale, t
 
 
 @torch.no_grad()
-def encode_texts(text: TextTower, tokens: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def encode_texts(text: AnyTextTower, tokens: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Unit-norm features of many token sequences, `chunk` at a time."""
     return torch.cat([text.encode(piece, normalize=True) for piece in tokens.split(chunk)])
 

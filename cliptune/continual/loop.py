@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from cliptune.core.metrics import retrieval_recall
 from cliptune.core.errors import CliptuneError
 from cliptune.core.figures import new_figure, save_figure
 from cliptune.methods import build_method, method_class, methods_exporting
+from cliptune.methods.base import Mergeable, Method
 from cliptune.models.loading import LoadedModel
 from cliptune.core.progress import RESULT
 from cliptune.core.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json
@@ -164,7 +165,7 @@ class ContinualLearner(nn.Module):
 
 def l2_to_anchor(parameters: Dict[str, torch.Tensor], anchor: Dict[str, torch.Tensor]) -> torch.Tensor:
     """ZSCL's `helpers.py::l2_loss`: the sum over weights of `(θ - θ_task_start)²`."""
-    return sum(F.mse_loss(parameters[name], value, reduction="sum") for name, value in anchor.items())
+    return torch.stack([F.mse_loss(parameters[name], value, reduction="sum") for name, value in anchor.items()]).sum()
 
 
 # ----- the task loop -----
@@ -282,7 +283,7 @@ class _Sequence:
 
     config: RunConfig
     run: RunFolder
-    accelerator: object
+    accelerator: Any  # accelerate's Accelerator
     templates: List[str]
     tasks: List[tuple]
     controls: List[tuple]
@@ -342,11 +343,13 @@ class _Sequence:
             task_run.prepare(overwrite=True)
         budget = with_budget_lr(config, len(train))
         self.task_steps = training_length(budget, len(train))[2]  # the optimizer updates this task makes
-        trainer = Trainer(learner, budget, task_run, accelerator, tracker_step_offset=steps_before)
+        engine_method = cast(Method, learner)  # the learner presents a Method's engine interface by delegation
+        trainer = Trainer(engine_method, budget, task_run, accelerator, tracker_step_offset=steps_before)
         trainer.fit(train, val, data.classes)
         accelerator.unwrap_model(trainer.model).release()
-        load_method_state(learner, task_run.checkpoints / "best")  # the selected epoch, or ZSCL's weight average
-        state = strategy.merge(method.merged_state_dict(), previous.clip.state_dict(), self.initial_state)
+        load_method_state(engine_method, task_run.checkpoints / "best")  # the selected epoch, or ZSCL's weight average
+        merged = cast(Mergeable, method).merged_state_dict()  # continual methods export "merged" (checked up front)
+        state = strategy.merge(merged, previous.clip.state_dict(), self.initial_state)
         return _with_weights(self.pristine, model, state, f"task{index}")
 
     def record(self, model: LoadedModel, progress: Dict, index: int) -> None:

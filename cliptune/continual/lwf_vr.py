@@ -8,10 +8,10 @@ import torch
 
 from cliptune.continual.base import FeatureDistillation, encode_texts
 from cliptune.core.errors import CliptuneError
-from cliptune.models.towers import TextTower
+from cliptune.models.towers import AnyTextTower
 
 
-def virtual_vocabulary(text: TextTower, size: int = 1000, length: int = 10, seed: int = 0) -> torch.Tensor:
+def virtual_vocabulary(text: AnyTextTower, size: int = 1000, length: int = 10, seed: int = 0) -> torch.Tensor:
     """(size, context) token ids of random "sentences": start token, `length` random tokens, end token, padding.
 
     ZSCL's `helpers.py::virtual_vocab(length=10, n_class=1000)`, seeded. Unlike the original the random

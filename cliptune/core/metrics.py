@@ -13,7 +13,7 @@ from sklearn.metrics import (average_precision_score, confusion_matrix, f1_score
                              precision_recall_fscore_support, recall_score, roc_auc_score)
 
 
-def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> List[Tuple[float, float, float, float]]:
+def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per equal-width confidence bin (lower, upper]: (lower, share of samples, mean confidence, accuracy).
 
     Empty bins are left out. The reliability diagram of a run's report plots these.
@@ -77,8 +77,8 @@ def label_scores(logits: torch.Tensor, scoring: str = "softmax") -> torch.Tensor
 
 def average_precisions(scores: torch.Tensor, targets: torch.Tensor) -> List[float]:
     """scikit-learn's average precision of each class with a positive among these images."""
-    scores, truth = scores.double().numpy(), (targets > 0).numpy()
-    return [float(average_precision_score(truth[:, c], scores[:, c])) for c in range(truth.shape[1]) if truth[:, c].any()]
+    values, truth = scores.double().numpy(), (targets > 0).numpy()
+    return [float(average_precision_score(truth[:, c], values[:, c])) for c in range(truth.shape[1]) if truth[:, c].any()]
 
 
 def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Sequence[str],
@@ -89,8 +89,8 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Seq
     scores = label_scores(logits, scoring)
     truth = (targets > 0).numpy()
     fitted = thresholds is None
-    thresholds = fit_thresholds(scores, targets > 0) if fitted else list(thresholds)
-    predicted = (scores.numpy() >= torch.tensor(thresholds).numpy()[None, :])
+    cut = fit_thresholds(scores, targets > 0) if thresholds is None else list(thresholds)
+    predicted = (scores.numpy() >= torch.tensor(cut).numpy()[None, :])
     with_positives = [c for c in range(len(classes)) if truth[:, c].any()]
     ap = dict(zip((classes[c] for c in with_positives), average_precisions(scores, targets)))
     auroc = {classes[c]: float(roc_auc_score(truth[:, c], scores[:, c].numpy())) for c in with_positives if not truth[:, c].all()}
@@ -102,7 +102,7 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Seq
         "n": int(len(truth)),
         "per_class_ap": ap,
         "per_class_auroc": auroc,
-        "thresholds": {name: float(t) for name, t in zip(classes, thresholds)},
+        "thresholds": {name: float(t) for name, t in zip(classes, cut)},
         "thresholds_from": "this split" if fitted else "val",
         "scores": scoring,
     }

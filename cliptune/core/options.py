@@ -12,7 +12,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import MISSING, field, fields
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from cliptune.core.errors import CliptuneError
 
@@ -41,7 +41,7 @@ def choices_of(cls, name: str) -> tuple:
     return next(spec.metadata["choices"] for spec in fields(cls) if spec.name == name)
 
 
-def requirement(metadata: Dict) -> str:
+def requirement(metadata: Mapping[str, Any]) -> str:
     """What the declared bounds ask for, in words: "at least 1", "in [0, 1)", "greater than 0 (or unset)"."""
     low, high, above, below = (metadata.get(k) for k in ("min", "max", "above", "below"))
     if low is not None and (high is not None or below is not None):
@@ -104,7 +104,7 @@ def comma_list(value: Any, allowed: Sequence[str], key: str) -> List[str]:
     return [name for name in allowed if name in items]
 
 
-def check_value(value: Any, metadata: Dict, key: str) -> None:
+def check_value(value: Any, metadata: Mapping[str, Any], key: str) -> None:
     """The choices and bounds an `option(...)` declares (None passes: it means "not set")."""
     if value is None:
         return
@@ -139,6 +139,6 @@ def flag_name(spec: dataclasses.Field) -> str:
 def default_of(spec: dataclasses.Field) -> Any:
     if spec.default is not MISSING:
         return spec.default
-    if spec.default_factory is not MISSING:  # type: ignore[misc]
-        return spec.default_factory()  # type: ignore[misc]
+    if spec.default_factory is not MISSING:
+        return spec.default_factory()
     return None

@@ -28,7 +28,7 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -42,7 +42,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Create `path` by `write(temporary path)` then a rename, so it is either absent or complete."""
     _atomic(path, write)
 

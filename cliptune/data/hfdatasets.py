@@ -150,7 +150,9 @@ def load_datasets_dir(path: str | Path, val_fraction: float = 0.1, test_fraction
     """A saved dataset's splits as seeded, stratified splits (its own, the missing ones carved out of train), with the
     labels as classes; a label column holding lists (a `Sequence` of `ClassLabel`) makes it multi-label."""
     path = Path(path)
-    per_split, skipped, captions = {}, 0, {}
+    per_split: Dict[str, List[Tuple[Path, Tuple[str, ...]]]] = {}
+    captions: Dict[Path, str] = {}
+    skipped = 0
     for name, split in _load(path).items():
         per_split[name], lost = _split_files(path, name, split, columns, strict, captions)
         skipped += lost

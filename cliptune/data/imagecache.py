@@ -154,6 +154,7 @@ def decode_split(
         pixels = torch.empty(shape, dtype=torch.uint8)
         _decode_into(pixels, split, geometry, num_workers, desc, main_process)
     else:
+        assert cache_dir is not None, "the disk image cache needs a folder"
         path = Path(cache_dir) / f"images-{split_key(list(identity) + [str(shape)], split)}.npy"
         is_main = accelerator is None or accelerator.is_main_process
         if not path.is_file() and is_main:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -100,7 +101,7 @@ def _index(shard: Path, names: Optional[List[str]]) -> List[Tuple[str, str, Opti
                 if extension in IMAGE_EXTENSIONS:
                     sample["image"] = member.name
                 elif extension in (*LABEL_MEMBERS, ".txt") and member.size <= SMALL_MEMBER:
-                    sample[extension] = tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
+                    sample[extension] = _read(tar, member).decode("utf-8", errors="replace").strip()
     except (tarfile.TarError, OSError) as exc:
         raise CliptuneError(f"{shard}: not a readable tar shard ({exc})") from None
     rows = []
@@ -109,6 +110,14 @@ def _index(shard: Path, names: Optional[List[str]]) -> List[Tuple[str, str, Opti
             continue
         rows.append((sample["image"], _label(shard, key, sample, names), sample.get(".txt") or None))
     return rows
+
+
+def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A regular member's bytes (`extractfile` gives None only for other member types)."""
+    handle = tar.extractfile(member)
+    if handle is None:
+        raise CliptuneError(f"shard member {member.name} is not a regular file")
+    return handle.read()
 
 
 def _label(shard: Path, key: str, sample: Dict[str, str], names: Optional[List[str]]) -> str:
@@ -164,8 +173,7 @@ def _copy_out(data: ImageFolderData, members: Dict[Path, Tuple[Path, str]]) -> N
     for shard, wanted in needed.items():
         with tarfile.open(shard, "r:") as tar:
             for member, file in wanted:
-                data_bytes = tar.extractfile(member).read()
-                atomic_write(file, lambda staging, payload=data_bytes: staging.write_bytes(payload))
+                atomic_write(file, partial(Path.write_bytes, data=_read(tar, tar.getmember(member))))
                 if not readable_image(file):
                     file.unlink()
                     raise CliptuneError(f"{shard}: member {member} is not a readable image")

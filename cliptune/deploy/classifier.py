@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from cliptune.training.checkpoints import load_method_state
 from cliptune.core.errors import CliptuneError
 from cliptune.core.metrics import label_scores
 from cliptune.methods import build_method
+from cliptune.methods.base import Mergeable, Method
 from cliptune.models.loading import LoadedModel, _resolve_local_text_paths, load_model
 from cliptune.core.progress import progress_bar
 from cliptune.core.runfolder import RunFolder, atomic_save_safetensors, atomic_write_json, read_json, replace_dir
@@ -56,6 +57,10 @@ ImageInput = Union[str, Path, Image.Image]
 
 class ZeroShotHead(nn.Module):
     """Images -> logits against fixed class text features (zero-shot runs and merged methods)."""
+
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    class_features: torch.Tensor
+    logit_scale: torch.Tensor
 
     def __init__(self, model: LoadedModel, class_features: torch.Tensor, logit_scale: torch.Tensor):
         super().__init__()
@@ -82,7 +87,7 @@ class ZeroShotHead(nn.Module):
 class ImageClassifier(nn.Module):
     """Preprocessed images -> class logits through a method, fed what it trained on (features or images)."""
 
-    def __init__(self, method: nn.Module):
+    def __init__(self, method: Method):
         super().__init__()
         self.method = method
 
@@ -107,7 +112,7 @@ class Classifier:
 
     def __init__(self, network: nn.Module, classes: Sequence[str], classnames: Sequence[str], templates: Sequence[str],
                  preprocessing: Dict, info: Dict, thresholds: Optional[Dict[str, float]] = None, scoring: str = "softmax"):
-        self.network = network.eval()
+        self.network: Any = network.eval()  # a ZeroShotHead or an ImageClassifier
         # multi-label: each class's probability threshold (fitted on the run's val split); None for single-label
         self.thresholds = thresholds
         self.scoring = scoring  # how logits become probabilities: softmax, or sigmoid (multi-label zero-shot prompt pairs)
@@ -240,6 +245,7 @@ def _load_run(run_dir: Path) -> Classifier:
     info = {"method": metrics["method"], "source": str(run.root.resolve())}
     result = metrics.get(metrics.get("split", "test")) or {}
     scoring = result.get("scores", "softmax")
+    network: nn.Module
     if metrics["method"] == "zeroshot" or metrics.get("result") == "zero-shot":  # a zero-shot run, or the fallback
         info["method"] = "zeroshot"
         model = model_from_config(config)
@@ -259,6 +265,7 @@ def _load_export(folder: Path) -> Classifier:
         raise CliptuneError(f"{folder / SIDECAR} is not a cliptune classifier sidecar")
     base = sidecar["model"]
     model = _load_model_from(folder, base)
+    network: nn.Module
     if sidecar["head"] == "zeroshot":
         from safetensors.torch import load_file
 
@@ -326,7 +333,7 @@ def export_classifier(run_dir: str | Path, output: str | Path, run_classifier: O
         }
         _write_model_config(spec, staging)
         if merged:
-            state = method.merged_state_dict()
+            state = cast(Mergeable, method).merged_state_dict()
         elif not _is_published_tag(spec):  # a local or random base (seeded like the run): its weights travel along
             state = model_from_config(load_config(RunFolder(run_dir).config)).clip.state_dict()
         else:

@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, cast
 
 import torch
 
 from cliptune.core.errors import CliptuneError
 from cliptune.methods import METHODS, methods_exporting
-from cliptune.methods.base import Method
+from cliptune.methods.base import Adaptable, Mergeable, Method
 from cliptune.core.runfolder import atomic_save_safetensors
 from cliptune.training.session import finished_run, load_run_method
 from cliptune.deploy.wise import wise_state_dict
@@ -58,7 +58,7 @@ def merged_state_dict(run_dir: str | Path) -> Dict[str, torch.Tensor]:
     """The run's full open_clip state_dict with its learned weights merged (same keys as the base model)."""
     _, _, sidecar = finished_run(run_dir)
     check_format(sidecar["method"], "merged")
-    return load_run_method(run_dir).merged_state_dict()
+    return cast(Mergeable, load_run_method(run_dir)).merged_state_dict()
 
 
 def head_path(output: Path) -> Path:
@@ -124,10 +124,10 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, overwrite: boo
             head_metadata = {**metadata, "classes": json.dumps(sidecar["classes"])}
             atomic_save_safetensors(head_path(output), parts["head"], metadata=head_metadata)
         return output
-    method = load_run_method(run_dir)
+    adapted = cast(Adaptable, load_run_method(run_dir))  # check_format: the method exports "adapter"
     output.mkdir(parents=True, exist_ok=True)
-    method.adapter_config().save_pretrained(str(output))
-    atomic_save_safetensors(output / ADAPTER_WEIGHTS, method.adapter_state_dict(), metadata={"format": "pt"})
+    adapted.adapter_config().save_pretrained(str(output))
+    atomic_save_safetensors(output / ADAPTER_WEIGHTS, adapted.adapter_state_dict(), metadata={"format": "pt"})
     return output
 
 
@@ -140,8 +140,9 @@ def load_adapter(method: Method, folder: str | Path) -> None:
     if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
         raise CliptuneError(f"{folder} is not an adapter export (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     saved = json.loads((folder / ADAPTER_CONFIG).read_text())
-    own = method.adapter_config().to_dict()
+    adapted = cast(Adaptable, method)
+    own = adapted.adapter_config().to_dict()
     for key in ("peft_type", "r", "lora_alpha", "target_modules"):
         if own.get(key) != saved.get(key):
             raise CliptuneError(f"adapter in {folder} was made with a different setup than this run ({key} differs)")
-    method.load_adapter_state_dict(load_file(str(folder / ADAPTER_WEIGHTS)))
+    adapted.load_adapter_state_dict(load_file(str(folder / ADAPTER_WEIGHTS)))

@@ -35,9 +35,10 @@ def model_config_dict(spec: ModelSpec) -> Dict:
 
     if spec.model_config:
         return json.loads(Path(spec.model_config).read_text())
+    model = spec.model or ""
     for schema in ("hf-hub:", "local-dir:"):
-        if spec.model.startswith(schema):
-            return json.loads(Path(_schema_config(spec.model)).read_text())["model_cfg"]
+        if model.startswith(schema):
+            return json.loads(Path(_schema_config(model)).read_text())["model_cfg"]
     config = dict(open_clip.get_model_config(spec.model))
     tag = open_clip.get_pretrained_cfg(spec.model, spec.pretrained) if spec.pretrained else {}
     if tag.get("quick_gelu"):  # open_clip switches QuickGELU on for such tags (e.g. OpenAI's weights)

@@ -7,6 +7,7 @@ registry checks that the class declares what the rest of cliptune relies on.
 from __future__ import annotations
 
 import inspect
+import sys
 import typing
 from dataclasses import fields
 from typing import Dict, Optional, Type
@@ -98,7 +99,7 @@ def method_page(name: str) -> str:
     """The documentation page of a method (`docs/methods/NAME.md`, written by `scripts/write_method_pages.py` and kept
     equal to this by the tests): its module's docstring, then what `cliptune methods show NAME` prints."""
     cls = method_class(name)
-    module = inspect.getmodule(cls)
+    module = sys.modules[cls.__module__]
     prose = inspect.cleandoc(module.__doc__ or "").replace("[", "\\[")  # plain text: brackets are not links
     return (f"# `{name}`: {cls.paper}\n\n{prose}\n\n"
             f"Source: `{module.__name__.replace('.', '/')}.py`.\n\n## Defaults and options\n\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional, Protocol, Sequence, Type, cast
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +55,25 @@ def text_chunk_option():
                      "with many classes; 0 = as many as fit 512 MB of activations, at most 128)", min=0)
 
 
+class Mergeable(Protocol):
+    """A method whose learned weights fold into CLIP's: `export_formats` holds "merged" (checked at registration)."""
+
+    def merged_state_dict(self) -> Dict[str, torch.Tensor]: ...
+
+
+class Adaptable(Protocol):
+    """A method that exports a peft adapter: `export_formats` holds "adapter" (checked at registration)."""
+
+    def adapter_config(self) -> Any: ...
+
+    def adapter_state_dict(self) -> Dict[str, torch.Tensor]: ...
+
+    def load_adapter_state_dict(self, state: Dict[str, torch.Tensor]) -> None: ...
+
+
 class Method(nn.Module, metaclass=ABCMeta):
     name: ClassVar[str] = ""
-    config_class: ClassVar[type] = MethodConfig
+    config_class: ClassVar[Type[MethodConfig]] = MethodConfig
     # One line each for `cliptune methods`: what trains, and the paper the method follows.
     trains: ClassVar[str] = ""
     paper: ClassVar[str] = ""
@@ -66,7 +82,7 @@ class Method(nn.Module, metaclass=ABCMeta):
     # True when the image tower is frozen: the engine then caches image features and feeds those.
     uses_image_features: bool = True
     # True when learned state only makes sense for the training class list (e.g. a linear head).
-    class_specific: ClassVar[bool] = False
+    class_specific: bool = False  # a class attribute; an instance may set its own (e.g. full with a linear head)
     # Formats `cliptune export` can write for this method ("merged" needs `merged_state_dict()`,
     # "adapter" needs `adapter_config()`, `adapter_state_dict()` and `load_adapter_state_dict()`).
     export_formats: ClassVar[tuple] = ()
@@ -192,7 +208,7 @@ class Method(nn.Module, metaclass=ABCMeta):
         """What WiSE-FT mixes: `clip` (the merged open_clip state_dict) and/or a linear `head`."""
         parts = {}
         if "merged" in self.export_formats:
-            parts["clip"] = self.merged_state_dict()
+            parts["clip"] = cast(Mergeable, self).merged_state_dict()
         head = self.linear_head()
         if head is not None:
             parts["head"] = {key: value.detach().clone() for key, value in head.state_dict().items()}
@@ -201,8 +217,9 @@ class Method(nn.Module, metaclass=ABCMeta):
     def load_wise_parts(self, parts: Dict[str, Dict[str, torch.Tensor]]) -> None:
         if "clip" in parts:
             self.clip.load_state_dict(parts["clip"])
-        if "head" in parts:
-            self.linear_head().load_state_dict(parts["head"])
+        head = self.linear_head()
+        if "head" in parts and head is not None:
+            head.load_state_dict(parts["head"])
 
     @classmethod
     def zeroshot_endpoint(cls, model: LoadedModel, classnames: Sequence[str], templates: Sequence[str],
@@ -266,7 +283,7 @@ class TextFeatureCache:
         if parameters and (training or torch.is_grad_enabled()):
             return compute()
         key = (prompt_tokens.data_ptr(), tuple(prompt_tokens.shape)) + tuple((p.data_ptr(), p._version) for p in parameters)
-        if key != self.key:
+        if key != self.key or self.value is None:
             with torch.no_grad():
                 self.key, self.value = key, compute()
         return self.value

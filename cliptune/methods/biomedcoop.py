@@ -61,6 +61,8 @@ def kdsp_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tor
 
 
 class BiomedCoOp(CoOp):
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    description_features: torch.Tensor
     name = "biomedcoop"
     config_class = BiomedCoOpConfig
     config: BiomedCoOpConfig

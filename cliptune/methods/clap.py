@@ -40,6 +40,10 @@ def class_trust(probabilities: torch.Tensor, labels: torch.Tensor, classes: int)
 
 
 class CLAP(Method):
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    prototypes: torch.Tensor
+    trust: torch.Tensor
+    scale: torch.Tensor
     name = "clap"
     config_class = CLAPConfig
     config: CLAPConfig

@@ -29,6 +29,9 @@ class CLIPAdapterConfig(MethodConfig):
 
 
 class CLIPAdapter(Method):
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    scale: torch.Tensor
+    class_features: torch.Tensor
     name = "clip-adapter"
     config_class = CLIPAdapterConfig
     config: CLIPAdapterConfig

@@ -28,6 +28,8 @@ class CoCoOpConfig(MethodConfig):
 
 
 class CoCoOp(Method):
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    scale: torch.Tensor
     name = "cocoop"
     multi_label = True  # its loss is cross-entropy on class logits
     config_class = CoCoOpConfig

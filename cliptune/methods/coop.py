@@ -68,6 +68,8 @@ DASSL_DIFFERENCE = ("a bank of 16 augmented views per image encoded once, where 
 
 
 class CoOp(Method):
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    scale: torch.Tensor
     name = "coop"
     multi_label = True  # its loss is cross-entropy on class logits
     config_class = CoOpConfig

@@ -60,6 +60,11 @@ class FullConfig(MethodConfig):
 
 
 class FullFineTune(Method):
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    prompt_tokens: torch.Tensor
+    similarity: torch.Tensor
+    class_cosine: torch.Tensor
+    prompt_features: torch.Tensor
     name = "full"
     multi_label = True  # with loss ce: cross-entropy on class logits
     config_class = FullConfig

@@ -34,6 +34,8 @@ def knowledge_distance(learned: torch.Tensor, handcrafted: torch.Tensor) -> torc
 
 
 class KgCoOp(CoOp):
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    handcrafted: torch.Tensor
     name = "kgcoop"
     multi_label = True  # its loss is cross-entropy on class logits
     config_class = KgCoOpConfig

@@ -103,6 +103,8 @@ def search_c(train_x, train_y, val_x, val_y, classes: int) -> tuple:
 
 
 class LinearProbe(Method):
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    scale: torch.Tensor
     name = "linear-probe"
     config_class = LinearProbeConfig
     config: LinearProbeConfig

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -55,11 +55,11 @@ class LoRAConfig(MethodConfig):
     text_chunk: int = text_chunk_option()
 
 
-def parse_layers(spec: str, depth: int, tower: str) -> List[int]:
+def parse_layers(spec: str | int, depth: int, tower: str) -> List[int]:
     """Block indices from "all", "6-11", "0,3" or "0-2,5" (inclusive ranges), checked against `depth`."""
     if str(spec).strip().lower() == "all":
         return list(range(depth))
-    indices = []
+    indices: List[int] = []
     try:
         for part in str(spec).split(","):
             first, _, last = part.strip().partition("-")
@@ -171,7 +171,7 @@ class SplitQKV(nn.Module):
 
 def _attention_linears(block: nn.Module) -> Dict[str, str]:
     """Prepare one transformer block for LoRA: its q/k/v/out `nn.Linear` names (relative to the block) by target."""
-    attn = getattr(block, "attn", None)
+    attn: Any = getattr(block, "attn", None)
     if isinstance(getattr(attn, "qkv", None), nn.Linear):  # timm ViT
         attn.qkv = SplitQKV(attn.qkv)
         return {"q": "attn.qkv.q_proj", "k": "attn.qkv.k_proj", "v": "attn.qkv.v_proj", "out": "attn.proj"}
@@ -184,6 +184,8 @@ def _attention_linears(block: nn.Module) -> Dict[str, str]:
 
 
 class LoRA(Method):
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    prompt_tokens: torch.Tensor
     name = "lora"
     multi_label = True  # its loss is cross-entropy on class logits
     config_class = LoRAConfig
@@ -232,7 +234,8 @@ class LoRA(Method):
         # a regex string is matched against whole module names; a list would also match name suffixes, so the text
         # tower's "transformer.resblocks.0.attn.out_proj" would catch the image tower's "visual.transformer..." too
         pattern = "|".join(re.escape(name) for name in target_modules)
-        self._adapter_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        alpha: Any = config.lora_alpha  # peft annotates an int; its scaling alpha / r takes a float as well
+        self._adapter_config = LoraConfig(r=config.lora_r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                                           target_modules=pattern, bias="none", use_rslora=config.lora_scaling == "rslora")
         inject_adapter_in_model(self._adapter_config, self.clip, adapter_name=ADAPTER_NAME)
         for name, parameter in self.clip.named_parameters():

@@ -38,6 +38,7 @@ def contrastive_loss(
         if same_class == "negative":
             targets = torch.eye(len(image_features), device=image_features.device)
         else:
+            assert labels is not None, "same_class='positive' needs the labels"
             positives = labels[:, None].eq(labels[None, :]).float()
             targets = positives / positives.sum(dim=1, keepdim=True)
     image_loss = F.cross_entropy(logits_per_image.float(), targets, label_smoothing=label_smoothing)

@@ -33,6 +33,8 @@ class MaPLeConfig(MethodConfig):
 
 
 class MaPLe(Method):
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    scale: torch.Tensor
     name = "maple"
     multi_label = True  # its loss is cross-entropy on class logits
     config_class = MaPLeConfig

@@ -21,7 +21,7 @@ normalisation (ENABLE_CORRECTION in every config of the original). Training adds
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,9 @@ def gate_loss(scores: torch.Tensor, image: torch.Tensor, prototypes: torch.Tenso
 
 
 class MoCoOp(Method):
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    scale: torch.Tensor
+    prototypes: torch.Tensor
     name = "mocoop"
     config_class = MoCoOpConfig
     config: MoCoOpConfig
@@ -165,9 +168,14 @@ class MoCoOp(Method):
         grid = encode_prompt_grid(text, prompt_grid_tokens(text, self.classnames, self.templates), len(self.classnames))
         return torch.stack([F.normalize(group.mean(dim=1), dim=-1) for group in grid.split(self.sizes, dim=1)])
 
+    @property
+    def prompt_sets(self) -> List[ClassPrompts]:
+        """The soft prompts, one `ClassPrompts` per expert (held in an `nn.ModuleList` so they train and save)."""
+        return cast(List[ClassPrompts], list(self.prompts))
+
     def set_classes(self, classnames) -> None:
         super().set_classes(classnames)
-        for prompts in self.prompts:
+        for prompts in self.prompt_sets:
             prompts.set_classes(self.classnames)
         self.prototypes = self._prototypes().to(self.prototypes.device)
 
@@ -175,10 +183,10 @@ class MoCoOp(Method):
         """(prompts, classes, dim) unit-norm class text features of every prompt, shifted."""
         def compute() -> torch.Tensor:
             features = [prompts.encode_in_chunks(ctx, prompts.chunk(self.config.text_chunk))
-                        for prompts, ctx in zip(self.prompts, self.ctx)]
+                        for prompts, ctx in zip(self.prompt_sets, self.ctx)]
             return F.normalize(torch.stack(features) + self.shift.to(features[0].dtype), dim=-1)
 
-        return self._cache.get(self.prompts[0].token_ids, [*self.ctx, self.shift], compute, self.training)
+        return self._cache.get(self.prompt_sets[0].token_ids, [*self.ctx, self.shift], compute, self.training)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         image = F.normalize(image_features, dim=-1)

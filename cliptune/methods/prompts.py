@@ -17,20 +17,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cliptune.core.errors import CliptuneError
-from cliptune.models.towers import TextTower
+from cliptune.models.towers import AnyTextTower
 from cliptune.models.zeroshot import prompts_per_call
 
 POSITIONS = ("end", "middle", "front")
 
 
-def phrase_length(text: TextTower, phrase: str) -> int:
+def phrase_length(text: AnyTextTower, phrase: str) -> int:
     """Number of tokens of `phrase` (without start/end tokens)."""
     ids = text.tokenize([phrase])[0]
     return int((ids != text.pad_id).sum()) - text.prompt_start - 1
 
 
 @torch.no_grad()
-def initial_context(text: TextTower, n_ctx: int, ctx_init: str = "") -> torch.Tensor:
+def initial_context(text: AnyTextTower, n_ctx: int, ctx_init: str = "") -> torch.Tensor:
     """(n_ctx, width) start vectors: the embeddings of the first n_ctx tokens of `ctx_init`, else N(0, 0.02)."""
     if ctx_init:
         available = phrase_length(text, ctx_init)
@@ -49,7 +49,13 @@ class ClassPrompts(nn.Module):
     The sequence length and end-token position do not change.
     """
 
-    def __init__(self, text: TextTower, classnames: Sequence[str], n_ctx: int, ctx_init: str = "", position: str = "end",
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    token_ids: torch.Tensor
+    prefix: torch.Tensor
+    suffix: torch.Tensor
+    order: torch.Tensor
+
+    def __init__(self, text: AnyTextTower, classnames: Sequence[str], n_ctx: int, ctx_init: str = "", position: str = "end",
                  before: Optional[int] = None):
         super().__init__()
         if n_ctx < 1:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,9 @@ class GaussianPromptAggregation(nn.Module):
     """The running Gaussian-weighted mean of the prompts over epochs. Buffers, so a checkpoint holds it (a resumed
     run continues the same average)."""
 
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    log_total: torch.Tensor
+
     def __init__(self, parameters: Dict[str, nn.Parameter]):
         super().__init__()
         self.names = {name: name.replace(".", "_") for name in parameters}
@@ -70,7 +73,7 @@ class GaussianPromptAggregation(nn.Module):
         for name, parameter in parameters.items():
             self.register_buffer(self.names[name], parameter.detach().clone())
 
-    def add(self, parameters: Dict[str, torch.Tensor], log_weight: float) -> None:
+    def add(self, parameters: Mapping[str, torch.Tensor], log_weight: float) -> None:
         """mean += w / (total + w) * (value - mean): the normalised weighted mean of every epoch added so far."""
         total = torch.logaddexp(self.log_total, torch.tensor(log_weight, dtype=torch.float64))
         share = float(torch.exp(log_weight - total))
@@ -88,6 +91,8 @@ class GaussianPromptAggregation(nn.Module):
 
 
 class PromptSRC(MaPLe):
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    handcrafted: torch.Tensor
     name = "promptsrc"
     config_class = PromptSRCConfig
     config: PromptSRCConfig

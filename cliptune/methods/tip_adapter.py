@@ -40,6 +40,13 @@ def cache_logits(features: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 
 class TipAdapter(Method):
+    # buffers (registered in __init__/prepare; declared for type checkers)
+    class_features: torch.Tensor
+    scale: torch.Tensor
+    cache_values: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    cache_keys: torch.Tensor
     name = "tip-adapter"
     config_class = TipAdapterConfig
     config: TipAdapterConfig

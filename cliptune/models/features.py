@@ -61,9 +61,9 @@ def _encode(model: LoadedModel, images: Dataset, batch_size: int, num_workers: i
     chunks = []
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     main_process = accelerator is None or accelerator.is_local_main_process
-    for images, _ in progress_bar(loader, desc=desc, leave=False, main_process=main_process):
+    for batch, _ in progress_bar(loader, desc=desc, leave=False, main_process=main_process):
         with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
-            chunks.append(model.image.encode(images.to(device), normalize=False).float().cpu())
+            chunks.append(model.image.encode(batch.to(device), normalize=False).float().cpu())
     return torch.cat(chunks)
 
 
@@ -97,7 +97,7 @@ def image_features(
     shared = path is not None and accelerator is not None and accelerator.num_processes > 1
     if path is not None and _cached_everywhere(path, accelerator if shared else None):
         features = _load(path)
-    elif shared and not is_main:
+    elif shared and not is_main and path is not None:
         accelerator.wait_for_everyone()  # the main process computes and writes; the others read it
         features = _load(path)
     else:

@@ -18,7 +18,7 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import open_clip
 import torch
@@ -49,7 +49,7 @@ class ModelSpec:
 
     @property
     def display_name(self) -> str:
-        return self.model or Path(self.model_config).stem
+        return self.model or Path(self.model_config or "").stem
 
     @property
     def is_random_init(self) -> bool:
@@ -58,7 +58,8 @@ class ModelSpec:
     def fingerprint(self) -> str:
         """Identity used in cache keys: names plus the checkpoint files' sizes and mtimes (a `local-dir:` folder's too)."""
         parts = [str(self.display_name), str(self.pretrained), str(self.model_config), str(self.revision), str(self.init_seed)]
-        folder = [str(p) for p in Path(self.model[len("local-dir:"):]).iterdir()] if (self.model or "").startswith("local-dir:") else []
+        model = self.model or ""
+        folder = [str(p) for p in Path(model[len("local-dir:"):]).iterdir()] if model.startswith("local-dir:") else []
         for path in (self.pretrained, self.model_config, *sorted(folder)):
             if path and Path(path).is_file():
                 stat = Path(path).stat()
@@ -70,8 +71,8 @@ class ModelSpec:
 class LoadedModel:
     """A CLIP model with what every method needs around it."""
 
-    clip: nn.Module
-    tokenizer: object
+    clip: Any  # an open_clip CLIP or CustomTextCLIP (an nn.Module; their attributes differ by class)
+    tokenizer: Any
     spec: ModelSpec
     image_size: tuple
     mean: tuple
@@ -302,8 +303,9 @@ def _create_clip(name: str, pretrained: Optional[str], device) -> nn.Module:
     return create()
 
 
-def _is_download_error(exc: BaseException) -> bool:
+def _is_download_error(error: BaseException) -> bool:
     """True for the errors huggingface_hub/requests/httpx raise when a download cannot happen."""
+    exc: Optional[BaseException] = error
     while exc is not None:
         module = type(exc).__module__ or ""
         text = f"{type(exc).__name__} {exc}".lower()
@@ -325,12 +327,12 @@ def load_model(
     """Build an open_clip model the way users name it; random init when `pretrained` is None/"none"."""
     if not model and not model_config:
         raise CliptuneError("no model given: pass --model NAME (and --pretrained TAG_OR_FILE) or --model-config FILE")
-    name = _register_config(model, model_config) if model_config else model
+    name = _register_config(model, model_config) if model_config else str(model)
     _check_model_name(name)
     spec = ModelSpec(model=name, pretrained=pretrained, model_config=model_config)
     named_weights = name.startswith(SCHEMAS)  # a hub repo or a local folder brings its own weights
     random_init = spec.is_random_init and not named_weights
-    if not random_init and not named_weights:
+    if not random_init and not named_weights and pretrained is not None:  # not random: the weights are named
         _check_pretrained(name, pretrained)
         if Path(pretrained).is_file():
             _check_checkpoint_file(pretrained)

@@ -7,7 +7,7 @@ adapter, not every method.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,8 @@ class TextTower:
     prompt_start = 1
 
     def __init__(self, clip: nn.Module, tokenizer):
-        self.clip = clip
+        # open_clip's CLIP / CustomTextCLIP and their towers are duck-typed here: their attributes differ by class
+        self.clip: Any = clip
         self.tokenizer = tokenizer
         owner = getattr(clip, "text", None)
         if owner is None:
@@ -49,7 +50,7 @@ class TextTower:
             raise CliptuneError(
                 f"text tower {type(owner).__name__} is not supported by this method yet (needs open_clip's TextTransformer)"
             )
-        self.owner = owner
+        self.owner: Any = owner
 
     @property
     def context_length(self) -> int:
@@ -164,11 +165,11 @@ class HFTextTower:
 
     prompt_start = 1  # after [CLS]
 
-    def __init__(self, clip: nn.Module, tokenizer):
-        self.clip = clip
+    def __init__(self, clip: Any, tokenizer):  # a CustomTextCLIP
+        self.clip: Any = clip
         self.tokenizer = tokenizer
-        self.owner: HFTextEncoder = clip.text
-        self.model = self.owner.transformer  # the Hugging Face PreTrainedModel
+        self.owner: Any = clip.text  # an HFTextEncoder
+        self.model: Any = self.owner.transformer  # the Hugging Face PreTrainedModel
 
     @property
     def context_length(self) -> int:
@@ -254,18 +255,22 @@ def text_tower(clip: nn.Module, tokenizer) -> TextTower | HFTextTower:
     return TextTower(clip, tokenizer)
 
 
+# either text tower: what prompt learning, zero-shot heads and distillation take
+AnyTextTower = Union[TextTower, HFTextTower]
+
+
 class ImageTower:
     """open_clip's image tower (ViT, ResNet or timm): encoding only, through the model's own forward."""
 
     def __init__(self, clip: nn.Module):
-        self.clip = clip
+        self.clip: Any = clip
 
     @property
     def module(self) -> nn.Module:
         return self.clip.visual
 
     @property
-    def blocks(self) -> nn.Module:
+    def blocks(self) -> nn.ModuleList | nn.Sequential:
         """The ViT's transformer blocks: open_clip's `resblocks`, or a timm ViT trunk's `blocks` (ResNets have none)."""
         visual = self.clip.visual
         if isinstance(visual, TimmModel) and hasattr(visual.trunk, "blocks"):
@@ -304,7 +309,8 @@ class ImageTower:
         """Token width of the ViT's transformer."""
         if isinstance(self.module, TimmModel):
             return self.module.trunk.embed_dim
-        return self.blocks[0].ln_1.normalized_shape[0]
+        first: Any = self.blocks[0]  # an open_clip ResidualAttentionBlock
+        return first.ln_1.normalized_shape[0]
 
     def _prompt_stages(self, images: torch.Tensor):
         """A ViT forward cut where prompts go in: (patch tokens after the pre-norm, the pre-norm, run one block,
@@ -313,8 +319,8 @@ class ImageTower:
         if isinstance(visual, TimmModel) and hasattr(visual.trunk, "blocks"):
             trunk = visual.trunk
             tokens = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(images))))
-            head = lambda x: visual.head(trunk.forward_head(trunk.norm(x)))  # noqa: E731 - TimmModel.forward's tail
-            return tokens, trunk.norm_pre, lambda block, x: run_block(trunk, block, x), head
+            timm_head = lambda x: visual.head(trunk.forward_head(trunk.norm(x)))  # noqa: E731 - TimmModel.forward's tail
+            return tokens, trunk.norm_pre, lambda block, x: run_block(trunk, block, x), timm_head
         if not isinstance(visual, VisionTransformer):
             raise CliptuneError(
                 f"image tower {type(visual).__name__} does not take visual prompts (needs a ViT: open_clip's or timm's)"

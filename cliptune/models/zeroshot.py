@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cliptune.models.towers import TextTower
+from cliptune.models.towers import AnyTextTower
 
 # An automatic text chunk keeps one training call's text-tower activations within this many bytes.
 TEXT_ACTIVATION_BUDGET = 512 * 2**20
@@ -31,12 +31,12 @@ def class_prompts(classname: str, templates: Sequence[str]) -> list[str]:
     return [template.format(classname) for template in templates]
 
 
-def prompt_grid_tokens(text: TextTower, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+def prompt_grid_tokens(text: AnyTextTower, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
     """Token ids of every (class, template) prompt, class-major."""
     return text.tokenize([p for name in classnames for p in class_prompts(name, templates)])
 
 
-def prompts_per_call(text: TextTower, token_count: int, chunk: int = 0) -> int:
+def prompts_per_call(text: AnyTextTower, token_count: int, chunk: int = 0) -> int:
     """Prompts per text-encoder call: `chunk` when set, else as many prompts of `token_count` tokens as keep a
     training call's activations within TEXT_ACTIVATION_BUDGET, at most MOST_PROMPTS_PER_CALL."""
     if chunk > 0:
@@ -45,7 +45,7 @@ def prompts_per_call(text: TextTower, token_count: int, chunk: int = 0) -> int:
     return int(max(1, min(MOST_PROMPTS_PER_CALL, TEXT_ACTIVATION_BUDGET // per_prompt)))
 
 
-def encode_prompt_grid(text: TextTower, tokens: torch.Tensor, num_classes: int, chunk: int = 0) -> torch.Tensor:
+def encode_prompt_grid(text: AnyTextTower, tokens: torch.Tensor, num_classes: int, chunk: int = 0) -> torch.Tensor:
     """(classes, templates, dim) unit-norm prompt features, `chunk` prompts per text-encoder call (0: from the memory
     budget, `prompts_per_call`). With gradients, each call's activations are recomputed in the backward pass
     (activation checkpointing), so a training text tower's memory follows the chunk, not the class count."""
@@ -62,7 +62,7 @@ def class_embeddings(prompt_features: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def zeroshot_weights(text: TextTower, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+def zeroshot_weights(text: AnyTextTower, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """(classes, dim) unit-norm class embeddings, as in CLIP's prompt ensembling."""
     tokens = prompt_grid_tokens(text, classnames, templates)
     return class_embeddings(encode_prompt_grid(text, tokens, len(classnames), batch_size))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict
 
 import torch
 
@@ -17,7 +17,7 @@ from cliptune.methods.base import Method
 
 def rng_state() -> Dict:
     """Every generator training draws from on this process (CPU, and the GPUs when present)."""
-    state = {"cpu": torch.get_rng_state()}
+    state: Dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

@@ -179,7 +179,7 @@ class Trainer:
                 x = inputs.features[views[index], index] if views is not None else inputs.features[index]
                 yield x.to(device), inputs.labels[index].to(device), index
             return
-        images = inputs.images
+        images: Any = inputs.images  # ImageDataset or DecodedImages
         if not getattr(images, "random", True):  # decoded and deterministic: whole batches at once, no loader
             for index in local:
                 yield images.batch(index).to(device), inputs.labels[index].to(device), index
@@ -215,14 +215,15 @@ class Trainer:
         method.eval()
         outputs = []
         size = self.config.eval_batch_size
+        images: Any = inputs.images  # ImageDataset or DecodedImages, when there are no features
         if inputs.features is not None:
             features = inputs.features if inputs.features.dim() == 2 else inputs.features[0]
             chunks = (features[i : i + size] for i in range(0, len(features), size))
-        elif not getattr(inputs.images, "random", True):  # decoded and deterministic: slices, no loader
-            chunks = (inputs.images.batch(slice(i, i + size)) for i in range(0, len(inputs.images), size))
+        elif not getattr(images, "random", True):  # decoded and deterministic: slices, no loader
+            chunks = (images.batch(slice(i, i + size)) for i in range(0, len(images), size))
         else:
             settings = loader_settings(self.config.num_workers, self.accelerator.device)
-            loader = DataLoader(inputs.images, batch_size=size, num_workers=settings["num_workers"], pin_memory=settings["pin_memory"])
+            loader = DataLoader(images, batch_size=size, num_workers=settings["num_workers"], pin_memory=settings["pin_memory"])
             chunks = (x for x, _ in loader)
         for x in chunks:
             with self.accelerator.autocast():
@@ -304,6 +305,7 @@ class Trainer:
         config, accelerator, summary = self.config, self.accelerator, fit.summary
         resuming_mid_epoch = epoch == fit.start_epoch and fit.start_step > 0
         if resuming_mid_epoch:
+            assert fit.resumed_rng is not None, "a mid-epoch resume restores the checkpoint's generators"
             set_rng_state(fit.resumed_rng)
         else:  # inside fit's isolated_rng: the caller's generators are restored when training ends
             torch.manual_seed(config.seed * 1_000_003 + epoch)

@@ -133,7 +133,7 @@ class Session:
     model: LoadedModel
     data: ImageFolderData
     templates: list
-    accelerator: object
+    accelerator: Any  # accelerate's Accelerator
     cache_dir: Optional[Path]
     # decoded-image caches by the key of their files and size (shared with base/novel halves of the session)
     decoded: Dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
@@ -212,8 +212,9 @@ class Session:
                 self.decoded[key] = decode_split(files, geometry, size, [repr(geometry)], mode=c.image_cache, cache_dir=self.cache_dir,
                                                  num_workers=self.num_workers, accelerator=self.accelerator, desc=f"decoding {split}")
                 self.stats["decode"] += time.perf_counter() - began
-            if self.decoded[key] is not None:
-                return DecodedImages(self.decoded[key], files.labels, m.mean, m.std, self.train_transform if augmenting else None)
+            decoded = self.decoded[key]
+            if decoded is not None:
+                return DecodedImages(decoded, files.labels, m.mean, m.std, self.train_transform if augmenting else None)
         return ImageDataset(files, self.train_transform if train else self.eval_transform)
 
     def inputs(self, split: str, use_features: bool, train: bool = False) -> Inputs:
