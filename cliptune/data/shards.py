@@ -172,8 +172,9 @@ def _copy_out(data: ImageFolderData, members: Dict[Path, Tuple[Path, str]]) -> N
                 needed.setdefault(shard, []).append((member, file))
     for shard, wanted in needed.items():
         with tarfile.open(shard, "r:") as tar:
+            by_name = {info.name: info for info in tar.getmembers()}  # getmember() would scan the list for every image
             for member, file in wanted:
-                atomic_write(file, partial(Path.write_bytes, data=_read(tar, tar.getmember(member))))
+                atomic_write(file, partial(Path.write_bytes, data=_read(tar, by_name[member])))
                 if not readable_image(file):
                     file.unlink()
                     raise CliptuneError(f"{shard}: member {member} is not a readable image")
